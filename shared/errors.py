@@ -1,0 +1,37 @@
+"""User-facing errors and the command-line wrapper that turns them into one-line messages."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UserError(ValueError):
+    """Bad input from the user: the message names the problem and the fix, on one line.
+
+    A subclass of ValueError so the public API raises ValueError, as DESIGN.md promises.
+    """
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped for a reason that is not a bug (a non-finite loss, say); the message says why."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a command's `main`, turning UserError into `error: ...` on stderr and exit code 2.
+
+    TrainingStopped gives exit code 1 with its one-line message. Anything else is a bug and keeps
+    its traceback.
+    """
+    try:
+        main(argv)
+    except UserError as error:
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    except TrainingStopped as error:
+        print(f"stopped: {one_line(str(error))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())

@@ -1,0 +1,125 @@
+"""Self-describing model folders: `config.json` (architecture) + `model.safetensors` (weights).
+
+`from_pretrained(dir)` needs nothing but the folder. Writes are crash-safe: a new folder is built
+under a temporary name and renamed; an existing folder (a training output) gets each file replaced
+atomically, weights first, so a reader never sees a config that points at missing weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from shared.config import config_from_dict, config_to_dict, read_json, write_json_atomic
+from shared.errors import UserError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+ModelT = TypeVar("ModelT", bound="PretrainedModel")
+
+
+class PretrainedModel(torch.nn.Module):
+    """Base class for models built from one frozen config dataclass and saved as a pretrained folder."""
+
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` + `model.safetensors` into `directory` (created if needed)."""
+        directory = Path(directory)
+        config_values = {"_class_name": type(self).__name__, "format_version": FORMAT_VERSION,
+                         **config_to_dict(self.config)}
+        # clone: safetensors refuses tensors that share storage, and contiguous copies are cheap here.
+        weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.state_dict().items()}
+        if directory.exists():
+            write_weights_atomic(directory / WEIGHTS_NAME, weights)
+            write_json_atomic(directory / CONFIG_NAME, config_values)
+            return directory
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            write_weights_atomic(staging / WEIGHTS_NAME, weights)
+            write_json_atomic(staging / CONFIG_NAME, config_values)
+            os.replace(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls: type[ModelT], directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ModelT:
+        """Rebuild a model from a folder written by `save_pretrained`, in eval mode."""
+        config = load_pretrained_config(cls, directory)
+        model = cls(config)
+        weights = load_weights(Path(directory) / WEIGHTS_NAME, map_location)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise UserError(f"{Path(directory) / WEIGHTS_NAME} does not match its config.json ({problem}); "
+                            "re-save the model with this version of vqprior")
+        return model.eval()
+
+
+def load_pretrained_config(cls: type[PretrainedModel], directory: str | os.PathLike) -> Any:
+    """Read and check `config.json` of a pretrained folder for model class `cls`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a folder; pass a folder written by save_pretrained or a training run")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+        missing = CONFIG_NAME if not config_path.is_file() else WEIGHTS_NAME
+        raise UserError(f"{directory} is not a pretrained {cls.__name__} folder: {missing} is missing; "
+                        "pass the output folder of a finished training run")
+    values = read_json(config_path)
+    class_name = values.pop("_class_name", None)
+    version = values.pop("format_version", None)
+    if class_name != cls.__name__:
+        raise UserError(f"{directory} holds a {class_name or 'unknown model'}, not a {cls.__name__}; "
+                        "pass the right folder")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{config_path} has format_version {version}, this vqprior reads {FORMAT_VERSION}")
+    return config_from_dict(cls.config_class, values, source=str(config_path))
+
+
+def write_weights_atomic(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(weights, str(temporary), metadata={"format": "pt"})
+    os.replace(temporary, path)
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with a one-line error naming the file when it is truncated or corrupt."""
+    try:
+        return load_file(str(path), device=str(map_location))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path} is corrupt or truncated ({str(error).splitlines()[0]}); "
+                        "restore it from a checkpoint or re-run training") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def replace_config(config: Any, **changes: Any) -> Any:
+    return dataclasses.replace(config, **changes)

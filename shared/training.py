@@ -1,0 +1,335 @@
+"""The one Accelerate training loop both stages use: output folder, checkpoints, exact resume, logging.
+
+Exactness: the data order is a pure function of (seed, step) (see `shared.data.StepOrder`), the
+learning rate a pure function of the step, and a checkpoint holds the model (with its buffers, e.g.
+the EMA codebook), the optimizer and every process's RNG state. So a run resumed from the
+checkpoint of step s repeats the uninterrupted run from step s on, bit for bit (single process, CPU).
+
+Crash safety: a checkpoint is written to `checkpoints/.step_N.tmp`, its files' sha256 recorded in
+`trainer_state.json`, and only then renamed to `checkpoints/step_N`; `--resume` verifies the hashes
+and falls back to the previous checkpoint when the newest is incomplete or corrupt.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from shared.config import config_to_dict, option, read_json, write_json_atomic
+from shared.errors import TrainingStopped, UserError
+from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+
+CHECKPOINTS = "checkpoints"
+TRAIN_CONFIG_NAME = "train_config.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+# Settings that may change on --resume without making it a different run.
+RESUMABLE_CHANGES = frozenset({"max_steps", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
+                               "log_every", "report_to", "skip_nonfinite", "sample_every", "progress"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Settings of the training loop, shared by both stages."""
+
+    output_dir: str = option("", "output folder: checkpoints, logs, samples, and the trained model")
+    max_steps: int = option(2000, "optimizer steps to train for")
+    batch_size: int = option(64, "images (or code grids) per process per micro-batch")
+    learning_rate: float = option(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(100, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at learning_rate * min_lr_ratio")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 turns clipping off)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "Accelerate mixed precision")
+    seed: int = option(0, "seed for initialisation and data order")
+    eval_every: int = option(500, "validate every N steps (and at the end)")
+    save_every: int = option(500, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = option(2, "newest checkpoints to keep")
+    log_every: int = option(25, "log training metrics every N steps")
+    report_to: Literal["none", "tensorboard"] = option("none", "experiment tracker")
+    resume: bool = option(False, "continue from the newest good checkpoint in --output-dir")
+    overwrite: bool = option(False, "replace a trained model or checkpoints already in --output-dir")
+    skip_nonfinite: bool = option(False, "skip steps whose loss is NaN or inf instead of stopping")
+    progress: bool = option(True, "show a progress bar")
+
+    def check(self) -> None:
+        """UserError for settings no run can use."""
+        if not self.output_dir:
+            raise UserError("--output-dir is required")
+        positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every",
+                    "keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+
+
+def learning_rate_at(config: LoopConfig, step: int) -> float:
+    """Linear warmup to the peak, then cosine decay to peak * min_lr_ratio at max_steps."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def check_output_dir(config: LoopConfig, run_settings: dict[str, Any]) -> None:
+    """Refuse to touch a folder that holds another run, unless --resume or --overwrite says so.
+
+    Read-only: runs on every process before anything is written.
+    """
+    output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output-dir {output} is a file; pass a folder")
+    holds_model = (output / WEIGHTS_NAME).exists() or (output / CONFIG_NAME).exists()
+    holds_checkpoints = any(list_checkpoints(output))
+    if config.resume and config.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
+    if (holds_model or holds_checkpoints) and not (config.resume or config.overwrite):
+        what = "a trained model" if holds_model else "checkpoints of a run"
+        raise UserError(f"{output} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+                        "or choose another --output-dir")
+    saved_path = output / TRAIN_CONFIG_NAME
+    if config.resume and saved_path.is_file():
+        saved = read_json(saved_path)
+        for key in sorted(set(saved) | set(run_settings)):
+            if key in RESUMABLE_CHANGES or saved.get(key) == run_settings.get(key):
+                continue
+            raise UserError(f"--resume with {key}={run_settings.get(key)!r}, but the run in {output} used "
+                            f"{saved.get(key)!r}; resume with the same settings or start a new --output-dir")
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Finished (renamed) checkpoints in `output_dir/checkpoints`, newest first."""
+    folder = Path(output_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        if path.is_dir() and path.name.startswith("step_") and path.name[5:].isdigit():
+            found.append((int(path.name[5:]), path))
+    return sorted(found, reverse=True)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file listed in trainer_state.json is present with its recorded sha256, else why not."""
+    state_path = path / TRAINER_STATE_NAME
+    if not state_path.is_file():
+        return f"{TRAINER_STATE_NAME} is missing"
+    try:
+        state = json.loads(state_path.read_text())
+        hashes = state["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{TRAINER_STATE_NAME} is unreadable"
+    for name, expected in hashes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file_sha256(file) != expected:
+            return f"{name} is corrupt (sha256 mismatch)"
+    return None
+
+
+class TrainingSession:
+    """Owns the Accelerator, the output folder and the step loop of one training run."""
+
+    def __init__(self, config: LoopConfig, run_settings: dict[str, Any], project_name: str) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        config.check()
+        check_output_dir(config, run_settings)
+        self.config = config
+        self.output_dir = Path(config.output_dir).resolve()
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")),
+        )
+        if self.accelerator.is_main_process:
+            if config.overwrite:
+                for stale in (self.output_dir / CHECKPOINTS, self.output_dir / WEIGHTS_NAME,
+                              self.output_dir / CONFIG_NAME):
+                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            (self.output_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.output_dir / TRAIN_CONFIG_NAME, run_settings)
+        self.accelerator.wait_for_everyone()
+        if config.report_to != "none":
+            self.accelerator.init_trackers(project_name, config=_flat_for_tracker(run_settings))
+        set_seed(config.seed)  # the same on every process, so every replica starts identical
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.skipped_steps = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Wrap `model` for the current device and processes, and build its AdamW optimizer."""
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.learning_rate,
+                                      weight_decay=self.config.weight_decay, betas=(0.9, 0.99))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        return self.model, self.optimizer
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -------------------------------------------------------------------------------------------
+    # Checkpoints
+    # -------------------------------------------------------------------------------------------
+
+    def restore(self) -> int:
+        """With --resume: load the newest good checkpoint and return its step; else 0."""
+        if not self.config.resume:
+            return 0
+        for step, path in list_checkpoints(self.output_dir):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                try:
+                    self.accelerator.load_state(str(path))
+                except Exception as error:  # a checkpoint that verifies but does not load: try the previous
+                    problem = f"it does not load ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            if problem is None:
+                state = json.loads((path / TRAINER_STATE_NAME).read_text())
+                self.skipped_steps = int(state.get("skipped_steps", 0))
+                self.print(f"resumed from {path} (step {step})")
+                return step
+            self.print(f"warning: skipping checkpoint {path}: {problem}; trying the previous one")
+        self.print(f"no usable checkpoint in {self.output_dir / CHECKPOINTS}; starting from step 0")
+        return 0
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Save the full training state (every process writes its RNG state), then rename into place."""
+        final = self.output_dir / CHECKPOINTS / f"step_{step:08d}"
+        staging = self.output_dir / CHECKPOINTS / f".step_{step:08d}.tmp"
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(staging))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            hashes = {file.name: file_sha256(file) for file in sorted(staging.iterdir()) if file.is_file()}
+            write_json_atomic(staging / TRAINER_STATE_NAME,
+                              {"step": step, "skipped_steps": self.skipped_steps, "sha256": hashes})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for _, old in list_checkpoints(self.output_dir)[self.config.keep_checkpoints:]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # -------------------------------------------------------------------------------------------
+    # The loop
+    # -------------------------------------------------------------------------------------------
+
+    def run(self, start_step: int, compute_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]],
+            evaluate: Callable[[int], dict[str, float]], on_eval: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Train from `start_step` to max_steps and return the last validation metrics.
+
+        `compute_loss(micro_batch)` returns this process's loss for micro-batch `micro_batch`
+        (= step * accumulation + micro) and a dict of scalars for the bar and the logs.
+        """
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        accumulation = config.gradient_accumulation_steps
+        metrics: dict[str, float] = {}
+        bar = tqdm(total=config.max_steps, initial=start_step, desc="training", dynamic_ncols=True,
+                   disable=not (self.is_main and config.progress))
+        started = time.perf_counter()
+        self.model.train()
+        for step in range(start_step, config.max_steps):
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate_at(config, step)
+            buffers = ([buffer.clone() for buffer in self.model.buffers()] if config.skip_nonfinite else None)
+            losses, logs = [], {}
+            for micro in range(accumulation):
+                syncing = micro == accumulation - 1
+                with contextlib.nullcontext() if syncing else accelerator.no_sync(self.model):
+                    loss, logs = compute_loss(step * accumulation + micro)
+                    accelerator.backward(loss / accumulation)
+                losses.append(loss.detach().float())
+            loss_value = torch.stack(losses).mean()
+            finite = accelerator.reduce(torch.isfinite(loss_value).float().to(self.device), reduction="sum")
+            if finite.item() < accelerator.num_processes:
+                self.optimizer.zero_grad(set_to_none=True)
+                if not config.skip_nonfinite:
+                    bar.close()
+                    good = list_checkpoints(self.output_dir)
+                    kept = f"the last good checkpoint is {good[0][1]}" if good else "no checkpoint was written yet"
+                    raise TrainingStopped(f"the loss became {loss_value.item()} at step {step + 1}; {kept}; lower "
+                                          "--learning-rate and --resume, or pass --skip-nonfinite to skip such steps")
+                for buffer, saved in zip(self.model.buffers(), buffers):
+                    buffer.copy_(saved)  # the EMA codebook saw the bad batch: undo that too
+                self.skipped_steps += 1
+                self.print(f"warning: skipped step {step + 1}: loss {loss_value.item()} ({self.skipped_steps} skipped)")
+            else:
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix({"loss": f"{loss_value.item():.4f}", **{k: f"{v:.3g}" for k, v in logs.items()}},
+                            refresh=False)
+            if done % config.log_every == 0:
+                accelerator.log({"train/loss": loss_value.item(), "train/lr": learning_rate_at(config, step),
+                                 "train/skipped_steps": self.skipped_steps,
+                                 **{f"train/{k}": v for k, v in logs.items()}}, step=done)
+            if done % config.eval_every == 0 or done == config.max_steps:
+                metrics = evaluate(done)
+                accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=done)
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())) if self.is_main else None
+                if on_eval is not None:
+                    on_eval(done)
+                self.model.train()
+            if done % config.save_every == 0 or done == config.max_steps:
+                self.save_checkpoint(done)
+        bar.close()
+        if start_step >= config.max_steps:
+            metrics = evaluate(config.max_steps)
+        metrics["train_seconds"] = time.perf_counter() - started
+        return metrics
+
+    def finish(self, extra_files: dict[str, dict] | None = None) -> None:
+        """Save the trained model as a pretrained folder in --output-dir (main process)."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self.unwrapped_model.save_pretrained(self.output_dir)
+            for name, values in (extra_files or {}).items():
+                write_json_atomic(self.output_dir / name, values)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+def _flat_for_tracker(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: (value if isinstance(value, (int, float, str, bool)) else str(value))
+            for key, value in settings.items()}
+
+
+def run_settings(train_config: Any, model_config: Any) -> dict[str, Any]:
+    """The settings of a run as one flat JSON-ready dict (train_config.json); model keys get `model.`."""
+    return {**config_to_dict(train_config),
+            **{f"model.{key}": value for key, value in config_to_dict(model_config).items()}}

@@ -1,0 +1,56 @@
+"""Reconstruction and perceptual losses, and the offline-safe LPIPS loader."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.errors import UserError
+
+# The torchvision ImageNet trunk each LPIPS variant builds; lpips ships only its small linear heads.
+LPIPS_TRUNK_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+
+
+def lpips_trunk_file(net: str) -> Path:
+    """Where torch.hub looks for the LPIPS trunk weights: $TORCH_HOME/hub/checkpoints/<file>."""
+    import torchvision.models as models
+
+    weights = getattr(models, LPIPS_TRUNK_WEIGHTS[net]).IMAGENET1K_V1
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+class PerceptualLoss(nn.Module):
+    """Frozen LPIPS (Zhang et al. 2018) in eval mode. Grey images are repeated to 3 channels.
+
+    Its weights are kept out of `state_dict`, so they never enter model.safetensors or checkpoints.
+    """
+
+    def __init__(self, net: str = "alex") -> None:
+        super().__init__()
+        trunk_file = lpips_trunk_file(net)
+        if not trunk_file.is_file():
+            raise UserError(f"LPIPS needs the {net} trunk weights {trunk_file.name}, not found in {trunk_file.parent} "
+                            "($TORCH_HOME/hub/checkpoints) and not downloadable offline; copy the file there "
+                            "or pass --perceptual-weight 0")
+        import lpips
+
+        network = lpips.LPIPS(net=net, verbose=False).eval()
+        network.requires_grad_(False)
+        object.__setattr__(self, "network", network)  # not a submodule: out of state_dict and optimizer
+
+    def _apply(self, fn, recurse=True):  # .to(device) must still move the hidden network
+        self.network._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS distance between two batches (B, C, H, W) in [-1, 1]."""
+        if reconstruction.shape[1] == 1:
+            reconstruction, target = reconstruction.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
+        return self.network(reconstruction, target).mean()
+
+
+def reconstruction_loss(kind: str, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(reconstruction, target) if kind == "mse" else F.l1_loss(reconstruction, target)

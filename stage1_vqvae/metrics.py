@@ -1,0 +1,92 @@
+"""Reconstruction metrics over a whole split, exact under several processes (sums are reduced)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from shared.data import CachedImages, ImageDataset, shard_range
+
+
+def psnr_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image (B,), on the [0, 1] scale (data range 1); inputs in [-1, 1]."""
+    mse = (reconstruction.float() - target.float()).div(2).pow(2).flatten(1).mean(1)  # (B,)
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+def ssim_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM (Wang et al. 2004; 11x11 Gaussian window, sigma 1.5) of each image (B,), on the [0, 1] scale."""
+    x, y = reconstruction.float().add(1).div(2), target.float().add(1).div(2)
+    channels = x.shape[1]
+    coords = torch.arange(11, dtype=torch.float32, device=x.device) - 5
+    gauss = torch.exp(-coords.pow(2) / (2 * 1.5 ** 2))
+    gauss = gauss / gauss.sum()
+    window = (gauss[:, None] * gauss[None, :]).expand(channels, 1, 11, 11).contiguous()  # (C, 1, 11, 11)
+
+    def blur(image: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(image, window, padding=5, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)  # (B,)
+
+
+def codebook_statistics(code_counts: torch.Tensor) -> dict[str, float]:
+    """Usage (% of codes used at least once) and perplexity (exp of the code entropy, in codes)."""
+    counts = code_counts.double()
+    probabilities = counts / counts.sum().clamp_min(1)
+    entropy = -(probabilities[probabilities > 0] * probabilities[probabilities > 0].log()).sum()
+    return {"codebook_usage": 100.0 * (counts > 0).double().mean().item(), "perplexity": math.exp(entropy.item())}
+
+
+def iterate_shard(dataset: ImageDataset | CachedImages, batch_size: int, rank: int, world_size: int,
+                  ) -> Iterator[torch.Tensor]:
+    """This process's share of `dataset`, as image batches (B, C, H, W) in [-1, 1], in order."""
+    rows = shard_range(len(dataset), rank, world_size)
+    for start in range(rows.start, rows.stop, batch_size):
+        indices = torch.arange(start, min(start + batch_size, rows.stop))
+        if isinstance(dataset, CachedImages):
+            yield dataset.batch(indices)[0]
+        else:
+            yield torch.stack([dataset[int(i)][0] for i in indices])
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, dataset: ImageDataset | CachedImages, batch_size: int, device: torch.device,
+                           rank: int = 0, world_size: int = 1,
+                           reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                           perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                           with_ssim: bool = False) -> dict[str, float]:
+    """Mean per-image PSNR (and SSIM, LPIPS), codebook usage and perplexity over the whole split.
+
+    Each process handles its contiguous shard; `reduce_sum` adds the partial sums across processes.
+    """
+    was_training = model.training
+    model.eval()
+    # sums: count, psnr, ssim, lpips, squared error
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    code_counts = torch.zeros(model.config.codebook_size, dtype=torch.float64, device=device)
+    for images in iterate_shard(dataset, batch_size, rank, world_size):
+        images = images.to(device)
+        output = model(images)
+        totals[0] += len(images)
+        totals[1] += psnr_per_image(output.reconstruction, images).double().sum()
+        if with_ssim:
+            totals[2] += ssim_per_image(output.reconstruction, images).double().sum()
+        if perceptual is not None:
+            totals[3] += perceptual(output.reconstruction.float(), images).double() * len(images)
+        totals[4] += (output.reconstruction.float() - images).pow(2).mean(dim=(1, 2, 3)).double().sum()
+        code_counts += torch.bincount(output.codes.flatten(), minlength=model.config.codebook_size).double()
+    model.train(was_training)
+    totals, code_counts = reduce_sum(totals), reduce_sum(code_counts)
+    count = totals[0].clamp_min(1)
+    metrics = {"psnr": (totals[1] / count).item(), "mse": (totals[4] / count).item()}
+    if with_ssim:
+        metrics["ssim"] = (totals[2] / count).item()
+    if perceptual is not None:
+        metrics["lpips"] = (totals[3] / count).item()
+    return {**metrics, **codebook_statistics(code_counts)}
