@@ -174,7 +174,8 @@ def config_from_args(config_class: type[ConfigT], namespace: argparse.Namespace)
 
 
 def build_parser(description: str, *config_classes: type, skip: frozenset[str] = frozenset()) -> argparse.ArgumentParser:
-    """An argument parser with the flags of every field of `config_classes` (each field name once)."""
+    """An argument parser with the flags of every field of `config_classes`: a name shared by several
+    classes gets the first class's flag; names in `skip` get none."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     seen = set(skip)

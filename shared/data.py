@@ -179,6 +179,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.rows = rows  # a datasets.Dataset
         self.image_size = image_size
         self.channels = channels
+        self.channels_fix = "pass --channels {found}"  # what to tell the user when an image disagrees
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -210,8 +211,8 @@ class ImageDataset(torch.utils.data.Dataset):
             image = Image.fromarray(np.asarray(value))
         found = 1 if image.mode in GREY_MODES else 3
         if found != self.channels:
-            raise UserError(f"the image at {where} has {found} channel{'s' * (found > 1)} but --channels is "
-                            f"{self.channels}; pass --channels {found} or use images with {self.channels}")
+            raise UserError(f"the image at {where} has {found} channel{'s' * (found > 1)}, expected "
+                            f"{self.channels}; {self.channels_fix.format(found=found)}")
         return image.convert("L" if found == 1 else "RGB")
 
     def first_image_channels(self) -> int:
@@ -222,7 +223,7 @@ class ImageDataset(torch.utils.data.Dataset):
         except UserError as error:
             if "channel" not in str(error):
                 raise
-            return 1 if " has 1 channel " in str(error) else 3
+            return 1 if " has 1 channel," in str(error) else 3
         finally:
             self.channels = saved
         return 1

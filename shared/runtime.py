@@ -11,3 +11,21 @@ def launched_rank() -> int:
 
 def is_launched_main() -> bool:
     return launched_rank() == 0
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(**kwargs):
+    """An Accelerator that also recognises multi-process CPU launches.
+
+    Accelerate treats `torchrun --nproc_per_node N` on a machine without CUDA as N unrelated
+    single processes unless it is told `cpu=True`; then it uses gloo and a real process group.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    if launched_world_size() > 1 and not torch.cuda.is_available():
+        kwargs.setdefault("cpu", True)
+    return Accelerator(**kwargs)

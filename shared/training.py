@@ -27,6 +27,7 @@ import torch
 
 from shared.config import config_to_dict, option, read_json, write_json_atomic
 from shared.errors import TrainingStopped, UserError
+from shared.runtime import make_accelerator
 from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME, file_sha256
 
 CHECKPOINTS = "checkpoints"
@@ -145,14 +146,13 @@ class TrainingSession:
     """Owns the Accelerator, the output folder and the step loop of one training run."""
 
     def __init__(self, config: LoopConfig, run_settings: dict[str, Any], project_name: str) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         config.check()
         check_output_dir(config, run_settings)
         self.config = config
         self.output_dir = Path(config.output_dir).resolve()
-        self.accelerator = Accelerator(
+        self.accelerator = make_accelerator(
             mixed_precision=config.mixed_precision,
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
@@ -311,7 +311,19 @@ class TrainingSession:
         if start_step >= config.max_steps:
             metrics = evaluate(config.max_steps)
         metrics["train_seconds"] = time.perf_counter() - started
+        metrics["replica_max_abs_difference"] = self.replica_difference()
         return metrics
+
+    def replica_difference(self) -> float:
+        """Largest absolute difference between this run's replicas, over every parameter and buffer
+        (the EMA codebook included); 0.0 when the processes hold identical models."""
+        from accelerate.utils import broadcast
+
+        state = [tensor.detach().float().flatten() for tensor in self.unwrapped_model.state_dict().values()]
+        mine = torch.cat(state) if state else torch.zeros(1, device=self.device)
+        reference = broadcast(mine.clone(), from_process=0)
+        difference = (mine - reference).abs().max()
+        return self.accelerator.reduce(difference, reduction="sum").item()  # rank 0 adds 0
 
     def finish(self, extra_files: dict[str, dict] | None = None) -> None:
         """Save the trained model as a pretrained folder in --output-dir (main process)."""

@@ -11,6 +11,7 @@ from torch import nn
 from shared.errors import UserError
 
 # The torchvision ImageNet trunk each LPIPS variant builds; lpips ships only its small linear heads.
+MIN_LPIPS_SIZE = 64
 LPIPS_TRUNK_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 
 
@@ -23,7 +24,8 @@ def lpips_trunk_file(net: str) -> Path:
 
 
 class PerceptualLoss(nn.Module):
-    """Frozen LPIPS (Zhang et al. 2018) in eval mode. Grey images are repeated to 3 channels.
+    """Frozen LPIPS (Zhang et al. 2018) in eval mode. Grey images are repeated to 3 channels, and
+    images smaller than 64 px are upsampled to 64 (the ImageNet trunks shrink 16 px to nothing).
 
     Its weights are kept out of `state_dict`, so they never enter model.safetensors or checkpoints.
     """
@@ -49,6 +51,10 @@ class PerceptualLoss(nn.Module):
         """Mean LPIPS distance between two batches (B, C, H, W) in [-1, 1]."""
         if reconstruction.shape[1] == 1:
             reconstruction, target = reconstruction.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
+        if min(reconstruction.shape[2:]) < MIN_LPIPS_SIZE:
+            scale = MIN_LPIPS_SIZE / min(reconstruction.shape[2:])
+            reconstruction = F.interpolate(reconstruction, scale_factor=scale, mode="bilinear", align_corners=False)
+            target = F.interpolate(target, scale_factor=scale, mode="bilinear", align_corners=False)
         return self.network(reconstruction, target).mean()
 
 

@@ -31,7 +31,7 @@ DATA_DERIVED = frozenset({"in_channels", "image_size"})
 class Stage1Defaults(Stage1TrainConfig):
     """Stage-1 defaults of the loop settings: a good digits tokenizer in about two CPU minutes."""
 
-    max_steps: int = 1500
+    max_steps: int = 1000
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     eval_every: int = 500
@@ -39,7 +39,9 @@ class Stage1Defaults(Stage1TrainConfig):
 
 
 def parser():
-    return build_parser("Train the VQ-VAE tokenizer (stage 1).", Stage1Defaults, VQVAEConfig, skip=DATA_DERIVED)
+    # image_size is a data flag (declared first, so VQVAEConfig's duplicate gets none); in_channels comes from the data
+    return build_parser("Train the VQ-VAE tokenizer (stage 1).", Stage1Defaults, VQVAEConfig,
+                        skip=frozenset({"in_channels"}))
 
 
 def train(argv: Sequence[str] | None = None) -> dict[str, float]:

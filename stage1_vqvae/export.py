@@ -1,0 +1,234 @@
+"""Encode a dataset once into code grids:
+`python -m stage1_vqvae.export --tokenizer DIR --dataset digits --split train --output DIR`.
+
+The rows are cut into fixed chunks of `--chunk-rows`; each process encodes its share of the chunks
+(round robin) into a staging folder beside --output, one file a chunk, written atomically. When
+all chunks exist, the main process assembles them in source order and renames the result to
+--output. A killed export leaves only the staging folder; running the same command again encodes
+the missing chunks and finishes. Memory stays bounded by one chunk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata, codes_dtype
+from shared.config import config_to_dict, parse_args, write_json_atomic
+from shared.data import DataConfig, ImageDataset, load_split
+from shared.errors import UserError, run_cli
+from shared.pretrained import WEIGHTS_NAME, file_sha256
+from shared.runtime import make_accelerator
+from stage1_vqvae.model import VQVAE
+
+JOB_NAME = "job.json"
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Encode a dataset into a codes dataset (stage 1 -> stage 2).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder")
+    parser.add_argument("--dataset", default="digits", help="digits, an image folder, a save_to_disk folder or a Hub name")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--output", required=True, help="the codes folder to write")
+    parser.add_argument("--format", default="arrow", choices=["arrow", "npy"])
+    parser.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's")
+    parser.add_argument("--image-column", default=None)
+    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--chunk-rows", type=int, default=4096, help="rows per staged chunk (bounds memory)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def export(argv: Sequence[str] | None = None) -> dict:
+    """Run the export; returns a summary (rows, seconds, images/s)."""
+    args = parse_args(parser(), argv)
+    output = Path(args.output).expanduser().resolve()
+    if args.batch_size < 1 or args.chunk_rows < 1:
+        raise UserError("--batch-size and --chunk-rows must be at least 1")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
+    dataset_path = Path(args.dataset).expanduser()
+    if dataset_path.is_dir() and output.is_relative_to(dataset_path.resolve()):
+        raise UserError(f"--output {output} lies inside the dataset folder {dataset_path}; write it elsewhere, "
+                        "or the codes would become part of the dataset")
+    tokenizer = VQVAE.from_pretrained(args.tokenizer)
+    image_size = args.image_size or tokenizer.config.image_size
+    tokenizer.check_images(torch.zeros(1, tokenizer.config.in_channels, image_size, image_size))
+    data_config = DataConfig(dataset=args.dataset, split=args.split, image_size=image_size,
+                             channels=tokenizer.config.in_channels, image_column=args.image_column,
+                             label_column=args.label_column)
+    dataset = load_split(data_config)
+    dataset.channels_fix = f"this tokenizer takes {tokenizer.config.in_channels}-channel images"
+    dataset.read_image(dataset.rows[0][dataset.source.image_column], 0)  # fail fast on the first image
+
+    accelerator = make_accelerator()
+    tokenizer.to(accelerator.device)
+    staging = output.with_name(f".{output.name}.partial")
+    tokenizer_sha256 = file_sha256(Path(args.tokenizer) / WEIGHTS_NAME)
+    factor = tokenizer.config.downsample_factor
+    metadata = CodesMetadata(
+        format_version=CODES_FORMAT_VERSION, format=args.format, vocab_size=tokenizer.config.codebook_size,
+        latent_shape=(image_size // factor, image_size // factor), dtype=codes_dtype(tokenizer.config.codebook_size),
+        num_rows=len(dataset), has_labels=dataset.has_labels, label_names=dataset.source.label_names,
+        tokenizer_config=config_to_dict(tokenizer.config), tokenizer_sha256=tokenizer_sha256,
+        source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
+                "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
+                "label_column": dataset.source.label_column})
+    job = {"metadata": metadata.to_json(), "chunk_rows": args.chunk_rows}
+    if accelerator.is_main_process:
+        _prepare_staging(staging, job)
+    accelerator.wait_for_everyone()
+
+    chunks = [range(start, min(start + args.chunk_rows, len(dataset))) for start in range(0, len(dataset), args.chunk_rows)]
+    mine = [chunk for index, chunk in enumerate(chunks) if index % accelerator.num_processes == accelerator.process_index]
+    todo = [chunk for chunk in mine if not _chunk_path(staging, chunk).exists()]
+    started = time.perf_counter()
+    _encode_chunks(tokenizer, dataset, todo, staging, np.dtype(metadata.dtype), args.batch_size, accelerator.device,
+                   progress=args.progress and accelerator.is_main_process,
+                   total=sum(len(chunk) for chunk in mine), done=sum(len(chunk) for chunk in mine if chunk not in todo),
+                   num_processes=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        missing = [chunk for chunk in chunks if not _chunk_path(staging, chunk).exists()]
+        if missing:
+            raise UserError(f"{len(missing)} chunk(s) are missing in {staging}; run the export again to finish")
+        assembled = staging / "assembled"
+        shutil.rmtree(assembled, ignore_errors=True)
+        if args.format == "arrow":
+            _assemble_arrow(staging, chunks, assembled, metadata)
+        else:
+            _assemble_npy(staging, chunks, assembled, metadata)
+        write_json_atomic(assembled / CODES_META_NAME, metadata.to_json())
+        _move_into_place(assembled, output)
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    summary = {"output": str(output), "num_rows": len(dataset), "seconds": seconds,
+               "images_per_second": len(dataset) / max(seconds, 1e-9)}
+    if accelerator.is_main_process:
+        print(json.dumps(summary))
+    return summary
+
+
+def _prepare_staging(staging: Path, job: dict) -> None:
+    """Keep a staging folder of the same job (resume); start afresh when it belongs to another job."""
+    job_path = staging / JOB_NAME
+    if staging.is_dir():
+        try:
+            same = json.loads(job_path.read_text()) == job
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            return
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    write_json_atomic(job_path, job)
+
+
+def _chunk_path(staging: Path, rows: range) -> Path:
+    return staging / f"rows_{rows.start:010d}_{rows.stop:010d}.npz"
+
+
+def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range], staging: Path, dtype: np.dtype,
+                   batch_size: int, device: torch.device, progress: bool, total: int, done: int,
+                   num_processes: int) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total * num_processes, initial=done * num_processes, unit="img", desc="exporting",
+               disable=not progress, dynamic_ncols=True)
+    for rows in chunks:
+        codes_parts, labels = [], []
+        for images, batch_labels in _batches(dataset, rows, batch_size):
+            with torch.inference_mode():
+                codes = tokenizer.encode(images.to(device))  # (B, h, w)
+            codes_parts.append(codes.cpu().numpy().astype(dtype))
+            labels.extend(batch_labels)
+            bar.update(len(images) * num_processes)  # the other processes advance at the same pace
+        path = _chunk_path(staging, rows)
+        temporary = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(temporary, codes=np.concatenate(codes_parts), labels=np.asarray(labels, dtype=np.int64))
+        os.replace(temporary, path)
+    bar.close()
+
+
+def _batches(dataset: ImageDataset, rows: range, batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    for start in range(rows.start, rows.stop, batch_size):
+        items = [dataset[index] for index in range(start, min(start + batch_size, rows.stop))]
+        yield torch.stack([image for image, _ in items]), [label for _, label in items]
+
+
+def _read_chunk(staging: Path, rows: range) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(_chunk_path(staging, rows)) as chunk:
+        return chunk["codes"], chunk["labels"]
+
+
+def _assemble_arrow(staging: Path, chunks: list[range], destination: Path, metadata: CodesMetadata) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    height, width = metadata.latent_shape
+    features = {"codes": datasets.Array2D(shape=(height, width), dtype=metadata.dtype),
+                "source_index": datasets.Value("int64")}
+    if metadata.has_labels:
+        features["label"] = (datasets.ClassLabel(names=metadata.label_names) if metadata.label_names
+                             else datasets.Value("int64"))
+
+    def rows() -> Iterator[dict]:
+        for chunk in chunks:
+            codes, labels = _read_chunk(staging, chunk)
+            for offset, index in enumerate(chunk):
+                row = {"codes": codes[offset], "source_index": index}
+                if metadata.has_labels:
+                    row["label"] = int(labels[offset])
+                yield row
+
+    table = datasets.Dataset.from_generator(rows, features=datasets.Features(features),
+                                            cache_dir=str(staging / "cache"), keep_in_memory=False)
+    table.save_to_disk(str(destination))
+    del table
+    shutil.rmtree(staging / "cache", ignore_errors=True)
+
+
+def _assemble_npy(staging: Path, chunks: list[range], destination: Path, metadata: CodesMetadata) -> None:
+    destination.mkdir(parents=True)
+    height, width = metadata.latent_shape
+    codes_out = np.lib.format.open_memmap(destination / "codes.npy", mode="w+", dtype=metadata.dtype,
+                                          shape=(metadata.num_rows, height, width))
+    labels_out = np.lib.format.open_memmap(destination / "labels.npy", mode="w+", dtype=np.int64,
+                                           shape=(metadata.num_rows,)) if metadata.has_labels else None
+    for chunk in chunks:
+        codes, labels = _read_chunk(staging, chunk)
+        codes_out[chunk.start:chunk.stop] = codes
+        if labels_out is not None:
+            labels_out[chunk.start:chunk.stop] = labels
+    codes_out.flush()
+    del codes_out, labels_out
+
+
+def _move_into_place(assembled: Path, output: Path) -> None:
+    """Rename the finished folder to --output; an old --output (with --overwrite) goes only after."""
+    retired = output.with_name(f".{output.name}.old")
+    if output.exists():
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(output, retired)
+    os.replace(assembled, output)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(export, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
