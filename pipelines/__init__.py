@@ -1,0 +1,3 @@
+from pipelines.pipeline import GenerationOutput, Pipeline
+
+__all__ = ["GenerationOutput", "Pipeline"]

@@ -44,6 +44,7 @@ class CodesMetadata:
     label_names: list[str] | None
     tokenizer_config: dict[str, Any]
     tokenizer_sha256: str
+    tokenizer_path: str  # where the tokenizer was at export time; trust it only if the hash still matches
     source: dict[str, Any]
 
     @property
@@ -112,6 +113,14 @@ def open_codes(path: str | Path, tokenizer_dir: str | Path | None = None) -> tup
     if tokenizer_dir is not None:
         check_tokenizer_matches(metadata, tokenizer_dir, path)
     return CodesDataset(codes, labels, metadata), metadata
+
+
+def find_tokenizer(metadata: CodesMetadata) -> Path | None:
+    """The tokenizer folder recorded in codes.json, if it is still there with the same weights."""
+    weights = Path(metadata.tokenizer_path) / WEIGHTS_NAME
+    if weights.is_file() and file_sha256(weights) == metadata.tokenizer_sha256:
+        return Path(metadata.tokenizer_path)
+    return None
 
 
 def check_tokenizer_matches(metadata: CodesMetadata, tokenizer_dir: str | Path, codes_path: Path) -> None:

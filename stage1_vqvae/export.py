@@ -82,6 +82,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
         latent_shape=(image_size // factor, image_size // factor), dtype=codes_dtype(tokenizer.config.codebook_size),
         num_rows=len(dataset), has_labels=dataset.has_labels, label_names=dataset.source.label_names,
         tokenizer_config=config_to_dict(tokenizer.config), tokenizer_sha256=tokenizer_sha256,
+        tokenizer_path=str(Path(args.tokenizer).resolve()),
         source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
                 "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
                 "label_column": dataset.source.label_column})

@@ -1,0 +1,104 @@
+"""Sample images from a saved pipeline:
+`python -m pipelines.generate --pipeline DIR --num-images 64 --output-dir DIR`.
+
+Writes image_00000.png ..., grid.png (the first 64) and codes.npy (N, h, w). Under
+`torchrun --nproc_per_node N -m pipelines.generate` / `accelerate launch -m` each process takes a
+contiguous share of the images; image k always comes from (seed, k), so the files equal those of a
+single-process run with the same seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.pipeline import Pipeline, convert_images
+from shared.config import parse_args
+from shared.data import save_image_grid, shard_range
+from shared.errors import UserError, run_cli
+from shared.runtime import make_accelerator
+
+GRID_IMAGES = 64
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Sample images from a saved pipeline.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--pipeline", required=True, help="a pipeline folder (Pipeline.save_pretrained)")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--labels", type=int, nargs="+", default=None,
+                        help="one class for every image, or one per image (conditional priors)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def generate(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(parser(), argv)
+    output = Path(args.output_dir)
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise UserError(f"{output} is not empty; pass --overwrite or choose another --output-dir")
+    accelerator = make_accelerator()
+    pipeline = Pipeline.from_pretrained(args.pipeline, device=accelerator.device)
+    labels = args.labels[0] if args.labels and len(args.labels) == 1 else args.labels
+    all_labels = pipeline.resolve_labels(args.num_images, labels, args.seed)  # checks labels on every process
+    mine = shard_range(args.num_images, accelerator.process_index, accelerator.num_processes)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    started = time.perf_counter()
+    parts = []
+    if len(mine):
+        batches = pipeline.iter_generate(len(mine), labels=None if all_labels is None else all_labels[mine.start:mine.stop],
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         seed=args.seed, batch_size=args.batch_size, first_index=mine.start,
+                                         progress=args.progress and accelerator.is_main_process)
+        index = mine.start
+        for images, codes in batches:
+            for image in convert_images(images, "pil"):
+                image.save(output / f"image_{index:05d}.png")
+                index += 1
+            parts.append(codes.numpy())
+    part_path = output / f".codes.part{accelerator.process_index}.npy"
+    np.save(part_path, np.concatenate(parts) if parts else np.empty((0, *pipeline.tokenizer.latent_shape), np.int64))
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    if accelerator.is_main_process:
+        part_paths = [output / f".codes.part{rank}.npy" for rank in range(accelerator.num_processes)]
+        np.save(output / "codes.npy", np.concatenate([np.load(path) for path in part_paths]))
+        for path in part_paths:
+            path.unlink()
+        first = [np.asarray(Image.open(output / f"image_{k:05d}.png")) for k in range(min(GRID_IMAGES, args.num_images))]
+        grid = torch.from_numpy(np.stack(first)).float().div(127.5).sub(1)  # (n, H, W[, C]) in [-1, 1]
+        grid = grid[:, None] if grid.ndim == 3 else grid.permute(0, 3, 1, 2)
+        save_image_grid(grid, output / "grid.png", nrow=int(math.ceil(math.sqrt(len(first)))))
+        summary = {"output_dir": str(output), "num_images": args.num_images, "seconds": seconds,
+                   "images_per_second": args.num_images / max(seconds, 1e-9), "device": str(accelerator.device),
+                   "processes": accelerator.num_processes}
+        print(json.dumps(summary))
+        return summary
+    return {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(generate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

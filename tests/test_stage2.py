@@ -1,0 +1,237 @@
+"""Stage 2: causal layers, the prior, its samplers, and the train command."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tree_digest
+from shared.errors import UserError
+from stage2_prior import GatedPixelCNN, PriorConfig
+from stage2_prior.layers import GatedBlock, MaskedConv2d
+from stage2_prior.sampling import CachedSampler, sample_uniforms
+from stage2_prior.train import main as train_main, train
+
+
+def tiny_prior(arch="gated", num_classes=None, latent_shape=(5, 6), num_layers=4, kernel_size=3, seed=0):
+    torch.manual_seed(seed)
+    model = GatedPixelCNN(PriorConfig(vocab_size=11, latent_shape=latent_shape, num_classes=num_classes,
+                                      hidden_channels=8, num_layers=num_layers, kernel_size=kernel_size, arch=arch))
+    for parameter in model.parameters():  # larger than default init, so every dependency shows in the logits
+        parameter.data.normal_(0, 0.5)
+    return model.eval()
+
+
+def dependency(model, position: int, num_classes=None) -> torch.Tensor:
+    """|d logits[p] / d embedded input[q]| summed, for every raster position q: shape (h * w,)."""
+    height, width = model.config.latent_shape
+    codes = torch.randint(0, model.config.vocab_size, (1, height, width))
+    embedded = model.embedding(codes).detach().requires_grad_(True)
+    original = model.embedding.forward
+    model.embedding.forward = lambda _: embedded  # differentiate with respect to the embedded grid
+    try:
+        logits = model(codes, 0 if num_classes else None)
+    finally:
+        model.embedding.forward = original
+    row, column = divmod(position, width)
+    logits[0, :, row, column].sum().backward()
+    return embedded.grad[0].abs().sum(-1).flatten()  # (h*w,)
+
+
+@pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_model_is_causal(arch, kernel_size):
+    model = tiny_prior(arch, num_classes=3, kernel_size=kernel_size)
+    for position in torch.randperm(30)[:8].tolist():
+        grads = dependency(model, position, num_classes=3)
+        assert grads[position:].abs().max() == 0, f"position {position} sees the future"
+    # the perturbation form: changing codes at positions >= p leaves logits at p unchanged
+    codes = torch.randint(0, 11, (2, 5, 6))
+    position = 13
+    changed = codes.clone().flatten(1)
+    changed[:, position:] = torch.randint(0, 11, changed[:, position:].shape)
+    before = model(codes, 1).flatten(2)[:, :, :position + 1]
+    after = model(changed.view_as(codes), 1).flatten(2)[:, :, :position + 1]
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("mask_type", ["A", "B"])
+def test_masked_conv_is_causal(mask_type):
+    conv = MaskedConv2d(2, 3, 5, mask_type)
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    conv(x)[0, :, 3, 2].sum().backward()
+    grads = x.grad[0].abs().sum(0).flatten()  # (36,)
+    centre = 3 * 6 + 2
+    assert grads[centre + 1:].max() == 0
+    assert (grads[centre] > 0) == (mask_type == "B")
+    assert "mask" not in conv.state_dict()  # non-persistent
+
+
+def test_gated_block_stacks_are_causal():
+    block = GatedBlock(4, 3, num_classes=None, first=True)
+    vertical = torch.randn(1, 4, 5, 5, requires_grad=True)
+    horizontal = torch.randn(1, 4, 5, 5, requires_grad=True)
+    v_out, h_out, skip = block(vertical, horizontal, None)
+    (v_out[0, :, 2, 2].sum()).backward(retain_graph=True)
+    assert vertical.grad[0, :, 2:].abs().max() == 0  # the vertical stack sees only rows above
+    vertical.grad = None
+    (h_out[0, :, 2, 2].sum() + skip[0, :, 2, 2].sum()).backward()
+    assert horizontal.grad[0, :, 2, 2:].abs().max() == 0 and horizontal.grad[0, :, 3:].abs().max() == 0
+    assert horizontal.grad[0, :, :2].abs().max() == 0  # the horizontal stack sees only its own row
+    assert vertical.grad[0, :, 2:].abs().max() == 0
+
+
+def test_no_blind_spot_for_gated_and_blind_spot_for_pixelcnn():
+    # 10 layers of 3x3 cover a 5x6 grid: the last position, and the first of the last row, see every earlier one
+    for position in (29, 24):
+        gated = dependency(tiny_prior("gated", num_layers=10), position)
+        assert (gated[:position] > 0).all()
+    # the masked stack cannot see up-and-right of its diagonal: from (4, 0), position (3, 2) stays hidden
+    plain = dependency(tiny_prior("pixelcnn", num_layers=10), 24)
+    assert plain[3 * 6 + 2] == 0 and plain[3 * 6 + 1] > 0
+
+
+def test_conditioning_changes_logits():
+    model = tiny_prior(num_classes=3)
+    codes = torch.randint(0, 11, (1, 5, 6))
+    assert not torch.allclose(model(codes, 0), model(codes, 2))
+
+
+@pytest.mark.parametrize("config", [
+    dict(),
+    dict(kernel_size=5, num_layers=3),
+    dict(num_classes=4, latent_shape=(3, 7)),
+    dict(num_classes=2, latent_shape=(6, 2), num_layers=6),
+])
+def test_cached_sampler_equals_naive(config):
+    model = tiny_prior(**config)
+    labels = torch.tensor([0, 1, 1]) if config.get("num_classes") else None
+    for options in (dict(), dict(temperature=0.7, top_k=4), dict(top_p=0.8)):
+        naive = model.sample(3, labels=labels, seed=5, method="naive", **options)
+        cached = model.sample(3, labels=labels, seed=5, method="cached", **options)
+        assert torch.equal(naive, cached)
+    checked = model.check_labels(labels, 3)
+    height, width = model.config.latent_shape
+    codes, logits = CachedSampler(model).run(checked, sample_uniforms(5, 0, 3, height * width),
+                                             torch.zeros(3, height, width, dtype=torch.long),
+                                             torch.zeros(3, height, width, dtype=torch.bool), (1.0, None, None),
+                                             keep_logits=True)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(codes, checked), atol=1e-5)
+
+
+def test_sampling_determinism_and_batch_independence():
+    model = tiny_prior(num_classes=3)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    together = model.sample(5, labels=labels, seed=7)
+    assert torch.equal(together, model.sample(5, labels=labels, seed=7))
+    first = model.sample(2, labels=labels[:2], seed=7)
+    rest = model.sample(3, labels=labels[2:], seed=7, sample_offset=2)
+    assert torch.equal(torch.cat([first, rest]), together)
+    assert not torch.equal(model.sample(5, labels=labels, seed=8), together)
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(model.sample(2, labels=0, generator=generator),
+                       model.sample(2, labels=0, generator=torch.Generator().manual_seed(3)))
+
+
+def test_complete_keeps_known_codes():
+    model = tiny_prior()
+    codes = torch.randint(0, 11, (2, 5, 6))
+    known = torch.zeros(2, 5, 6, dtype=torch.bool)
+    known[:, :2] = True  # the top rows are known
+    known[1, 4, 5] = True
+    completed = model.complete(codes, known, seed=1)
+    assert torch.equal(completed[known], codes[known])
+    assert torch.equal(completed, model.complete(codes, known, seed=1, method="naive"))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_prior(num_classes=3)
+    model.save_pretrained(tmp_path / "prior")
+    loaded = GatedPixelCNN.from_pretrained(tmp_path / "prior")
+    codes = torch.randint(0, 11, (2, 5, 6))
+    assert loaded.config == model.config
+    assert torch.equal(loaded(codes, 1), model(codes, 1))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(torch.full((1, 5, 6), 11)), r"codes must lie in \[0, 11\)"),
+    (lambda m: m(torch.zeros(1, 4, 6, dtype=torch.long)), r"shape \(B, 5, 6\)"),
+    (lambda m: m.sample(1, labels=None), "class-conditional"),
+    (lambda m: m.sample(1, labels=3), r"labels must lie in \[0, 3\)"),
+    (lambda m: m.sample(1, labels=0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
+    (lambda m: m.sample(1, labels=0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
+    (lambda m: m.sample(1, labels=0, top_k=0), "top_k must be at least 1"),
+    (lambda m: m.sample(1, labels=0, temperature=0), "temperature must be positive"),
+    (lambda m: m.sample(0, labels=0), "at least 1"),
+    (lambda m: m.complete(torch.zeros(1, 5, 6, dtype=torch.long), torch.zeros(1, 5, 5, dtype=torch.bool), labels=0),
+     "known_mask must have the shape"),
+])
+def test_api_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_prior(num_classes=3))
+
+
+def test_unconditional_refuses_labels():
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny_prior().sample(1, labels=0)
+
+
+PRIOR_FLAGS = ["--hidden-channels", "16", "--num-layers", "4", "--batch-size", "32", "--warmup-steps", "2",
+               "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_codes(tiny_tokenizer, tmp_path_factory):
+    from stage1_vqvae.export import export
+
+    root = tmp_path_factory.mktemp("codes")
+    export(["--tokenizer", str(tiny_tokenizer), "--output", str(root / "train"), "--no-progress"])
+    return root / "train"
+
+
+def test_train_and_resume(tiny_codes, tmp_path):
+    flags = ["--codes", str(tiny_codes), "--save-every", "4", "--eval-every", "4", "--sample-every", "4", *PRIOR_FLAGS]
+    metrics = train(["--output-dir", str(tmp_path / "straight"), "--max-steps", "8", *flags])
+    assert {"bits_per_code", "top1_accuracy", "unigram_entropy_bits"} <= set(metrics)
+    prior = GatedPixelCNN.from_pretrained(tmp_path / "straight")
+    assert prior.config.num_classes == 10 and prior.config.vocab_size == 32 and prior.config.latent_shape == (4, 4)
+    assert (tmp_path / "straight" / "samples" / "samples_00000008.png").is_file()  # tokenizer found via codes.json
+    train(["--output-dir", str(tmp_path / "resumed"), "--max-steps", "8", *flags])
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000008")
+    (tmp_path / "resumed" / "model.safetensors").unlink()
+    (tmp_path / "resumed" / "config.json").unlink()
+    train(["--output-dir", str(tmp_path / "resumed"), "--max-steps", "8", "--resume", *flags])
+    assert (tmp_path / "straight" / "model.safetensors").read_bytes() == \
+        (tmp_path / "resumed" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["missing_codes", "not_codes", "out_of_range", "tokenizer_mismatch",
+                                  "trained_output"])
+def test_train_bad_input(case, tiny_codes, tmp_path, capsys):
+    codes, extra, output = str(tiny_codes), [], tmp_path / "out"
+    if case == "missing_codes":
+        codes = str(tmp_path / "nothing")
+    elif case == "not_codes":
+        (tmp_path / "plain").mkdir()
+        codes = str(tmp_path / "plain")
+    elif case == "out_of_range":
+        shutil.copytree(tiny_codes, tmp_path / "edited")
+        meta = json.loads((tmp_path / "edited" / "codes.json").read_text())
+        meta["vocab_size"] = 4  # the stored codes reach 31
+        (tmp_path / "edited" / "codes.json").write_text(json.dumps(meta))
+        codes = str(tmp_path / "edited")
+    elif case == "tokenizer_mismatch":
+        from stage1_vqvae import VQVAE, VQVAEConfig
+
+        VQVAE(VQVAEConfig(image_size=16, codebook_size=64)).save_pretrained(tmp_path / "other_tok")
+        extra = ["--tokenizer", str(tmp_path / "other_tok")]
+    elif case == "trained_output":
+        train(["--codes", codes, "--output-dir", str(output), "--max-steps", "1", *PRIOR_FLAGS])
+    before = tree_digest(output)
+    code = train_main(["--codes", codes, "--output-dir", str(output), "--max-steps", "2", *PRIOR_FLAGS, *extra])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and error[0].startswith("error: ")
+    assert tree_digest(output) == before
