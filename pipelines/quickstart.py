@@ -30,7 +30,8 @@ PARTS = ("tokenizer", "codes", "prior", "pipeline", "samples.png", "reconstructi
 # (tokenizer flags, prior flags): the full recipe, and a seconds-long one for tests.
 RECIPES = {
     "full": (["--max-steps", "1000", "--codebook-size", "256"],
-             ["--max-steps", "2000", "--eval-every", "500", "--save-every", "500", "--sample-every", "500"]),
+             ["--max-steps", "800", "--num-layers", "10", "--dropout", "0.25", "--warmup-steps", "50",
+              "--eval-every", "400", "--save-every", "400", "--sample-every", "400"]),
     "fast": (["--max-steps", "30", "--image-size", "16", "--hidden-channels", "16", "--latent-channels", "8",
               "--num-res-blocks", "1", "--codebook-size", "32", "--eval-every", "30", "--save-every", "30"],
              ["--max-steps", "20", "--hidden-channels", "16", "--num-layers", "4", "--eval-every", "20",

@@ -196,6 +196,15 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def read_image(self, value: Any, index: int) -> Image.Image:
         """Decode one stored image and check its channel count, naming the row and file on failure."""
+        image, where = self.decode(value, index)
+        found = channels_of(image)
+        if found != self.channels:
+            raise UserError(f"the image at {where} has {found} channel{'s' * (found > 1)}, expected "
+                            f"{self.channels}; {self.channels_fix.format(found=found)}")
+        return image.convert("L" if found == 1 else "RGB")
+
+    def decode(self, value: Any, index: int) -> tuple[Image.Image, str]:
+        """The stored image of row `index` as a PIL image, and a description of where it is."""
         where = f"row {index} of {self.source.description} [{self.split}]"
         if isinstance(value, dict):
             where += f" ({value.get('path')})" if value.get("path") else ""
@@ -205,28 +214,15 @@ class ImageDataset(torch.utils.data.Dataset):
             except (UnidentifiedImageError, OSError, ValueError, TypeError) as error:
                 raise UserError(f"cannot read the image at {where}: {_first_line(error)}; "
                                 "remove or replace that file") from None
-        elif isinstance(value, Image.Image):
-            image = value
-        else:
-            image = Image.fromarray(np.asarray(value))
-        found = 1 if image.mode in GREY_MODES else 3
-        if found != self.channels:
-            raise UserError(f"the image at {where} has {found} channel{'s' * (found > 1)}, expected "
-                            f"{self.channels}; {self.channels_fix.format(found=found)}")
-        return image.convert("L" if found == 1 else "RGB")
+            return image, where
+        if isinstance(value, Image.Image):
+            return value, where
+        return Image.fromarray(np.asarray(value)), where
 
-    def first_image_channels(self) -> int:
-        value = self.rows[0][self.source.image_column]
-        saved, self.channels = self.channels, 0
-        try:
-            self.read_image(value, 0)
-        except UserError as error:
-            if "channel" not in str(error):
-                raise
-            return 1 if " has 1 channel," in str(error) else 3
-        finally:
-            self.channels = saved
-        return 1
+
+def channels_of(image: Image.Image) -> int:
+    """1 for grey modes, 3 for colour ones (an alpha channel is dropped)."""
+    return 1 if image.mode in GREY_MODES else 3
 
 
 def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
@@ -289,7 +285,7 @@ def _make_dataset(source: Source, split: str, rows: Any, config: DataConfig) -> 
         raise UserError(f"--image-size must be positive, got {config.image_size}")
     dataset = ImageDataset(source, split, rows, config.image_size, config.channels or 0)
     if config.channels is None:
-        dataset.channels = dataset.first_image_channels()
+        dataset.channels = channels_of(dataset.decode(rows[0][source.image_column], 0)[0])
     elif config.channels not in (1, 3):
         raise UserError(f"--channels must be 1 or 3, got {config.channels}")
     return dataset

@@ -6,7 +6,6 @@ atomically, weights first, so a reader never sees a config that points at missin
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -120,6 +119,3 @@ def file_sha256(path: str | os.PathLike) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def replace_config(config: Any, **changes: Any) -> Any:
-    return dataclasses.replace(config, **changes)

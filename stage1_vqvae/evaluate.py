@@ -44,7 +44,11 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, float]:
     except UserError as missing:
         print(f"note: LPIPS skipped: {missing}", file=sys.stderr)
         perceptual = None
-    metrics = reconstruction_metrics(tokenizer, dataset, args.batch_size, torch.device("cpu"), perceptual=perceptual,
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer.to(device)
+    if perceptual is not None:
+        perceptual.to(device)
+    metrics = reconstruction_metrics(tokenizer, dataset, args.batch_size, device, perceptual=perceptual,
                                      with_ssim=True)
     result = {"tokenizer": str(args.tokenizer), "dataset": args.dataset, "split": args.split,
               "num_images": len(dataset), **metrics}

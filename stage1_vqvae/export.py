@@ -87,6 +87,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
                 "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
                 "label_column": dataset.source.label_column})
     job = {"metadata": metadata.to_json(), "chunk_rows": args.chunk_rows}
+    created_staging = not staging.exists()
     if accelerator.is_main_process:
         _prepare_staging(staging, job)
     accelerator.wait_for_everyone()
@@ -95,10 +96,16 @@ def export(argv: Sequence[str] | None = None) -> dict:
     mine = [chunk for index, chunk in enumerate(chunks) if index % accelerator.num_processes == accelerator.process_index]
     todo = [chunk for chunk in mine if not _chunk_path(staging, chunk).exists()]
     started = time.perf_counter()
-    _encode_chunks(tokenizer, dataset, todo, staging, np.dtype(metadata.dtype), args.batch_size, accelerator.device,
-                   progress=args.progress and accelerator.is_main_process,
-                   total=sum(len(chunk) for chunk in mine), done=sum(len(chunk) for chunk in mine if chunk not in todo),
-                   num_processes=accelerator.num_processes)
+    try:
+        _encode_chunks(tokenizer, dataset, todo, staging, np.dtype(metadata.dtype), args.batch_size,
+                       accelerator.device, progress=args.progress and accelerator.is_main_process,
+                       total=sum(len(chunk) for chunk in mine),
+                       done=sum(len(chunk) for chunk in mine if chunk not in todo),
+                       num_processes=accelerator.num_processes)
+    except UserError:
+        if created_staging:  # a bad image: leave the disk as it was (a resumed job keeps its earlier chunks)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         missing = [chunk for chunk in chunks if not _chunk_path(staging, chunk).exists()]

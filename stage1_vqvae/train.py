@@ -91,7 +91,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         with torch.no_grad():
             unwrapped = session.unwrapped_model.eval()
             reconstructions = unwrapped(originals.to(session.device)).reconstruction.cpu()
-        rows = torch.stack([originals.view(-1, 8, *originals.shape[1:]), reconstructions.view(-1, 8, *originals.shape[1:])], 1)
+        row_shape = (-1, 8, *originals.shape[1:])  # rows of 8: originals, then their reconstructions
+        rows = torch.stack([originals.view(row_shape), reconstructions.view(row_shape)], 1)
         save_image_grid(rows.flatten(0, 2), session.output_dir / "samples" / f"reconstructions_{step:08d}.png", nrow=8)
 
     metrics = session.run(start_step, compute_loss, evaluate, on_eval=save_reconstructions)

@@ -20,6 +20,7 @@ class PriorConfig:
     num_layers: int = option(15, "gated blocks (or masked-conv layers for arch pixelcnn)")
     kernel_size: int = option(3, "odd filter size of the stacks")
     arch: Literal["gated", "pixelcnn"] = option("gated", "gated: Gated PixelCNN; pixelcnn: the original masked stack")
+    dropout: float = option(0.1, "dropout on each block's gated output, in training only (code datasets are small)")
 
     def __post_init__(self) -> None:
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
@@ -28,6 +29,8 @@ class PriorConfig:
             raise UserError("vocab_size >= 2, num_layers >= 1 and hidden_channels >= 1 are required")
         if len(self.latent_shape) != 2 or min(self.latent_shape) < 1:
             raise UserError(f"latent_shape must be (h, w) with h, w >= 1, got {self.latent_shape}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
             raise UserError(f"num_classes must be None or at least 1, got {self.num_classes}")
 

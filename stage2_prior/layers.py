@@ -53,9 +53,11 @@ class GatedBlock(nn.Module):
     column right (horizontal), so that it too sees only what lies before (i, j).
     """
 
-    def __init__(self, channels: int, kernel_size: int, num_classes: int | None, first: bool) -> None:
+    def __init__(self, channels: int, kernel_size: int, num_classes: int | None, first: bool,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         half = kernel_size // 2
+        self.dropout = dropout
         self.half = half
         self.first = first
         self.vertical = nn.Conv2d(channels, 2 * channels, (half + 1, kernel_size))
@@ -77,7 +79,8 @@ class GatedBlock(nn.Module):
             bias = self.class_bias(labels)[:, :, None, None]  # (B, 2C, 1, 1)
             vertical_pre, horizontal_pre = vertical_pre + bias, horizontal_pre + bias
         vertical_out = gate(vertical_pre)  # (B, C, h, w)
-        residual, skip = self.horizontal_out(gate(horizontal_pre)).chunk(2, dim=1)  # 2 x (B, C, h, w)
+        gated = F.dropout(gate(horizontal_pre), self.dropout, self.training)  # (B, C, h, w)
+        residual, skip = self.horizontal_out(gated).chunk(2, dim=1)  # 2 x (B, C, h, w)
         horizontal_out = residual if self.first else horizontal + residual
         return vertical_out, horizontal_out, skip
 
@@ -91,8 +94,9 @@ def gate(x: torch.Tensor) -> torch.Tensor:
 class MaskedResidualBlock(nn.Module):
     """The plain PixelCNN layer: relu -> masked 'B' conv -> relu -> 1x1, added to its input."""
 
-    def __init__(self, channels: int, kernel_size: int, num_classes: int | None) -> None:
+    def __init__(self, channels: int, kernel_size: int, num_classes: int | None, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = dropout
         self.conv = MaskedConv2d(channels, channels, kernel_size, "B")
         self.out = nn.Conv2d(channels, channels, 1)
         self.class_bias = nn.Embedding(num_classes, channels) if num_classes else None
@@ -101,4 +105,4 @@ class MaskedResidualBlock(nn.Module):
         hidden = self.conv(F.relu(x))
         if self.class_bias is not None:
             hidden = hidden + self.class_bias(labels)[:, :, None, None]
-        return x + self.out(F.relu(hidden))
+        return x + self.out(F.dropout(F.relu(hidden), self.dropout, self.training))

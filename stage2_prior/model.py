@@ -25,11 +25,12 @@ class GatedPixelCNN(PretrainedModel):
         channels = config.hidden_channels
         self.embedding = nn.Embedding(config.vocab_size, channels)
         if config.arch == "gated":
-            self.blocks = nn.ModuleList(GatedBlock(channels, config.kernel_size, config.num_classes, first=index == 0)
+            self.blocks = nn.ModuleList(GatedBlock(channels, config.kernel_size, config.num_classes, first=index == 0,
+                                                   dropout=config.dropout)
                                         for index in range(config.num_layers))
         else:
             self.first = MaskedConv2d(channels, channels, config.kernel_size, "A")
-            self.blocks = nn.ModuleList(MaskedResidualBlock(channels, config.kernel_size, config.num_classes)
+            self.blocks = nn.ModuleList(MaskedResidualBlock(channels, config.kernel_size, config.num_classes, config.dropout)
                                         for _ in range(config.num_layers - 1))
         self.head_hidden = nn.Conv2d(channels, channels, 1)
         self.head_out = nn.Conv2d(channels, config.vocab_size, 1)
