@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -99,7 +98,8 @@ class Pipeline:
     # Generation
     # ------------------------------------------------------------------------------------------
 
-    def resolve_labels(self, num_images: int, labels: int | list[int] | torch.Tensor | None, seed: int) -> torch.Tensor | None:
+    def resolve_labels(self, num_images: int, labels: int | list[int] | torch.Tensor | None,
+                       seed: int) -> torch.Tensor | None:
         """Labels (num_images,) for a conditional prior; None for an unconditional one."""
         num_classes = self.prior.config.num_classes
         if labels is None:

@@ -2,7 +2,7 @@
 `python -m pipelines.quickstart --output-dir runs/quickstart`.
 
 Trains the tokenizer, exports the codes, trains a class-conditional prior, saves a pipeline, and
-writes samples.png (one row per digit) and reconstructions.png. About 5 minutes on 2 CPU cores.
+writes samples.png (one row per digit) and reconstructions.png. About 4 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     test_set = load_split(DataConfig(dataset="digits", split="test", image_size=pipeline.tokenizer.config.image_size))
     originals = torch.stack([test_set[index][0] for index in range(SAMPLES_PER_CLASS * 2)])
     reconstructions = pipeline.reconstruct(originals).cpu()
-    pairs = torch.stack([originals.view(2, SAMPLES_PER_CLASS, *originals.shape[1:]),
-                         reconstructions.view(2, SAMPLES_PER_CLASS, *originals.shape[1:])], 1)  # original row, then its reconstruction
+    row_shape = (2, SAMPLES_PER_CLASS, *originals.shape[1:])  # a row of originals, then their reconstructions
+    pairs = torch.stack([originals.view(row_shape), reconstructions.view(row_shape)], 1)
     save_image_grid(pairs.flatten(0, 2), output / "reconstructions.png", nrow=SAMPLES_PER_CLASS)
 
     summary = {
@@ -97,7 +97,8 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     print(f"\nDone in {summary['seconds']:.0f} s. Pipeline: {output / 'pipeline'}\n"
           f"  samples: {output / 'samples.png'} (one row per digit 0-9)\n"
           f"  reconstructions: {output / 'reconstructions.png'} (originals above reconstructions)\n"
-          f"  tokenizer: PSNR {tokenizer_metrics['psnr']:.1f} dB, codebook usage {tokenizer_metrics['codebook_usage']:.1f}%\n"
+          f"  tokenizer: PSNR {tokenizer_metrics['psnr']:.1f} dB, "
+          f"codebook usage {tokenizer_metrics['codebook_usage']:.1f}%\n"
           f"  prior: {prior_metrics['bits_per_code']:.2f} bits per code "
           f"(unigram entropy {prior_metrics['unigram_entropy_bits']:.2f})", file=sys.stderr)
     print(json.dumps(summary))

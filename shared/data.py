@@ -76,7 +76,7 @@ def open_source(dataset: str, image_column: str | None = None, label_column: str
     if path.is_file():
         raise UserError(f"--dataset {dataset} is a file; pass a folder of images, a save_to_disk folder or 'digits'")
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
             try:
                 loaded = datasets.load_from_disk(str(path))
             except Exception as error:  # datasets raises several types for a broken folder

@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(parser(), argv)
     tokenizer = VQVAE.from_pretrained(args.tokenizer)
-    data_config = DataConfig(dataset=args.dataset, split=args.split, image_size=args.image_size or tokenizer.config.image_size,
+    data_config = DataConfig(dataset=args.dataset, split=args.split,
+                             image_size=args.image_size or tokenizer.config.image_size,
                              channels=tokenizer.config.in_channels, image_column=args.image_column,
                              label_column=args.label_column)
     dataset = load_split(data_config)

@@ -57,7 +57,8 @@ def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, C
         tokenizer = VQVAE.from_pretrained(found)
     if config.validation_codes:
         validation, validation_meta = open_codes(config.validation_codes)
-        if (validation_meta.vocab_size, tuple(validation_meta.latent_shape)) != (metadata.vocab_size, tuple(metadata.latent_shape)):
+        shape_of = lambda meta: (meta.vocab_size, tuple(meta.latent_shape))  # noqa: E731
+        if shape_of(validation_meta) != shape_of(metadata):
             raise UserError(f"--validation-codes {config.validation_codes} do not match --codes (vocab size or grid); "
                             "export both with the same tokenizer")
         return codes, validation, metadata, tokenizer
