@@ -25,6 +25,9 @@ from stage2_prior.model import GatedPixelCNN
 PIPELINE_NAME = "pipeline.json"
 PIPELINE_FORMAT_VERSION = 1
 OUTPUT_TYPES = ("pil", "pt", "np")
+# generate() decodes in padded chunks of this fixed size: convolution kernels may round differently
+# for different batch sizes, and a fixed size keeps images bit-identical for any batch_size or split.
+DECODE_CHUNK = 16
 
 
 @dataclass
@@ -140,7 +143,7 @@ class Pipeline:
                 with torch.inference_mode():
                     codes = self.prior.sample(count, labels=batch_labels, temperature=temperature, top_k=top_k,
                                               top_p=top_p, seed=seed, sample_offset=first_index + start)
-                    images = self.tokenizer.decode(codes.to(self.device))
+                    images = self.decode_in_fixed_chunks(codes.to(self.device))
                 bar.update(count)
                 yield images.float().add(1).div(2).clamp(0, 1).cpu(), codes.cpu()
 
@@ -184,6 +187,18 @@ class Pipeline:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) -> images (B, C, H, W) in [-1, 1]."""
         return self.tokenizer.decode(codes.to(self.device))
+
+    @torch.inference_mode()
+    def decode_in_fixed_chunks(self, codes: torch.Tensor) -> torch.Tensor:
+        """decode(), always on batches of DECODE_CHUNK (the last one padded): results do not depend on len(codes)."""
+        parts = []
+        for start in range(0, len(codes), DECODE_CHUNK):
+            chunk = codes[start:start + DECODE_CHUNK]
+            padding = DECODE_CHUNK - len(chunk)
+            if padding:
+                chunk = torch.cat([chunk, chunk[:1].expand(padding, *chunk.shape[1:])])
+            parts.append(self.tokenizer.decode(chunk)[:DECODE_CHUNK - padding])
+        return torch.cat(parts)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """decode(encode(images)): images (B, C, H, W) in [-1, 1]."""

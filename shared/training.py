@@ -34,7 +34,7 @@ CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG_NAME = "train_config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 # Settings that may change on --resume without making it a different run.
-RESUMABLE_CHANGES = frozenset({"max_steps", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
+RESUMABLE_CHANGES = frozenset({"output_dir", "tokenizer", "max_steps", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
                                "log_every", "report_to", "skip_nonfinite", "sample_every", "progress"})
 
 
@@ -281,8 +281,9 @@ class TrainingSession:
                     kept = f"the last good checkpoint is {good[0][1]}" if good else "no checkpoint was written yet"
                     raise TrainingStopped(f"the loss became {loss_value.item()} at step {step + 1}; {kept}; lower "
                                           "--learning-rate and --resume, or pass --skip-nonfinite to skip such steps")
-                for buffer, saved in zip(self.model.buffers(), buffers):
-                    buffer.copy_(saved)  # the EMA codebook saw the bad batch: undo that too
+                with torch.no_grad():
+                    for buffer, saved in zip(self.model.buffers(), buffers):
+                        buffer.copy_(saved)  # the EMA codebook saw the bad batch: undo that too
                 self.skipped_steps += 1
                 self.print(f"warning: skipped step {step + 1}: loss {loss_value.item()} ({self.skipped_steps} skipped)")
             else:

@@ -175,9 +175,10 @@ def test_command_bad_input(case, shared_parts, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     where = Where(tmp=tmp_path, **shared_parts)
     case.setup(where)
+    argv = case.argv(where)  # may build input folders too: before the snapshot
     watched = [tmp_path, *shared_parts.values()]
     before = [tree_digest(path) for path in watched]
-    code = case.command(case.argv(where))
+    code = case.command(argv)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err[-2000:]
