@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from PIL import Image
 
 from shared.config import read_json, write_json_atomic
 from shared.errors import UserError
+from shared.pretrained import staged_folder
 from stage1_vqvae.model import VQVAE
 from stage2_prior.model import GatedPixelCNN
 
@@ -58,17 +57,12 @@ class Pipeline:
         directory = Path(directory)
         if directory.exists():
             raise UserError(f"{directory} already exists; remove it or choose another folder")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with staged_folder(directory) as staging:
             self.tokenizer.save_pretrained(staging / "tokenizer")
             self.prior.save_pretrained(staging / "prior")
-            write_json_atomic(staging / PIPELINE_NAME, {"_class_name": "Pipeline", "format_version": PIPELINE_FORMAT_VERSION,
+            write_json_atomic(staging / PIPELINE_NAME, {"_class_name": "Pipeline",
+                                                        "format_version": PIPELINE_FORMAT_VERSION,
                                                         "tokenizer": "tokenizer", "prior": "prior"})
-            os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -6,10 +6,12 @@ atomically, weights first, so a reader never sees a config that points at missin
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -49,15 +51,9 @@ class PretrainedModel(torch.nn.Module):
             write_weights_atomic(directory / WEIGHTS_NAME, weights)
             write_json_atomic(directory / CONFIG_NAME, config_values)
             return directory
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with staged_folder(directory) as staging:
             write_weights_atomic(staging / WEIGHTS_NAME, weights)
             write_json_atomic(staging / CONFIG_NAME, config_values)
-            os.replace(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
@@ -72,6 +68,20 @@ class PretrainedModel(torch.nn.Module):
             raise UserError(f"{Path(directory) / WEIGHTS_NAME} does not match its config.json ({problem}); "
                             "re-save the model with this version of vqprior")
         return model.eval()
+
+
+@contextlib.contextmanager
+def staged_folder(directory: Path) -> Iterator[Path]:
+    """Build a new folder under a temporary name beside `directory`; rename it into place only when
+    the block succeeds, so `directory` never exists half-written."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield staging
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def load_pretrained_config(cls: type[PretrainedModel], directory: str | os.PathLike) -> Any:
