@@ -141,3 +141,29 @@ def test_cli_subprocess_exit_code_and_one_line(tmp_path):
     result = run_module("stage1_vqvae.evaluate", "--tokenizer", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "is not a folder" in result.stderr
+
+
+def test_bf16_accumulation_and_tensorboard_logs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = train(["--output-dir", str(tmp_path / "run"), "--max-steps", "4", "--eval-every", "2", "--log-every", "1",
+                     "--save-every", "4", "--mixed-precision", "bf16", "--gradient-accumulation-steps", "2",
+                     "--report-to", "tensorboard", *TINY_TOKENIZER_FLAGS])
+    assert metrics["psnr"] > 0
+    event_files = sorted((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    tags = set()
+    for path in event_files:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/usage", "validation/psnr", "validation/codebook_usage"} <= tags
+    steps = [event.step for path in event_files for event in _scalars(path, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4]
+
+
+def _scalars(path, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path))
+    accumulator.Reload()
+    return accumulator.Scalars(tag) if tag in accumulator.Tags()["scalars"] else []
