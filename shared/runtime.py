@@ -25,7 +25,12 @@ def make_accelerator(**kwargs):
     """
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     if launched_world_size() > 1 and not torch.cuda.is_available():
         kwargs.setdefault("cpu", True)
+    # Accelerate keeps one state per process and refuses new settings (another --mixed-precision, say)
+    # for a second run in the same process (a notebook, the quickstart). Each run here starts its own
+    # state; the process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(**kwargs)

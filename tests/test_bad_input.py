@@ -172,7 +172,12 @@ def shared_parts(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("case", COMMAND_CASES, ids=lambda case: f"{case.command.__module__.split('.')[0]}: {case.name}")
 def test_command_bad_input(case, shared_parts, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty cache: LPIPS weights are missing
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # offline, as on a machine without network (both libraries read HF_HUB_OFFLINE once, at import)
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     where = Where(tmp=tmp_path, **shared_parts)
     case.setup(where)
     argv = case.argv(where)  # may build input folders too: before the snapshot
