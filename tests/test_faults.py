@@ -64,6 +64,7 @@ def test_sigkill_and_resume_is_bitwise_identical(kill_point, straight_run, tmp_p
     command = [sys.executable, "-m", *STAGE1, "--output-dir", str(output)]
     if kill_point == "during_checkpoint_write":
         kill_when(command, checkpoint_being_written(output, after_step=4))
+        assert list((output / "checkpoints").glob(".step_*.tmp")), "the kill should land mid-write"
     else:
         kill_when(command, checkpoint_exists(output, int(kill_point.rsplit("_", 1)[1])))
     assert not (output / "model.safetensors").exists(), "killed before the end"
