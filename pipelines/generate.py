@@ -52,7 +52,9 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     output = Path(args.output_dir)
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output-dir {output} is a file; pass a folder")
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise UserError(f"{output} is not empty; pass --overwrite or choose another --output-dir")
     accelerator = make_accelerator()
     pipeline = Pipeline.from_pretrained(args.pipeline, device=accelerator.device)

@@ -94,7 +94,10 @@ def write_json_atomic(path: str | os.PathLike, values: dict[str, Any]) -> None:
     """Write JSON to a temporary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(values, indent=2, sort_keys=False) + "\n")
+    with open(temporary, "w") as handle:
+        handle.write(json.dumps(values, indent=2, sort_keys=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 

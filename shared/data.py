@@ -71,6 +71,8 @@ def open_source(dataset: str, image_column: str | None = None, label_column: str
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     if dataset == DIGITS:
+        if image_column or label_column:
+            raise UserError("--image-column and --label-column do not apply to --dataset digits; drop them")
         return _digits_source()
     path = Path(dataset).expanduser()
     if path.is_file():
@@ -122,17 +124,36 @@ def _wrap(description: str, loaded: Any, image_column: str | None, label_column:
     elif image_column not in features:
         raise UserError(f"{description} has no column {image_column!r} (columns: {', '.join(features)}); "
                         "fix --image-column")
+    elif not _holds_images(features[image_column]):
+        raise UserError(f"column {image_column!r} of {description} does not hold images "
+                        f"({type(features[image_column]).__name__}); fix --image-column")
     if label_column is None:
         label_column = "label" if "label" in features else None
     elif label_column not in features:
         raise UserError(f"{description} has no column {label_column!r} (columns: {', '.join(features)}); "
                         "fix --label-column")
+    if label_column is not None and not _holds_class_ids(features[label_column]):
+        raise UserError(f"column {label_column!r} of {description} does not hold integer class ids "
+                        f"({features[label_column]}); pick a ClassLabel or integer column with --label-column")
     label_names = None
     if label_column is not None and isinstance(features[label_column], datasets.ClassLabel):
         label_names = list(features[label_column].names)
     if isinstance(features[image_column], datasets.Image):
         splits = {name: split.cast_column(image_column, datasets.Image(decode=False)) for name, split in splits.items()}
     return Source(description, splits, image_column, label_column, label_names)
+
+
+def _holds_images(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, (datasets.Image, datasets.Array2D, datasets.Array3D, datasets.Sequence, list))
+
+
+def _holds_class_ids(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,7 +200,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.rows = rows  # a datasets.Dataset
         self.image_size = image_size
         self.channels = channels
-        self.channels_fix = "pass --channels {found}"  # what to tell the user when an image disagrees
+        # what to tell the user when an image disagrees with the expected channel count
+        self.channels_fix = ("pass --channels {found} if every image has {found}; a folder that mixes grey and "
+                             "colour images must be converted to one mode first")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -191,8 +214,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.rows[int(index)]
         image = preprocess(self.read_image(row[self.source.image_column], index), self.image_size)
-        label = int(row[self.source.label_column]) if self.has_labels else -1
-        return image, label
+        label = -1
+        if self.has_labels:
+            label = row[self.source.label_column]
+            if label is None or label < 0:
+                raise UserError(f"row {index} of {self.source.description} [{self.split}] has no class label "
+                                f"({label!r}); fill it in or train without --label-column")
+        return image, int(label)
 
     def read_image(self, value: Any, index: int) -> Image.Image:
         """Decode one stored image and check its channel count, naming the row and file on failure."""

@@ -108,7 +108,14 @@ def load_pretrained_config(cls: type[PretrainedModel], directory: str | os.PathL
 def write_weights_atomic(path: Path, weights: dict[str, torch.Tensor]) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(weights, str(temporary), metadata={"format": "pt"})
+    fsync_file(temporary)
     os.replace(temporary, path)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk, so that a rename after it never publishes an empty file."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

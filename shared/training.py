@@ -28,14 +28,15 @@ import torch
 from shared.config import config_to_dict, option, read_json, write_json_atomic
 from shared.errors import TrainingStopped, UserError
 from shared.runtime import make_accelerator
-from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME, file_sha256, fsync_file
 
 CHECKPOINTS = "checkpoints"
 TRAIN_CONFIG_NAME = "train_config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 # Settings that may change on --resume without making it a different run.
-RESUMABLE_CHANGES = frozenset({"output_dir", "tokenizer", "max_steps", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
-                               "log_every", "report_to", "skip_nonfinite", "sample_every", "progress"})
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "tokenizer", "max_steps", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
+    "log_every", "report_to", "skip_nonfinite", "sample_every", "progress"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,22 +202,46 @@ class TrainingSession:
     # -------------------------------------------------------------------------------------------
 
     def restore(self) -> int:
-        """With --resume: load the newest good checkpoint and return its step; else 0."""
+        """With --resume: load the newest good checkpoint and return its step; else 0.
+
+        Checkpoints that are incomplete or corrupt are reported and renamed `corrupt_step_N` (kept,
+        never deleted), so they neither shadow nor rotate out the checkpoints written from now on.
+        """
         if not self.config.resume:
             return 0
+        rejected: list[Path] = []
+        loaded_step, attempted_load = None, False
         for step, path in list_checkpoints(self.output_dir):
             problem = verify_checkpoint(path)
             if problem is None:
+                state = json.loads((path / TRAINER_STATE_NAME).read_text())
+                written_by = int(state.get("num_processes", 1))
+                if written_by != self.accelerator.num_processes:
+                    raise UserError(f"{path} was written by {written_by} process(es), this run has "
+                                    f"{self.accelerator.num_processes}: the data order and RNG streams would differ; "
+                                    f"resume with {written_by} process(es)")
+                attempted_load = True
                 try:
                     self.accelerator.load_state(str(path))
-                except Exception as error:  # a checkpoint that verifies but does not load: try the previous
+                except Exception as error:  # verified but does not load: try the previous one
                     problem = f"it does not load ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
             if problem is None:
-                state = json.loads((path / TRAINER_STATE_NAME).read_text())
                 self.skipped_steps = int(state.get("skipped_steps", 0))
+                loaded_step = step
                 self.print(f"resumed from {path} (step {step})")
-                return step
+                break
             self.print(f"warning: skipping checkpoint {path}: {problem}; trying the previous one")
+            rejected.append(path)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            for path in rejected:
+                os.replace(path, path.with_name(f"corrupt_{path.name}"))
+        self.accelerator.wait_for_everyone()
+        if loaded_step is not None:
+            return loaded_step
+        if attempted_load:  # a failed load may have half-restored the model: starting over from it is unsafe
+            raise UserError(f"no checkpoint in {self.output_dir / CHECKPOINTS} could be loaded; "
+                            "start a new --output-dir (or pass --overwrite instead of --resume)")
         self.print(f"no usable checkpoint in {self.output_dir / CHECKPOINTS}; starting from step 0")
         return 0
 
@@ -231,8 +256,12 @@ class TrainingSession:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             hashes = {file.name: file_sha256(file) for file in sorted(staging.iterdir()) if file.is_file()}
+            for file in staging.iterdir():
+                if file.is_file():
+                    fsync_file(file)
             write_json_atomic(staging / TRAINER_STATE_NAME,
-                              {"step": step, "skipped_steps": self.skipped_steps, "sha256": hashes})
+                              {"step": step, "skipped_steps": self.skipped_steps,
+                               "num_processes": self.accelerator.num_processes, "sha256": hashes})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
             for _, old in list_checkpoints(self.output_dir)[self.config.keep_checkpoints:]:
@@ -279,8 +308,9 @@ class TrainingSession:
                     bar.close()
                     good = list_checkpoints(self.output_dir)
                     kept = f"the last good checkpoint is {good[0][1]}" if good else "no checkpoint was written yet"
-                    raise TrainingStopped(f"the loss became {loss_value.item()} at step {step + 1}; {kept}; lower "
-                                          "--learning-rate and --resume, or pass --skip-nonfinite to skip such steps")
+                    raise TrainingStopped(f"the loss became {loss_value.item()} at step {step + 1}; {kept}; --resume "
+                                          "with --skip-nonfinite to skip such steps, or start a new --output-dir "
+                                          "with a lower --learning-rate")
                 with torch.no_grad():
                     for buffer, saved in zip(self.model.buffers(), buffers):
                         buffer.copy_(saved)  # the EMA codebook saw the bad batch: undo that too

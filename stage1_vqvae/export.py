@@ -94,7 +94,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
 
     chunks = [range(start, min(start + args.chunk_rows, len(dataset))) for start in range(0, len(dataset), args.chunk_rows)]
     mine = [chunk for index, chunk in enumerate(chunks) if index % accelerator.num_processes == accelerator.process_index]
-    todo = [chunk for chunk in mine if not _chunk_path(staging, chunk).exists()]
+    todo = [chunk for chunk in mine if not _chunk_is_complete(staging, chunk)]
     started = time.perf_counter()
     try:
         _encode_chunks(tokenizer, dataset, todo, staging, np.dtype(metadata.dtype), args.batch_size,
@@ -103,12 +103,13 @@ def export(argv: Sequence[str] | None = None) -> dict:
                        done=sum(len(chunk) for chunk in mine if chunk not in todo),
                        num_processes=accelerator.num_processes)
     except UserError:
-        if created_staging:  # a bad image: leave the disk as it was (a resumed job keeps its earlier chunks)
+        # a bad image: leave the disk as it was (a resumed job keeps its earlier chunks)
+        if created_staging and accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        missing = [chunk for chunk in chunks if not _chunk_path(staging, chunk).exists()]
+        missing = [chunk for chunk in chunks if not _chunk_is_complete(staging, chunk)]
         if missing:
             raise UserError(f"{len(missing)} chunk(s) are missing in {staging}; run the export again to finish")
         assembled = staging / "assembled"
@@ -148,6 +149,18 @@ def _chunk_path(staging: Path, rows: range) -> Path:
     return staging / f"rows_{rows.start:010d}_{rows.stop:010d}.npz"
 
 
+def _chunk_is_complete(staging: Path, rows: range) -> bool:
+    """A staged chunk that exists and reads back with all its rows (a crash can leave an empty file)."""
+    path = _chunk_path(staging, rows)
+    if not path.is_file():
+        return False
+    try:
+        codes, labels = _read_chunk(staging, rows)
+    except (OSError, ValueError, KeyError, EOFError):
+        return False
+    return len(codes) == len(labels) == len(rows)
+
+
 def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range], staging: Path, dtype: np.dtype,
                    batch_size: int, device: torch.device, progress: bool, total: int, done: int,
                    num_processes: int) -> None:
@@ -165,7 +178,10 @@ def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range],
             bar.update(len(images) * num_processes)  # the other processes advance at the same pace
         path = _chunk_path(staging, rows)
         temporary = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(temporary, codes=np.concatenate(codes_parts), labels=np.asarray(labels, dtype=np.int64))
+        with open(temporary, "wb") as handle:
+            np.savez(handle, codes=np.concatenate(codes_parts), labels=np.asarray(labels, dtype=np.int64))
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename must never publish a chunk that is not on disk
         os.replace(temporary, path)
     bar.close()
 

@@ -84,7 +84,10 @@ def sample_codes(model, num_samples: int, labels, temperature: float, top_k: int
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # TF32 convolutions (cuDNN's default on recent GPUs) would round the naive sampler's logits
+        # differently from the cached sampler's fp32 matrix products; both use full fp32 instead.
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                                                 allow_tf32=False):
             if method == "naive":
                 return _sample_naive(model, labels, uniforms, known_codes.to(device).long(), known_mask.to(device),
                                      options)
@@ -127,13 +130,13 @@ class CachedSampler:
         model, channels, half = self.model, self.channels, self.half
         blocks = model.blocks
         batch, height, width = known_codes.shape
-        device = known_codes.device
+        device, dtype = known_codes.device, model.embedding.weight.dtype  # buffers match the model (bf16 too)
         codes = known_codes.clone()
-        all_logits = (torch.empty(batch, model.config.vocab_size, height, width, device=device)
+        all_logits = (torch.empty(batch, model.config.vocab_size, height, width, device=device, dtype=dtype)
                       if keep_logits else None)
         # Vertical inputs of every layer, padded as the full forward pads them: (B, C, half + h, half + w + half).
         # Layer 0's input is the embedded codes shifted one row down, so its row i holds code row i - 1.
-        vertical_inputs = [torch.zeros(batch, channels, half + height, width + 2 * half, device=device)
+        vertical_inputs = [torch.zeros(batch, channels, half + height, width + 2 * half, device=device, dtype=dtype)
                            for _ in blocks]
         class_biases = [block.class_bias(labels) if block.class_bias is not None else None for block in blocks]
         for row in range(height):
@@ -156,7 +159,8 @@ class CachedSampler:
                         gate(vertical_pre.transpose(1, 2))  # (B, C, w)
             # Horizontal inputs of every layer for this row, left-padded: (B, half + w, C), channel-last.
             # Layer 0's input is the embedded row shifted one column right.
-            horizontal_inputs = [torch.zeros(batch, half + width, channels, device=device) for _ in blocks]
+            horizontal_inputs = [torch.zeros(batch, half + width, channels, device=device, dtype=dtype)
+                                 for _ in blocks]
             for column in range(width):
                 skips = None
                 for index, block in enumerate(blocks):

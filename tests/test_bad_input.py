@@ -83,6 +83,17 @@ def gen(where: Where, *extra: str, pipeline: str | None = None) -> list[str]:
             "--num-images", "2", "--no-progress", *extra]
 
 
+def saved_dataset(where: Where) -> None:
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((8, 8), value, dtype=np.uint8)) for value in (0, 255)]
+    datasets.Dataset.from_dict({"image": images, "name": ["dark", "light"]},
+                               features=datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
+                               ).save_to_disk(str(where.tmp / "saved"))
+
+
 def mismatched_tokenizer(where: Where) -> None:
     VQVAE(VQVAEConfig(image_size=16, codebook_size=64)).save_pretrained(where.tmp / "other_tok")
 
@@ -114,6 +125,13 @@ COMMAND_CASES = [
     Case(tokenizer_main, "unknown flag value", lambda w: tok(w, "--mixed-precision", "fp8"), "invalid choice"),
     Case(tokenizer_main, "lpips weights missing offline", lambda w: tok(w, "--perceptual-weight", "0.1"),
          r"alexnet-owt-.*hub/checkpoints.*--perceptual-weight 0"),
+    Case(tokenizer_main, "label column of text", lambda w: tok(w, "--label-column", "name", dataset=str(w.tmp / "saved")),
+         "does not hold integer class ids", setup=lambda w: saved_dataset(w)),
+    Case(tokenizer_main, "image column without images", lambda w: tok(w, "--image-column", "name",
+                                                                       dataset=str(w.tmp / "saved")),
+         "does not hold images", setup=lambda w: saved_dataset(w)),
+    Case(tokenizer_main, "column flags with digits", lambda w: tok(w, "--label-column", "kind"),
+         "do not apply to --dataset digits"),
     Case(tokenizer_main, "fsq levels disagree", lambda w: tok(w, "--quantizer", "fsq", "--codebook-size", "100"),
          "product of --fsq-levels"),
     # export
@@ -154,6 +172,8 @@ COMMAND_CASES = [
     Case(generate_main, "top-k below one", lambda w: gen(w, "--top-k", "0"), "top_k must be at least 1"),
     Case(generate_main, "temperature not positive", lambda w: gen(w, "--temperature", "0"),
          "temperature must be positive"),
+    Case(generate_main, "output is a file", lambda w: gen(w), "is a file",
+         setup=lambda w: (w.tmp / "images").write_text("not a folder")),
     Case(generate_main, "output not empty", lambda w: gen(w), "is not empty",
          setup=lambda w: (w.tmp / "images").mkdir() or (w.tmp / "images" / "mine.txt").write_text("keep")),
 ]

@@ -101,8 +101,9 @@ def test_killed_export_leaves_no_output_and_rerun_finishes(tiny_tokenizer, expor
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not output.exists(), "a killed export must not leave an output that looks complete"
-    done_before = len(list(staging.glob("rows_*.npz")))
-    assert 3 <= done_before < 17
+    done_before = sorted(staging.glob("rows_*.npz"))
+    assert 3 <= len(done_before) < 17
+    done_before[1].write_bytes(b"")  # what a power cut can leave: an empty chunk is encoded again
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not staging.exists()

@@ -98,6 +98,9 @@ def test_corrupt_newest_checkpoint_falls_back(damage, straight_run, tmp_path):
     assert len(warnings) == 1 and "step_00000010" in warnings[0]
     assert "resumed from" in resumed.stderr and "step_00000008" in resumed.stderr
     assert same_weights(straight_run, output)
+    # the bad checkpoint is kept aside, not deleted, and no longer shadows the new ones
+    names = sorted(path.name for path in (output / "checkpoints").iterdir())
+    assert "corrupt_step_00000010" in names and "step_00000010" in names and "step_00000012" in names
 
 
 def test_prior_sigkill_and_resume(tiny_tokenizer, tmp_path):
@@ -125,6 +128,9 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     step = int(last.split(" at step ")[1].split(";")[0])
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert all(int(name[5:]) < step for name in kept)
+    # the advice in the message works: resume the stopped run, skipping such steps
+    resumed = run_module(*flags, "--output-dir", str(tmp_path / "run"), "--resume", "--skip-nonfinite")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     skipped = run_module(*flags, "--output-dir", str(tmp_path / "skip"), "--skip-nonfinite")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "warning: skipped step" in skipped.stderr
@@ -152,3 +158,19 @@ def test_two_process_run_killed_resumes_to_completion(tmp_path, monkeypatch):
     assert json.loads((output / "metrics.json").read_text())["replica_max_abs_difference"] == 0.0
     # On CPU (gloo, fixed thread count) the resumed run also matches the uninterrupted one bit for bit.
     assert same_weights(tmp_path / "straight", output)
+
+
+def test_resume_with_another_process_count_is_refused(straight_run, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(straight_run, output)
+    for name in ("model.safetensors", "config.json"):
+        (output / name).unlink()
+    shutil.rmtree(output / "checkpoints" / "step_00000012")
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file() and "logs" not in path.parts}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29400 + os.getpid() % 90), "-m", *STAGE1, "--output-dir", str(output), "--resume"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "was written by 1 process(es), this run has 2" in result.stderr
+    assert all(path.read_bytes() == data for path, data in before.items() if path.name != "train_config.json")

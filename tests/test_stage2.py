@@ -119,6 +119,15 @@ def test_cached_sampler_equals_naive(config):
         assert torch.allclose(logits, model(codes, checked), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cached_sampler_follows_the_model_dtype(dtype):
+    model = tiny_prior(num_classes=3).to(dtype)
+    cached = model.sample(2, labels=1, seed=2, method="cached")
+    assert cached.shape == (2, 5, 6)
+    if dtype == torch.float64:
+        assert torch.equal(cached, model.sample(2, labels=1, seed=2, method="naive"))
+
+
 def test_sampling_determinism_and_batch_independence():
     model = tiny_prior(num_classes=3)
     labels = torch.tensor([0, 1, 2, 0, 1])
