@@ -119,11 +119,11 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 # Command-line flags from dataclass fields: one definition gives the flag, its type, default and help.
 # ---------------------------------------------------------------------------------------------
 
-def option(default: Any, help: str, **extra: Any) -> Any:
+def option(default: Any, help: str) -> Any:
     """A dataclass field with help text for its command-line flag."""
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple default")
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: frozenset[str] = frozenset()) -> None:
@@ -169,11 +169,16 @@ def _optional_parser(base: type):
     return parse
 
 
+def values_from_args(config_class: type, namespace: argparse.Namespace,
+                     exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The parsed flags that belong to `config_class` and were given (absent flags are not in the dict)."""
+    names = {field.name for field in dataclasses.fields(config_class)} - exclude
+    return {name: value for name, value in vars(namespace).items() if name in names}
+
+
 def config_from_args(config_class: type[ConfigT], namespace: argparse.Namespace) -> ConfigT:
     """Build `config_class` from the parsed flags that belong to it; absent flags keep their defaults."""
-    names = {field.name for field in dataclasses.fields(config_class)}
-    given = {name: value for name, value in vars(namespace).items() if name in names}
-    return config_from_dict(config_class, given, source="command line")
+    return config_from_dict(config_class, values_from_args(config_class, namespace), source="command line")
 
 
 def build_parser(description: str, *config_classes: type, skip: frozenset[str] = frozenset()) -> argparse.ArgumentParser:

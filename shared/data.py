@@ -271,39 +271,45 @@ def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
     return pixels.float().div(127.5).sub(1.0)  # (C, H, W) in [-1, 1]
 
 
-def load_split(config: DataConfig, split: str | None = None) -> ImageDataset:
-    """The split `split` (default `config.split`) of `config.dataset` as an ImageDataset."""
+def _open_split(config: DataConfig, split: str) -> tuple[Source, Any]:
     source = open_source(config.dataset, config.image_column, config.label_column)
-    split = split or config.split
     if split not in source.splits:
         raise UserError(f"{source.description} has no split {split!r} (splits: {', '.join(source.splits)}); "
                         "fix --split")
-    return _make_dataset(source, split, source.splits[split], config)
+    return source, source.splits[split]
+
+
+def load_split(config: DataConfig, split: str | None = None) -> ImageDataset:
+    """The split `split` (default `config.split`) of `config.dataset` as an ImageDataset."""
+    split = split or config.split
+    source, rows = _open_split(config, split)
+    return _make_dataset(source, split, rows, config)
+
+
+def held_out_indices(num_rows: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) row indices, each sorted: a fixed seeded `fraction` (at least one row) is held
+    out, the same for every run and every --seed."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--validation-fraction must be in (0, 1), got {fraction}")
+    if num_rows < 2:
+        raise UserError(f"{num_rows} row(s) cannot be split into training and validation; at least 2 are needed")
+    order = np.random.RandomState(VALIDATION_SEED).permutation(num_rows)
+    num_held_out = max(1, int(math.floor(num_rows * fraction)))
+    return np.sort(order[num_held_out:]), np.sort(order[:num_held_out])
 
 
 def load_train_and_validation(config: DataConfig) -> tuple[ImageDataset, ImageDataset]:
     """The training split and a held-out split: the source's test split where it has one, else a
     seeded `validation_fraction` of the training split (the same images for every run)."""
-    source = open_source(config.dataset, config.image_column, config.label_column)
-    if config.split not in source.splits:
-        raise UserError(f"{source.description} has no split {config.split!r} "
-                        f"(splits: {', '.join(source.splits)}); fix --split")
-    rows = source.splits[config.split]
+    source, rows = _open_split(config, config.split)
     held_out = next((name for name in HELD_OUT_SPLITS if name in source.splits and name != config.split), None)
     if held_out is not None:
         train = _make_dataset(source, config.split, rows, config)
         return train, _make_dataset(source, held_out, source.splits[held_out], config)
-    if not 0.0 < config.validation_fraction < 1.0:
-        raise UserError(f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
-    if len(rows) < 2:
-        raise UserError(f"{source.description} [{config.split}] has {len(rows)} image(s); "
-                        "training needs at least 2 (one to hold out)")
-    order = np.random.RandomState(VALIDATION_SEED).permutation(len(rows))
-    num_validation = max(1, int(math.floor(len(rows) * config.validation_fraction)))
-    validation_rows = rows.select(np.sort(order[:num_validation]))
-    train_rows = rows.select(np.sort(order[num_validation:]))
-    return (_make_dataset(source, config.split, train_rows, config),
-            _make_dataset(source, f"{config.split} held-out {config.validation_fraction:g}", validation_rows, config))
+    kept, validation = held_out_indices(len(rows), config.validation_fraction)
+    return (_make_dataset(source, config.split, rows.select(kept), config),
+            _make_dataset(source, f"{config.split} held-out {config.validation_fraction:g}", rows.select(validation),
+                          config))
 
 
 def _make_dataset(source: Source, split: str, rows: Any, config: DataConfig) -> ImageDataset:

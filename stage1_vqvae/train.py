@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shared.config import build_parser, config_from_args, parse_args
+from shared.config import build_parser, config_from_args, parse_args, values_from_args
 from shared.data import CachedImages, StepOrder, load_train_and_validation, save_image_grid
 from shared.errors import run_cli
 from shared.runtime import is_launched_main
@@ -51,8 +51,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     train_config.check()
     # Everything that can reject the input runs before anything is written.
     train_set, validation_set = load_train_and_validation(train_config)
-    model_values = {field.name: getattr(args, field.name) for field in dataclasses.fields(VQVAEConfig)
-                    if hasattr(args, field.name) and field.name not in DATA_DERIVED}
+    model_values = values_from_args(VQVAEConfig, args, exclude=DATA_DERIVED)
     model_config = VQVAEConfig(in_channels=train_set.channels, image_size=train_config.image_size, **model_values)
     perceptual = PerceptualLoss(train_config.perceptual_net) if train_config.perceptual_weight > 0 else None
     show = is_launched_main() and train_config.progress

@@ -8,20 +8,18 @@ written to samples/ every --sample-every steps.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from shared.codes import CodesDataset, CodesMetadata, find_tokenizer, open_codes
-from shared.config import build_parser, config_from_args, parse_args
-from shared.data import VALIDATION_SEED, StepOrder, save_image_grid, shard_range
+from shared.config import build_parser, config_from_args, parse_args, values_from_args
+from shared.data import StepOrder, held_out_indices, save_image_grid, shard_range
 from shared.errors import UserError, run_cli
 from shared.training import TrainingSession, run_settings
 from stage1_vqvae.metrics import codebook_statistics
@@ -57,17 +55,12 @@ def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, C
         tokenizer = VQVAE.from_pretrained(found)
     if config.validation_codes:
         validation, validation_meta = open_codes(config.validation_codes)
-        shape_of = lambda meta: (meta.vocab_size, tuple(meta.latent_shape))  # noqa: E731
-        if shape_of(validation_meta) != shape_of(metadata):
+        if (validation_meta.vocab_size, validation_meta.latent_shape) != (metadata.vocab_size, metadata.latent_shape):
             raise UserError(f"--validation-codes {config.validation_codes} do not match --codes (vocab size or grid); "
                             "export both with the same tokenizer")
         return codes, validation, metadata, tokenizer
-    if not 0 < config.validation_fraction < 1 or len(codes) < 2:
-        raise UserError("hold out a --validation-fraction in (0, 1) of at least 2 rows, or pass --validation-codes")
-    order = torch.from_numpy(np.random.RandomState(VALIDATION_SEED).permutation(len(codes)))
-    held_out = max(1, int(len(codes) * config.validation_fraction))
-    return (codes.subset(order[held_out:].sort().values), codes.subset(order[:held_out].sort().values), metadata,
-            tokenizer)
+    kept, held_out = held_out_indices(len(codes), config.validation_fraction)
+    return codes.subset(torch.from_numpy(kept)), codes.subset(torch.from_numpy(held_out)), metadata, tokenizer
 
 
 def train(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -81,8 +74,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     num_classes = None
     if train_config.conditional and metadata.has_labels:
         num_classes = metadata.num_classes or int(train_codes.labels.max()) + 1
-    model_values = {field.name: getattr(args, field.name) for field in dataclasses.fields(PriorConfig)
-                    if hasattr(args, field.name) and field.name not in FROM_CODES}
+    model_values = values_from_args(PriorConfig, args, exclude=FROM_CODES)
     model_config = PriorConfig(vocab_size=metadata.vocab_size, latent_shape=tuple(metadata.latent_shape),
                                num_classes=num_classes, **model_values)
 
