@@ -274,11 +274,13 @@ class TrainingSession:
     # -------------------------------------------------------------------------------------------
 
     def run(self, start_step: int, compute_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]],
-            evaluate: Callable[[int], dict[str, float]], on_eval: Callable[[int], None] | None = None) -> dict[str, float]:
+            evaluate: Callable[[int], dict[str, float]],
+            after_step: Callable[[int], None] | None = None) -> dict[str, float]:
         """Train from `start_step` to max_steps and return the last validation metrics.
 
         `compute_loss(micro_batch)` returns this process's loss for micro-batch `micro_batch`
         (= step * accumulation + micro) and a dict of scalars for the bar and the logs.
+        `after_step(done)` runs after every step, before its checkpoint; use `due()` for a cadence.
         """
         from tqdm.auto import tqdm
 
@@ -329,14 +331,15 @@ class TrainingSession:
                 accelerator.log({"train/loss": loss_value.item(), "train/lr": learning_rate_at(config, step),
                                  "train/skipped_steps": self.skipped_steps,
                                  **{f"train/{k}": v for k, v in logs.items()}}, step=done)
-            if done % config.eval_every == 0 or done == config.max_steps:
+            if self.due(done, config.eval_every):
                 metrics = evaluate(done)
                 accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=done)
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())) if self.is_main else None
-                if on_eval is not None:
-                    on_eval(done)
-                self.model.train()
-            if done % config.save_every == 0 or done == config.max_steps:
+                if self.is_main:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if after_step is not None:
+                after_step(done)
+            self.model.train()
+            if self.due(done, config.save_every):
                 self.save_checkpoint(done)
         bar.close()
         if start_step >= config.max_steps:
@@ -344,6 +347,10 @@ class TrainingSession:
         metrics["train_seconds"] = time.perf_counter() - started
         metrics["replica_max_abs_difference"] = self.replica_difference()
         return metrics
+
+    def due(self, done: int, every: int) -> bool:
+        """True every `every` steps and at the last step."""
+        return done % every == 0 or done == self.config.max_steps
 
     def replica_difference(self) -> float:
         """Largest absolute difference between this run's replicas, over every parameter and buffer

@@ -84,7 +84,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
                                       reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
 
     def save_reconstructions(step: int) -> None:
-        if not session.is_main:
+        if not (session.is_main and session.due(step, train_config.eval_every)):
             return
         originals, _ = validation_images.batch(torch.arange(min(32, len(validation_images))))
         with torch.no_grad():
@@ -94,7 +94,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         rows = torch.stack([originals.view(row_shape), reconstructions.view(row_shape)], 1)
         save_image_grid(rows.flatten(0, 2), session.output_dir / "samples" / f"reconstructions_{step:08d}.png", nrow=8)
 
-    metrics = session.run(start_step, compute_loss, evaluate, on_eval=save_reconstructions)
+    metrics = session.run(start_step, compute_loss, evaluate, after_step=save_reconstructions)
     session.finish({METRICS_NAME: metrics})
     if session.is_main:
         print(json.dumps({"output_dir": str(session.output_dir), **metrics}))

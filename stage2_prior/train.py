@@ -101,12 +101,12 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
                              lambda t: accelerator.reduce(t, reduction="sum"))
 
     def save_samples(step: int) -> None:
-        if tokenizer is None or not session.is_main or (step % train_config.sample_every and step != train_config.max_steps):
+        if tokenizer is None or not (session.is_main and session.due(step, train_config.sample_every)):
             return
         grid = sample_grid(session.unwrapped_model, tokenizer, SAMPLES_PER_ROW)
         save_image_grid(grid, session.output_dir / "samples" / f"samples_{step:08d}.png", nrow=SAMPLES_PER_ROW)
 
-    metrics = session.run(start_step, compute_loss, evaluate, on_eval=save_samples)
+    metrics = session.run(start_step, compute_loss, evaluate, after_step=save_samples)
     session.finish({METRICS_NAME: metrics})
     if session.is_main:
         print(json.dumps({"output_dir": str(session.output_dir), **metrics}))

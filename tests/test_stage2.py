@@ -198,6 +198,13 @@ def tiny_codes(tiny_tokenizer, tmp_path_factory):
     return root / "train"
 
 
+def test_sample_grids_follow_sample_every_not_eval_every(tiny_codes, tmp_path):
+    train(["--codes", str(tiny_codes), "--output-dir", str(tmp_path / "run"), "--max-steps", "7", "--eval-every", "4",
+           "--save-every", "7", "--sample-every", "3", *PRIOR_FLAGS])
+    written = sorted(path.name for path in (tmp_path / "run" / "samples").iterdir())
+    assert written == ["samples_00000003.png", "samples_00000006.png", "samples_00000007.png"]
+
+
 def test_train_and_resume(tiny_codes, tmp_path):
     flags = ["--codes", str(tiny_codes), "--save-every", "4", "--eval-every", "4", "--sample-every", "4", *PRIOR_FLAGS]
     metrics = train(["--output-dir", str(tmp_path / "straight"), "--max-steps", "8", *flags])
