@@ -204,6 +204,7 @@ class Pipeline:
 
         known_mask (B, H, W) bool marks known pixels. A latent cell keeps its code only when all its
         pixels are known; the other cells are sampled in raster order, then everything is decoded.
+        labels as in generate() (drawn from the seed for a conditional prior when None).
         Returns images in [0, 1] (B, C, H, W) and the codes.
         """
         self.check_images(images)
@@ -214,8 +215,9 @@ class Pipeline:
         unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
         known_cells = F.max_pool2d(unknown, factor)[:, 0] == 0  # (B, h, w): every pixel of the cell known
         codes = self.encode(images)
-        if labels is not None or self.prior.config.num_classes is not None:
-            labels = self.resolve_labels(images.shape[0], labels, seed or 0)
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, ()))
+        labels = self.resolve_labels(images.shape[0], labels, seed)
         with torch.inference_mode():
             completed = self.prior.complete(codes, known_cells.to(codes.device), labels=labels, temperature=temperature,
                                             top_k=top_k, top_p=top_p, seed=seed)
