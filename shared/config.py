@@ -134,7 +134,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
             continue
         flag = "--" + field.name.replace("_", "-")
         annotation = hints[field.name]
-        help_text = field.metadata.get("help", "")
+        help_text = _field_help(config_class, field.name)
         default = field.default
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
         shown_default = f" (default: {default})" if default is not dataclasses.MISSING else ""
@@ -152,6 +152,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
             continue
         parser.add_argument(flag, type=_optional_parser(base) if optional else base, help=help_text + shown_default,
                             **kwargs)
+
+
+def _field_help(config_class: type, name: str) -> str:
+    """The help of field `name`, from the nearest class that gives one (a subclass may redeclare a
+    field only to change its default)."""
+    for klass in config_class.__mro__:
+        field = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if field is not None and field.metadata.get("help"):
+            return field.metadata["help"]
+    return ""
 
 
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:

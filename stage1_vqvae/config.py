@@ -65,3 +65,9 @@ class Stage1TrainConfig(LoopConfig, DataConfig):
     perceptual_weight: float = option(0.0, "weight of the LPIPS loss (0 turns it off)")
     perceptual_net: Literal["alex", "vgg", "squeeze"] = option("alex", "LPIPS backbone")
     reconstruction_loss: Literal["mse", "l1"] = option("mse", "pixel loss")
+    # loop defaults for stage 1: a good digits tokenizer in about two CPU minutes
+    max_steps: int = 1000
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    eval_every: int = 500
+    save_every: int = 500

@@ -5,7 +5,6 @@ When it ends, --output-dir loads with `VQVAE.from_pretrained(output_dir)`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -27,27 +26,16 @@ METRICS_NAME = "metrics.json"
 DATA_DERIVED = frozenset({"in_channels", "image_size"})
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage1Defaults(Stage1TrainConfig):
-    """Stage-1 defaults of the loop settings: a good digits tokenizer in about two CPU minutes."""
-
-    max_steps: int = 1000
-    learning_rate: float = 2e-3
-    warmup_steps: int = 50
-    eval_every: int = 500
-    save_every: int = 500
-
-
 def parser():
     # image_size is a data flag (declared first, so VQVAEConfig's duplicate gets none); in_channels comes from the data
-    return build_parser("Train the VQ-VAE tokenizer (stage 1).", Stage1Defaults, VQVAEConfig,
+    return build_parser("Train the VQ-VAE tokenizer (stage 1).", Stage1TrainConfig, VQVAEConfig,
                         skip=frozenset({"in_channels"}))
 
 
 def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse flags, train, save; returns the final validation metrics."""
     args = parse_args(parser(), argv)
-    train_config = config_from_args(Stage1Defaults, args)
+    train_config = config_from_args(Stage1TrainConfig, args)
     train_config.check()
     # Everything that can reject the input runs before anything is written.
     train_set, validation_set = load_train_and_validation(train_config)

@@ -116,3 +116,13 @@ def test_step_order_is_a_function_of_seed_and_step():
 def test_frozen_configs():
     with pytest.raises(dataclasses.FrozenInstanceError):
         VQVAEConfig().codebook_size = 3
+
+
+@pytest.mark.parametrize("module", ["stage1_vqvae.train", "stage2_prior.train"])
+def test_every_training_flag_has_help(module):
+    import importlib
+
+    parser = importlib.import_module(module).parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and not action.help.startswith(" (default"), f"{action.option_strings} has no help"
