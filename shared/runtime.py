@@ -17,6 +17,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_process_count() -> int:
+    """Processes of this launch on this machine (they share its CPUs)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def make_accelerator(**kwargs):
     """An Accelerator that also recognises multi-process CPU launches.
 

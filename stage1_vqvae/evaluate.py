@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from shared.config import parse_args
-from shared.data import DataConfig, load_split
+from shared.data import (DataConfig, check_num_workers, default_num_workers, first_image_channels, load_split,
+                         open_source)
 from shared.errors import UserError, run_cli
 from stage1_vqvae.losses import PerceptualLoss
 from stage1_vqvae.metrics import reconstruction_metrics
@@ -20,39 +21,66 @@ from stage1_vqvae.model import VQVAE
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder")
-    parser.add_argument("--dataset", default="digits", help="digits, an image folder, a save_to_disk folder or a Hub name")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's")
-    parser.add_argument("--image-column", default=None)
-    parser.add_argument("--label-column", default=None)
+    add_source_arguments(parser, default_split="test")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--strict-images", action="store_true",
+                        help="stop at an unreadable image instead of skipping it (skipped images are counted)")
     parser.add_argument("--perceptual-net", default="alex", choices=["alex", "vgg", "squeeze"],
                         help="LPIPS backbone; LPIPS is reported when its weights are on this machine")
     return parser
 
 
+def add_source_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
+    """The flags that pick images for evaluate and export (training takes them from DataConfig)."""
+    parser.add_argument("--dataset", default="digits", help="digits, an image folder, a save_to_disk folder or a Hub name")
+    parser.add_argument("--split", default=default_split)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's")
+    parser.add_argument("--image-column", default=None)
+    parser.add_argument("--label-column", default=None, help="label column; 'none' turns labels off")
+    parser.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
+    parser.add_argument("--revision", default=None, help="revision of a Hub dataset")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="loader worker processes (default: the CPUs per process, at most 8)")
+
+
+def data_config_for(args: argparse.Namespace, tokenizer: VQVAE, strict: bool) -> DataConfig:
+    """The DataConfig that reads `args`' images at the tokenizer's size and channel count."""
+    check_num_workers(args.num_workers)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    image_size = args.image_size or tokenizer.config.image_size
+    tokenizer.check_images(torch.zeros(1, tokenizer.config.in_channels, image_size, image_size))
+    return DataConfig(dataset=args.dataset, split=args.split, image_size=image_size,
+                      channels=tokenizer.config.in_channels, image_column=args.image_column,
+                      label_column=args.label_column, dataset_config=args.dataset_config, revision=args.revision,
+                      strict_images=strict)
+
+
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(parser(), argv)
     tokenizer = VQVAE.from_pretrained(args.tokenizer)
-    data_config = DataConfig(dataset=args.dataset, split=args.split,
-                             image_size=args.image_size or tokenizer.config.image_size,
-                             channels=tokenizer.config.in_channels, image_column=args.image_column,
-                             label_column=args.label_column)
-    dataset = load_split(data_config)
-    tokenizer.check_images(torch.zeros(1, tokenizer.config.in_channels, data_config.image_size, data_config.image_size))
+    data_config = data_config_for(args, tokenizer, args.strict_images)
+    source = open_source(data_config)
+    channels = first_image_channels(source, args.split, data_config.channels,
+                                    fix=f"this tokenizer takes {tokenizer.config.in_channels}-channel images")
     try:
         perceptual = PerceptualLoss(args.perceptual_net)
     except UserError as missing:
         print(f"note: LPIPS skipped: {missing}", file=sys.stderr)
         perceptual = None
+    dataset = load_split(data_config, source=source, channels=channels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer.to(device)
     if perceptual is not None:
         perceptual.to(device)
+    problems: list[str] = []
+    num_workers = args.num_workers if args.num_workers is not None else default_num_workers()
     metrics = reconstruction_metrics(tokenizer, dataset, args.batch_size, device, perceptual=perceptual,
-                                     with_ssim=True)
+                                     with_ssim=True, num_workers=num_workers, report_problems=problems.extend)
+    for problem in problems:
+        print(f"warning: {problem}; it was replaced by the next readable row", file=sys.stderr)
     result = {"tokenizer": str(args.tokenizer), "dataset": args.dataset, "split": args.split,
-              "num_images": len(dataset), **metrics}
+              "num_images": len(dataset), "corrupt_images": len(problems), **metrics}
     print(json.dumps(result))
     return result
 

@@ -23,10 +23,11 @@ import torch
 
 from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata, codes_dtype
 from shared.config import config_to_dict, parse_args, write_json_atomic
-from shared.data import DataConfig, ImageDataset, load_split
+from shared.data import ImageDataset, default_num_workers, first_image_channels, load_split, open_source, sequential_batches
 from shared.errors import UserError, run_cli
 from shared.pretrained import WEIGHTS_NAME, file_sha256
-from shared.runtime import make_accelerator
+from shared.runtime import local_process_count, make_accelerator
+from stage1_vqvae.evaluate import add_source_arguments, data_config_for
 from stage1_vqvae.model import VQVAE
 
 JOB_NAME = "job.json"
@@ -36,13 +37,9 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Encode a dataset into a codes dataset (stage 1 -> stage 2).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="a trained tokenizer folder")
-    parser.add_argument("--dataset", default="digits", help="digits, an image folder, a save_to_disk folder or a Hub name")
-    parser.add_argument("--split", default="train")
+    add_source_arguments(parser, default_split="train")
     parser.add_argument("--output", required=True, help="the codes folder to write")
     parser.add_argument("--format", default="arrow", choices=["arrow", "npy"])
-    parser.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's")
-    parser.add_argument("--image-column", default=None)
-    parser.add_argument("--label-column", default=None)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--chunk-rows", type=int, default=4096, help="rows per staged chunk (bounds memory)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -63,14 +60,16 @@ def export(argv: Sequence[str] | None = None) -> dict:
         raise UserError(f"--output {output} lies inside the dataset folder {dataset_path}; write it elsewhere, "
                         "or the codes would become part of the dataset")
     tokenizer = VQVAE.from_pretrained(args.tokenizer)
-    image_size = args.image_size or tokenizer.config.image_size
-    tokenizer.check_images(torch.zeros(1, tokenizer.config.in_channels, image_size, image_size))
-    data_config = DataConfig(dataset=args.dataset, split=args.split, image_size=image_size,
-                             channels=tokenizer.config.in_channels, image_column=args.image_column,
-                             label_column=args.label_column)
-    dataset = load_split(data_config)
-    dataset.channels_fix = f"this tokenizer takes {tokenizer.config.in_channels}-channel images"
-    dataset.read_image(dataset.rows[0][dataset.source.image_column], 0)  # fail fast on the first image
+    # An export never substitutes an unreadable image: its row of codes would silently be another image's.
+    data_config = data_config_for(args, tokenizer, strict=True)
+    image_size = data_config.image_size
+    source = open_source(data_config)
+    channels = first_image_channels(source, args.split, data_config.channels,
+                                    fix=f"this tokenizer takes {tokenizer.config.in_channels}-channel images")
+    dataset = load_split(data_config, source=source, channels=channels)
+    if source.label_column is not None and not dataset.has_labels:
+        print(f"note: no row of [{args.split}] has a label; the codes are written without labels", file=sys.stderr)
+    num_workers = args.num_workers if args.num_workers is not None else default_num_workers(local_process_count())
 
     accelerator = make_accelerator()
     tokenizer.to(accelerator.device)
@@ -98,7 +97,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     try:
         _encode_chunks(tokenizer, dataset, todo, staging, np.dtype(metadata.dtype), args.batch_size,
-                       accelerator.device, progress=args.progress and accelerator.is_main_process,
+                       accelerator.device, num_workers, progress=args.progress and accelerator.is_main_process,
                        total=sum(len(chunk) for chunk in mine),
                        done=sum(len(chunk) for chunk in mine if chunk not in todo),
                        num_processes=accelerator.num_processes)
@@ -162,7 +161,7 @@ def _chunk_is_complete(staging: Path, rows: range) -> bool:
 
 
 def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range], staging: Path, dtype: np.dtype,
-                   batch_size: int, device: torch.device, progress: bool, total: int, done: int,
+                   batch_size: int, device: torch.device, num_workers: int, progress: bool, total: int, done: int,
                    num_processes: int) -> None:
     from tqdm.auto import tqdm
 
@@ -170,12 +169,12 @@ def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range],
                disable=not progress, dynamic_ncols=True)
     for rows in chunks:
         codes_parts, labels = [], []
-        for images, batch_labels in _batches(dataset, rows, batch_size):
+        for batch in sequential_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda"):
             with torch.inference_mode():
-                codes = tokenizer.encode(images.to(device))  # (B, h, w)
+                codes = tokenizer.encode(batch.images(device))  # (B, h, w)
             codes_parts.append(codes.cpu().numpy().astype(dtype))
-            labels.extend(batch_labels)
-            bar.update(len(images) * num_processes)  # the other processes advance at the same pace
+            labels.extend(batch.labels.tolist())
+            bar.update(len(batch.labels) * num_processes)  # the other processes advance at the same pace
         path = _chunk_path(staging, rows)
         temporary = path.with_name(f".{path.stem}.tmp.npz")
         with open(temporary, "wb") as handle:
@@ -184,12 +183,6 @@ def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range],
             os.fsync(handle.fileno())  # the rename must never publish a chunk that is not on disk
         os.replace(temporary, path)
     bar.close()
-
-
-def _batches(dataset: ImageDataset, rows: range, batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
-    for start in range(rows.start, rows.stop, batch_size):
-        items = [dataset[index] for index in range(start, min(start + batch_size, rows.stop))]
-        yield torch.stack([image for image, _ in items]), [label for _, label in items]
 
 
 def _read_chunk(staging: Path, rows: range) -> tuple[np.ndarray, np.ndarray]:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from shared.data import CachedImages, ImageDataset, shard_range
+from shared.data import CachedImages, ImageDataset, sequential_batches, shard_range
 
 
 def psnr_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,35 +43,27 @@ def codebook_statistics(code_counts: torch.Tensor) -> dict[str, float]:
     return {"codebook_usage": 100.0 * (counts > 0).double().mean().item(), "perplexity": math.exp(entropy.item())}
 
 
-def iterate_shard(dataset: ImageDataset | CachedImages, batch_size: int, rank: int, world_size: int,
-                  ) -> Iterator[torch.Tensor]:
-    """This process's share of `dataset`, as image batches (B, C, H, W) in [-1, 1], in order."""
-    rows = shard_range(len(dataset), rank, world_size)
-    for start in range(rows.start, rows.stop, batch_size):
-        indices = torch.arange(start, min(start + batch_size, rows.stop))
-        if isinstance(dataset, CachedImages):
-            yield dataset.batch(indices)[0]
-        else:
-            yield torch.stack([dataset[int(i)][0] for i in indices])
-
-
 @torch.no_grad()
 def reconstruction_metrics(model, dataset: ImageDataset | CachedImages, batch_size: int, device: torch.device,
                            rank: int = 0, world_size: int = 1,
                            reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                            perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                           with_ssim: bool = False) -> dict[str, float]:
+                           with_ssim: bool = False, num_workers: int = 0,
+                           report_problems: Callable[[list[str]], None] = lambda problems: None) -> dict[str, float]:
     """Mean per-image PSNR (and SSIM, LPIPS), codebook usage and perplexity over the whole split.
 
-    Each process handles its contiguous shard; `reduce_sum` adds the partial sums across processes.
+    Each process handles its contiguous shard, read through `num_workers` loader workers;
+    `reduce_sum` adds the partial sums across processes.
     """
     was_training = model.training
     model.eval()
     # sums: count, psnr, ssim, lpips, squared error
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     code_counts = torch.zeros(model.config.codebook_size, dtype=torch.float64, device=device)
-    for images in iterate_shard(dataset, batch_size, rank, world_size):
-        images = images.to(device)
+    rows = shard_range(len(dataset), rank, world_size)
+    for batch in sequential_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda"):
+        report_problems(batch.problems)
+        images = batch.images(device)
         output = model(images)
         totals[0] += len(images)
         totals[1] += psnr_per_image(output.reconstruction, images).double().sum()

@@ -12,16 +12,17 @@ from collections.abc import Sequence
 import torch
 
 from shared.config import build_parser, config_from_args, parse_args, values_from_args
-from shared.data import CachedImages, StepOrder, load_train_and_validation, save_image_grid
+from shared.data import (Augmentation, CachedImages, StepOrder, default_num_workers, first_image_channels,
+                         load_train_and_validation, open_source, save_image_grid, sequential_batches, should_cache,
+                         training_batches)
 from shared.errors import run_cli
-from shared.runtime import is_launched_main
-from shared.training import TrainingSession, run_settings
+from shared.runtime import local_process_count
+from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
 from stage1_vqvae.config import Stage1TrainConfig, VQVAEConfig
 from stage1_vqvae.losses import PerceptualLoss, reconstruction_loss
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage1_vqvae.model import VQVAE
 
-METRICS_NAME = "metrics.json"
 # Fields of VQVAEConfig that come from the data, not from their own flags.
 DATA_DERIVED = frozenset({"in_channels", "image_size"})
 
@@ -36,28 +37,46 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse flags, train, save; returns the final validation metrics."""
     args = parse_args(parser(), argv)
     train_config = config_from_args(Stage1TrainConfig, args)
+    # Every check that can refuse the run comes before the dataset is listed or decoded: flags, the
+    # output folder, the first image, the model config and the --resume settings. Nothing is written yet.
     train_config.check()
-    # Everything that can reject the input runs before anything is written.
-    train_set, validation_set = load_train_and_validation(train_config)
+    train_config.check_data_flags()
+    check_output_dir(train_config)
+    source = open_source(train_config)
+    channels = first_image_channels(source, train_config.split, train_config.channels)
     model_values = values_from_args(VQVAEConfig, args, exclude=DATA_DERIVED)
-    model_config = VQVAEConfig(in_channels=train_set.channels, image_size=train_config.image_size, **model_values)
+    model_config = VQVAEConfig(in_channels=channels, image_size=train_config.image_size, **model_values)
     perceptual = PerceptualLoss(train_config.perceptual_net) if train_config.perceptual_weight > 0 else None
-    show = is_launched_main() and train_config.progress
-    train_images = CachedImages(train_set, progress=show)
-    validation_images = CachedImages(validation_set, progress=show)
-
-    session = TrainingSession(train_config, run_settings(train_config, model_config), "vqvae")
+    session = TrainingSession(train_config, run_settings(train_config, model_config), "vqvae",
+                              out_of_memory_advice="lower --batch-size or --image-size, or use "
+                                                   "--gradient-accumulation-steps to keep the effective batch")
     accelerator = session.accelerator
+
+    augmentation = Augmentation(train_config.seed, train_config.random_flip, train_config.random_crop)
+    train_set, validation_set = load_train_and_validation(train_config, source, channels, augmentation)
+    num_workers = (train_config.num_workers if train_config.num_workers is not None
+                   else default_num_workers(local_process_count()))
+    show = session.is_main and train_config.progress
+    train_data = (CachedImages(train_set, num_workers, progress=show)
+                  if should_cache(train_set, train_config.cache_images) else train_set)
+    validation_data = (CachedImages(validation_set, num_workers, progress=show)
+                       if should_cache(validation_set, train_config.cache_images) else validation_set)
+    for data in (train_data, validation_data):
+        session.report_problems(getattr(data, "problems", []))
+
     model, _ = session.prepare(VQVAE(model_config))  # after Accelerator(): the codebook syncs across processes
     if perceptual is not None:
         perceptual.to(session.device)
     start_step = session.restore()
-    order = StepOrder(len(train_images), train_config.batch_size, train_config.seed,
-                      accelerator.process_index, accelerator.num_processes)
+    order = StepOrder(len(train_set), train_config.batch_size, train_config.seed, accelerator.process_index,
+                      accelerator.num_processes)
+    batches = training_batches(train_data, order, start_step * train_config.gradient_accumulation_steps,
+                               num_workers, pin_memory=session.device.type == "cuda")
 
     def compute_loss(micro_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        images, _ = train_images.batch(order.indices(micro_batch))
-        images = images.to(session.device)  # (B, C, H, W)
+        batch = next(batches)
+        session.report_problems(batch.problems)
+        images = batch.images(session.device)  # (B, C, H, W) in [-1, 1]
         output = model(images)
         loss = reconstruction_loss(train_config.reconstruction_loss, output.reconstruction, images)
         loss = loss + output.quantizer_loss
@@ -67,20 +86,24 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         return loss, {"usage": usage}
 
     def evaluate(step: int) -> dict[str, float]:
-        return reconstruction_metrics(session.unwrapped_model, validation_images, 256, session.device,
+        return reconstruction_metrics(session.unwrapped_model, validation_data, 256, session.device,
                                       accelerator.process_index, accelerator.num_processes,
-                                      reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"))
+                                      reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
+                                      num_workers=num_workers, report_problems=session.report_problems)
 
     def save_reconstructions(step: int) -> None:
         if not (session.is_main and session.due(step, train_config.eval_every)):
             return
-        originals, _ = validation_images.batch(torch.arange(min(32, len(validation_images))))
+        per_row = min(8, len(validation_set))  # rows of originals, each followed by its reconstructions
+        count = min(32, len(validation_set)) // per_row * per_row
+        originals = next(sequential_batches(validation_data, range(count), count, 0)).images("cpu")
         with torch.no_grad():
             unwrapped = session.unwrapped_model.eval()
             reconstructions = unwrapped(originals.to(session.device)).reconstruction.cpu()
-        row_shape = (-1, 8, *originals.shape[1:])  # rows of 8: originals, then their reconstructions
+        row_shape = (-1, per_row, *originals.shape[1:])
         rows = torch.stack([originals.view(row_shape), reconstructions.view(row_shape)], 1)
-        save_image_grid(rows.flatten(0, 2), session.output_dir / "samples" / f"reconstructions_{step:08d}.png", nrow=8)
+        save_image_grid(rows.flatten(0, 2), session.output_dir / "samples" / f"reconstructions_{step:08d}.png",
+                        nrow=per_row)
 
     metrics = session.run(start_step, compute_loss, evaluate, after_step=save_reconstructions)
     session.finish({METRICS_NAME: metrics})

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from shared.codes import CodesDataset, CodesMetadata, find_tokenizer, open_codes
 from shared.config import build_parser, config_from_args, parse_args, values_from_args
-from shared.data import StepOrder, held_out_indices, save_image_grid, shard_range
+from shared.data import StepOrder, code_batches, held_out_indices, save_image_grid, shard_range
 from shared.errors import UserError, run_cli
 from shared.training import TrainingSession, run_settings
 from stage1_vqvae.metrics import codebook_statistics
@@ -73,6 +73,10 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     train_codes, validation_codes, metadata, tokenizer = load_codes(train_config)
     num_classes = None
     if train_config.conditional and metadata.has_labels:
+        unlabelled = int((train_codes.labels < 0).sum())
+        if unlabelled:
+            raise UserError(f"{unlabelled} of the {len(train_codes)} training grids have no label; pass "
+                            "--no-conditional for an unconditional prior, or export a fully labelled split")
         num_classes = metadata.num_classes or int(train_codes.labels.max()) + 1
     model_values = values_from_args(PriorConfig, args, exclude=FROM_CODES)
     model_config = PriorConfig(vocab_size=metadata.vocab_size, latent_shape=tuple(metadata.latent_shape),
@@ -87,12 +91,14 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     order = StepOrder(len(train_codes), train_config.batch_size, train_config.seed, accelerator.process_index,
                       accelerator.num_processes)
     conditional = num_classes is not None
+    batches = code_batches(train_codes, order, start_step * train_config.gradient_accumulation_steps,
+                           train_config.num_workers or 0, pin_memory=session.device.type == "cuda")
 
     def compute_loss(micro_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        codes, labels = train_codes[order.indices(micro_batch)]
-        codes = codes.to(session.device)  # (B, h, w)
+        codes, labels = next(batches)
+        codes = codes.to(session.device, non_blocking=True)  # (B, h, w) in the stored int type
         logits = model(codes, labels.to(session.device) if conditional else None)  # (B, V, h, w)
-        loss = F.cross_entropy(logits, codes)
+        loss = F.cross_entropy(logits, codes.long())
         return loss, {"bits": loss.item() / math.log(2)}
 
     def evaluate(step: int) -> dict[str, float]:
@@ -124,7 +130,7 @@ def prior_metrics(model: GatedPixelCNN, codes: CodesDataset, conditional: bool, 
     rows = shard_range(len(codes), rank, world_size)
     for start in range(rows.start, rows.stop, batch_size):
         grids, labels = codes[torch.arange(start, min(start + batch_size, rows.stop))]
-        grids = grids.to(device)
+        grids = grids.to(device).long()
         logits = model(grids, labels.to(device) if conditional else None).float()
         totals[0] += grids.numel()
         totals[1] += F.cross_entropy(logits, grids, reduction="sum").double()
