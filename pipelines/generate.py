@@ -63,6 +63,9 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     mine = shard_range(args.num_images, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
+        for stale in [*output.glob("image_*.png"), *output.glob(".codes.part*.npy"), output / "grid.png",
+                      output / "codes.npy"]:  # an earlier, larger run must leave no images behind
+            stale.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     started = time.perf_counter()
     parts = []

@@ -19,7 +19,7 @@ from shared.config import read_json, write_json_atomic
 from shared.errors import UserError
 from shared.pretrained import staged_folder
 from stage1_vqvae.model import VQVAE
-from stage2_prior.model import GatedPixelCNN
+from stage2_prior.prior import Prior
 
 PIPELINE_NAME = "pipeline.json"
 PIPELINE_FORMAT_VERSION = 1
@@ -38,7 +38,7 @@ class GenerationOutput:
 class Pipeline:
     """Prior sampling chained with decoding. Shapes and sizes are read from the parts' configs."""
 
-    def __init__(self, tokenizer: VQVAE, prior: GatedPixelCNN) -> None:
+    def __init__(self, tokenizer: VQVAE, prior: Prior) -> None:
         if prior.config.vocab_size != tokenizer.config.codebook_size:
             raise UserError(f"the prior's vocab_size {prior.config.vocab_size} differs from the tokenizer's "
                             f"codebook_size {tokenizer.config.codebook_size}; train the prior on this tokenizer's codes")
@@ -79,7 +79,7 @@ class Pipeline:
         if values.get("_class_name") != "Pipeline" or values.get("format_version") != PIPELINE_FORMAT_VERSION:
             raise UserError(f"{directory / PIPELINE_NAME} is not a version-{PIPELINE_FORMAT_VERSION} pipeline file")
         pipeline = cls(VQVAE.from_pretrained(directory / values["tokenizer"]),
-                       GatedPixelCNN.from_pretrained(directory / values["prior"]))
+                       Prior.from_pretrained(directory / values["prior"]))
         return pipeline.to(device if device is not None else default_device())
 
     def to(self, device: str | torch.device) -> "Pipeline":

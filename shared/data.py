@@ -295,8 +295,11 @@ def _wrap_datasets(description: str, splits: dict[str, Any], image_column: str |
             raise UserError(f"{description} [{split}] is empty; point --dataset at a source with images")
         return table[0][image_column], f"row 0 of {description} [{split}]"
 
-    return Source(description, list(splits), label_names, image_column, label_column,
-                  lambda split: ArrowRows(splits[split], image_column, label_column), first_value)
+    def open_rows(split: str) -> ArrowRows:  # a split may lack the label column (an unlabelled test split)
+        labelled = label_column if label_column in splits[split].column_names else None
+        return ArrowRows(splits[split], image_column, labelled)
+
+    return Source(description, list(splits), label_names, image_column, label_column, open_rows, first_value)
 
 
 def _holds_class_ids(feature: Any) -> bool:
@@ -561,7 +564,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def example(self, index: int, micro_batch: int = 0) -> "Example":
         problem = None
         used = index
-        for attempt in range(MAX_SUBSTITUTE_TRIES):
+        tries = min(MAX_SUBSTITUTE_TRIES, len(self))
+        for _ in range(tries):
             try:
                 base = self.read(used, self.base_size)
                 break
@@ -571,7 +575,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 problem = problem or str(error)
                 used = (used + 1) % len(self)
         else:
-            raise ImageProblem(self.where(index), f"it and the next {MAX_SUBSTITUTE_TRIES - 1} rows are unreadable")
+            raise ImageProblem(self.where(index), "no row of this split is readable" if tries == len(self)
+                               else f"it and the next {tries - 1} rows are unreadable")
         augmentation = self.augmentation
         draws = augmentation_draws(augmentation.seed, micro_batch, index, self.base_size, self.image_size,
                                    augmentation.flip, augmentation.crop)
@@ -662,7 +667,14 @@ def _loader(dataset: torch.utils.data.Dataset, batch_sampler: Any, num_workers: 
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate_or_problem,
         pin_memory=pin, persistent_workers=persistent and num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None, generator=_private_generator())
+
+
+def _private_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from this instead of torch's global generator, whose
+    state a checkpoint restores: a loader started after --resume must not shift the training RNG stream.
+    (Nothing here uses the workers' seeds: augmentation draws come from (seed, step, example).)"""
+    return torch.Generator().manual_seed(0)
 
 
 def _raise_problem(item: Batch | ImageProblem) -> Batch:
@@ -795,7 +807,8 @@ def code_batches(codes: Any, order: StepOrder, first_micro_batch: int, num_worke
         return (codes.__getitems__(indices) for indices in index_lists())
     return iter(torch.utils.data.DataLoader(codes, batch_sampler=index_lists(), num_workers=num_workers,
                                             collate_fn=_already_batched, pin_memory=pin_memory,
-                                            persistent_workers=True, prefetch_factor=4))
+                                            persistent_workers=True, prefetch_factor=4,
+                                            generator=_private_generator()))
 
 
 def _already_batched(batch: Any) -> Any:

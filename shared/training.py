@@ -494,10 +494,12 @@ class TrainingSession:
             if self.due(done, config.save_every):
                 self.save_checkpoint(done)
             if after_step is not None:
-                try:
-                    after_step(done)
-                except Exception as error:  # a sample grid must never cost the run
-                    self.print(f"warning: writing samples after step {done} failed: {one_line(str(error))}")
+                # after the checkpoint, so a resumed run skips it: it must leave the RNG streams as it found them
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    try:
+                        after_step(done)
+                    except Exception as error:  # a sample grid must never cost the run
+                        self.print(f"warning: writing samples after step {done} failed: {one_line(str(error))}")
                 self.model.train()
         bar.close()
         if start_step >= config.max_steps:

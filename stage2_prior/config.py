@@ -8,19 +8,42 @@ from shared.config import option
 from shared.errors import UserError
 from shared.training import LoopConfig
 
+ARCHS = ("gated", "pixelcnn", "pixelsnail", "transformer", "row_lstm", "diagonal_bilstm")
+# Archs whose stacks order a position's codes by masking channel groups (PixelRNN paper, sec. 3.4);
+# the others predict a position's stack with a small autoregressive depth head.
+CHANNEL_GROUP_ARCHS = ("gated", "pixelcnn")
+PIXEL_LEVELS = (2, 4, 16, 256)
+
 
 @dataclasses.dataclass(frozen=True)
 class PriorConfig:
-    """Architecture of the PixelCNN prior over code grids (B, h, w) in [0, vocab_size)."""
+    """Architecture of an autoregressive prior over code grids in raster order.
 
-    vocab_size: int = option(512, "number of codes (the tokenizer's codebook_size)")
+    Codes are (B, h, w) in [0, vocab_size), or (B, h, w, depth) for an ordered stack of codes per
+    position (RGB subpixels, residual-quantizer depths): raster order over positions, then the stack.
+    """
+
+    vocab_size: int = option(512, "number of codes (the tokenizer's codebook_size, or pixel levels)")
     latent_shape: tuple[int, int] = option((8, 8), "code grid (h, w)")
+    depth: int = option(1, "codes per position, generated in order (3 for RGB pixels, D for residual quantizers)")
     num_classes: int | None = option(None, "classes for a class-conditional prior; None: unconditional")
-    hidden_channels: int = option(64, "channels of each stack")
-    num_layers: int = option(15, "gated blocks (or masked-conv layers for arch pixelcnn)")
-    kernel_size: int = option(3, "odd filter size of the stacks")
-    arch: Literal["gated", "pixelcnn"] = option("gated", "gated: Gated PixelCNN; pixelcnn: the original masked stack")
-    dropout: float = option(0.1, "dropout on each block's gated output, in training only (code datasets are small)")
+    arch: Literal["gated", "pixelcnn", "pixelsnail", "transformer", "row_lstm", "diagonal_bilstm"] = option(
+        "gated", "gated: Gated PixelCNN; pixelcnn: the original masked stack; pixelsnail: gated convolutions with "
+                 "causal self-attention; transformer: decoder-only with a KV cache; row_lstm, diagonal_bilstm: PixelRNN")
+    hidden_channels: int = option(64, "channels of each layer (the transformer's width)")
+    num_layers: int = option(15, "layers (pixelsnail: gated layers in all; transformer: blocks; PixelRNN: LSTM layers)")
+    kernel_size: int = option(3, "odd filter size of the convolutional stacks")
+    dropout: float = option(0.1, "dropout inside each layer, in training only (code datasets are small)")
+    num_heads: int = option(4, "attention heads (pixelsnail, transformer)")
+    attention_every: int = option(4, "pixelsnail: a causal self-attention layer after every N gated layers")
+    head: Literal["softmax", "logistic_mixture"] = option(
+        "softmax", "softmax: a categorical per code; logistic_mixture: PixelCNN++'s discretized logistic mixture "
+                   "(pixel levels, channels coupled linearly)")
+    mixtures: int = option(10, "logistic mixture components (head logistic_mixture)")
+    label_dropout: float = option(0.0, "training: fraction of labels replaced by a null class, which enables "
+                                       "classifier-free guidance at sampling time")
+    condition_vocab_size: int | None = option(None, "vocabulary of a conditioning code map (e.g. the top level)")
+    condition_shape: tuple[int, ...] | None = option(None, "conditioning code map (h, w) or (h, w, depth)")
 
     def __post_init__(self) -> None:
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
@@ -33,6 +56,48 @@ class PriorConfig:
             raise UserError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
             raise UserError(f"num_classes must be None or at least 1, got {self.num_classes}")
+        if self.depth < 1:
+            raise UserError(f"depth must be at least 1, got {self.depth}")
+        if self.arch in CHANNEL_GROUP_ARCHS and self.head == "softmax" and self.hidden_channels % self.depth:
+            raise UserError(f"arch {self.arch} orders a stack of {self.depth} codes by channel groups: "
+                            f"--hidden-channels {self.hidden_channels} must be a multiple of {self.depth}")
+        if self.arch in ("pixelsnail", "transformer") and self.hidden_channels % self.num_heads:
+            raise UserError(f"--num-heads {self.num_heads} does not divide --hidden-channels {self.hidden_channels}; "
+                            "pick a head count that divides the width")
+        if self.attention_every < 1:
+            raise UserError(f"attention_every must be at least 1, got {self.attention_every}")
+        if self.head == "logistic_mixture":
+            if self.vocab_size not in PIXEL_LEVELS or self.vocab_size == 2:
+                raise UserError(f"the logistic mixture head models pixel levels 4, 16 or 256, not {self.vocab_size}; "
+                                "use --head softmax for this vocabulary")
+            if self.mixtures < 1:
+                raise UserError(f"mixtures must be at least 1, got {self.mixtures}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise UserError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.label_dropout > 0 and self.num_classes is None:
+            raise UserError("label dropout (classifier-free guidance) needs a class-conditional prior")
+        if (self.condition_vocab_size is None) != (self.condition_shape is None):
+            raise UserError("condition_vocab_size and condition_shape go together")
+        if self.condition_shape is not None:
+            if len(self.condition_shape) not in (2, 3) or min(self.condition_shape) < 1:
+                raise UserError(f"condition_shape must be (h, w) or (h, w, depth), got {self.condition_shape}")
+            if any(side % cond for side, cond in zip(self.latent_shape, self.condition_shape[:2])):
+                raise UserError(f"the condition grid {tuple(self.condition_shape[:2])} must divide the prior's grid "
+                                f"{tuple(self.latent_shape)} (an aligned coarser level)")
+
+    @property
+    def channel_groups(self) -> int:
+        """Channel groups that order a position's stack inside the network (1: the head orders it)."""
+        return self.depth if self.arch in CHANNEL_GROUP_ARCHS and self.head == "softmax" else 1
+
+    @property
+    def num_positions(self) -> int:
+        return self.latent_shape[0] * self.latent_shape[1]
+
+    @property
+    def null_class(self) -> int | None:
+        """The label index meaning 'no class' (classifier-free guidance), when the prior has one."""
+        return self.num_classes if self.num_classes is not None and self.label_dropout > 0 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +105,14 @@ class Stage2TrainConfig(LoopConfig):
     """A prior training run (train_config.json)."""
 
     codes: str = option("", "codes folder written by vqvae-export")
+    level: str | None = option(None, "which level of a multi-level export to model (e.g. top, bottom)")
+    condition_level: str | None = option(None, "a level of the same export to condition on (e.g. top)")
     tokenizer: str | None = option(None, "tokenizer folder for decoded sample grids (default: from codes.json if found)")
     conditional: bool = option(True, "class-conditional when the codes have labels")
     validation_fraction: float = option(0.1, "held-out fraction of the codes for validation")
     validation_codes: str | None = option(None, "a separate codes folder to validate on (default: a held-out fraction)")
     sample_every: int = option(1000, "write a decoded sample grid every N steps (needs a tokenizer)")
+    keep_best: bool = option(True, "save the model of the best validation step as the output (else the last)")
     max_steps: int = 3000
     learning_rate: float = 1e-3
     batch_size: int = 64

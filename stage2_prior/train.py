@@ -25,16 +25,17 @@ from shared.training import TrainingSession, run_settings
 from stage1_vqvae.metrics import codebook_statistics
 from stage1_vqvae.model import VQVAE
 from stage2_prior.config import PriorConfig, Stage2TrainConfig
-from stage2_prior.model import GatedPixelCNN
+from stage2_prior.prior import Prior
 
 METRICS_NAME = "metrics.json"
-FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes"})
+FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
+                        "condition_shape"})
 SAMPLE_SEED = 1234
 SAMPLES_PER_ROW = 8
 
 
 def parser():
-    return build_parser("Train the Gated PixelCNN prior on a codes dataset (stage 2).", Stage2TrainConfig,
+    return build_parser("Train an autoregressive prior on a codes dataset (stage 2).", Stage2TrainConfig,
                         PriorConfig, skip=FROM_CODES)
 
 
@@ -84,7 +85,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     session = TrainingSession(train_config, run_settings(train_config, model_config), "prior")
     accelerator = session.accelerator
-    model, _ = session.prepare(GatedPixelCNN(model_config))
+    objective, _ = session.prepare(TrainingObjective(Prior.from_config(model_config)))
     if tokenizer is not None:
         tokenizer.to(session.device)
     start_step = session.restore()
@@ -97,19 +98,18 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     def compute_loss(micro_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
         codes, labels = next(batches)
         codes = codes.to(session.device, non_blocking=True)  # (B, h, w) in the stored int type
-        logits = model(codes, labels.to(session.device) if conditional else None)  # (B, V, h, w)
-        loss = F.cross_entropy(logits, codes.long())
+        loss = objective(codes, labels.to(session.device) if conditional else None)
         return loss, {"bits": loss.item() / math.log(2)}
 
     def evaluate(step: int) -> dict[str, float]:
-        return prior_metrics(session.unwrapped_model, validation_codes, conditional, session.device,
+        return prior_metrics(session.unwrapped_model.prior, validation_codes, conditional, session.device,
                              accelerator.process_index, accelerator.num_processes,
                              lambda t: accelerator.reduce(t, reduction="sum"))
 
     def save_samples(step: int) -> None:
         if tokenizer is None or not (session.is_main and session.due(step, train_config.sample_every)):
             return
-        grid = sample_grid(session.unwrapped_model, tokenizer, SAMPLES_PER_ROW)
+        grid = sample_grid(session.unwrapped_model.prior, tokenizer, SAMPLES_PER_ROW)
         save_image_grid(grid, session.output_dir / "samples" / f"samples_{step:08d}.png", nrow=SAMPLES_PER_ROW)
 
     metrics = session.run(start_step, compute_loss, evaluate, after_step=save_samples)
@@ -119,8 +119,24 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     return metrics
 
 
+class TrainingObjective(torch.nn.Module):
+    """The prior's mean negative log-likelihood as a module's forward, so that multi-process training
+    (DDP) sees the call and all-reduces the gradients."""
+
+    def __init__(self, prior: Prior) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prior.nll(codes, labels, condition)
+
+    def save_pretrained(self, directory) -> None:
+        self.prior.save_pretrained(directory)
+
+
 @torch.no_grad()
-def prior_metrics(model: GatedPixelCNN, codes: CodesDataset, conditional: bool, device: torch.device, rank: int = 0,
+def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: torch.device, rank: int = 0,
                   world_size: int = 1, reduce_sum=lambda t: t, batch_size: int = 256) -> dict[str, float]:
     """Bits per code, top-1 accuracy, and the unigram entropy of the codes (bits) over the whole split."""
     was_training = model.training
@@ -130,8 +146,9 @@ def prior_metrics(model: GatedPixelCNN, codes: CodesDataset, conditional: bool, 
     rows = shard_range(len(codes), rank, world_size)
     for start in range(rows.start, rows.stop, batch_size):
         grids, labels = codes[torch.arange(start, min(start + batch_size, rows.stop))]
-        grids = grids.to(device).long()
+        grids = grids.to(device)  # the stored int type; the model widens it in its embedding
         logits = model(grids, labels.to(device) if conditional else None).float()
+        grids = grids.long()
         totals[0] += grids.numel()
         totals[1] += F.cross_entropy(logits, grids, reduction="sum").double()
         totals[2] += (logits.argmax(1) == grids).sum().double()
@@ -143,7 +160,7 @@ def prior_metrics(model: GatedPixelCNN, codes: CodesDataset, conditional: bool, 
     return {"bits_per_code": bits, "top1_accuracy": (totals[2] / totals[0]).item(), "unigram_entropy_bits": unigram_bits}
 
 
-def sample_grid(prior: GatedPixelCNN, tokenizer: VQVAE, per_row: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
+def sample_grid(prior: Prior, tokenizer: VQVAE, per_row: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
     """Decoded samples (N, C, H, W) in [-1, 1]: one row per class (at most 10) for a conditional prior."""
     num_classes = prior.config.num_classes
     if num_classes:

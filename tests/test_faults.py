@@ -74,6 +74,23 @@ def test_sigkill_and_resume_is_bitwise_identical(kill_point, straight_run, tmp_p
     assert same_weights(straight_run, output)
 
 
+def test_sigkill_with_workers_and_augmentation_resumes_bitwise(tmp_path):
+    """Streaming from an image folder through 2 loader workers, with random flips and crops."""
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "photos", {"a": 40, "b": 40}, size=(20, 24))
+    command = [*STAGE1, "--dataset", str(folder), "--cache-images", "never", "--num-workers", "2", "--random-flip",
+               "--random-crop"]
+    straight = run_module(*command, "--output-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    output = tmp_path / "killed"
+    kill_when([sys.executable, "-m", *command, "--output-dir", str(output)], checkpoint_exists(output, 6))
+    assert not (output / "model.safetensors").exists(), "killed before the end"
+    resumed = run_module(*command, "--output-dir", str(output), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(tmp_path / "straight", output)
+
+
 @pytest.mark.parametrize("damage", ["truncated_weights", "missing_optimizer", "flipped_byte"])
 def test_corrupt_newest_checkpoint_falls_back(damage, straight_run, tmp_path):
     output = tmp_path / "run"

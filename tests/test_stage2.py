@@ -8,7 +8,7 @@ import torch
 
 from stage2_prior import GatedPixelCNN, PriorConfig
 from stage2_prior.layers import GatedBlock, MaskedConv2d
-from stage2_prior.sampling import CachedSampler, sample_uniforms
+from stage2_prior.sampling import SamplingOptions, run, sample_uniforms
 from stage2_prior.train import train
 
 
@@ -25,16 +25,15 @@ def dependency(model, position: int, num_classes=None) -> torch.Tensor:
     """|d logits[p] / d embedded input[q]| summed, for every raster position q: shape (h * w,)."""
     height, width = model.config.latent_shape
     codes = torch.randint(0, model.config.vocab_size, (1, height, width))
-    embedded = model.embedding(codes).detach().requires_grad_(True)
-    original = model.embedding.forward
-    model.embedding.forward = lambda _: embedded  # differentiate with respect to the embedded grid
+    embedded = model.embed(codes[..., None]).detach().requires_grad_(True)  # (1, C, h, w)
+    model.embed = lambda _: embedded  # differentiate with respect to the embedded grid
     try:
         logits = model(codes, 0 if num_classes else None)
     finally:
-        model.embedding.forward = original
+        del model.embed
     row, column = divmod(position, width)
     logits[0, :, row, column].sum().backward()
-    return embedded.grad[0].abs().sum(-1).flatten()  # (h*w,)
+    return embedded.grad[0].abs().sum(0).flatten()  # (h*w,)
 
 
 @pytest.mark.parametrize("arch", ["gated", "pixelcnn"])
@@ -67,7 +66,7 @@ def test_masked_conv_is_causal(mask_type):
 
 
 def test_gated_block_stacks_are_causal():
-    block = GatedBlock(4, 3, num_classes=None, first=True)
+    block = GatedBlock(4, 3, label_rows=None, first=True)
     vertical = torch.randn(1, 4, 5, 5, requires_grad=True)
     horizontal = torch.randn(1, 4, 5, 5, requires_grad=True)
     v_out, h_out, skip = block(vertical, horizontal, None)
@@ -111,12 +110,13 @@ def test_cached_sampler_equals_naive(config):
         assert torch.equal(naive, cached)
     checked = model.check_labels(labels, 3)
     height, width = model.config.latent_shape
-    codes, logits = CachedSampler(model).run(checked, sample_uniforms(5, 0, 3, height * width),
-                                             torch.zeros(3, height, width, dtype=torch.long),
-                                             torch.zeros(3, height, width, dtype=torch.bool), (1.0, None, None),
-                                             keep_logits=True)
-    with torch.no_grad():
-        assert torch.allclose(logits, model(codes, checked), atol=1e-5)
+    seen = {}
+    with torch.inference_mode():
+        codes = run(model, "cached", checked, None, sample_uniforms(5, 0, 3, height * width),
+                    torch.zeros(3, height, width, 1, dtype=torch.long), torch.zeros(3, height, width, 1, dtype=torch.bool),
+                    SamplingOptions(), on_logits=lambda row, column, depth, logits: seen.update({(row, column): logits}))
+        full = model(codes[..., 0], checked)
+    assert all(torch.allclose(logits, full[:, :, row, column], atol=1e-5) for (row, column), logits in seen.items())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -170,7 +170,7 @@ def test_save_load_round_trip(tmp_path):
     (lambda m: m.sample(1, labels=0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
     (lambda m: m.sample(1, labels=0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
     (lambda m: m.sample(1, labels=0, top_k=0), "top_k must be at least 1"),
-    (lambda m: m.sample(1, labels=0, temperature=0), "temperature must be positive"),
+    (lambda m: m.sample(1, labels=0, temperature=-1), "temperature must be positive"),
     (lambda m: m.sample(0, labels=0), "at least 1"),
     (lambda m: m.complete(torch.zeros(1, 5, 6, dtype=torch.long), torch.zeros(1, 5, 5, dtype=torch.bool), labels=0),
      "known_mask must have the shape"),

@@ -1,0 +1,223 @@
+"""Gated PixelCNN (arch "gated") and the original masked PixelCNN (arch "pixelcnn"), with the exact
+incremental state of the gated stack for the cached sampler.
+
+The cached computation (after Fast PixelCNN++, Ramachandran et al. 2017, sec. 3): the vertical stack
+at row i needs only rows < i, so it is computed a row at a time, one small conv per layer, as soon
+as the row above is complete; what it adds to the horizontal stack (the vertical-to-horizontal link,
+the biases) is kept for the row. Per position, each layer's horizontal window is split into the
+columns already drawn (for every layer at once: one batched product per tap) and the current column
+(a chain through the layers: one product, one tanh, one multiply-add and one output product each).
+The gate tanh(a) * sigmoid(b) is computed as tanh(a) * (1 + tanh(b / 2)) / 2 with the halves folded
+into the weights, and the skip outputs of all layers are summed by one product at the end.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stage2_prior.layers import GatedBlock, MaskedConv2d, MaskedResidualBlock, gate
+from stage2_prior.prior import Prior
+
+
+class GatedPixelCNN(Prior):
+    """Gated PixelCNN (arch="gated") or the original masked PixelCNN (arch="pixelcnn") over codes.
+
+    `forward(codes (B, h, w), labels (B,) or None)` -> logits (B, vocab_size, h, w); the logits at
+    raster position p depend only on codes at positions < p (and the label, and the condition map).
+    """
+
+    archs: ClassVar[tuple[str, ...]] = ("gated", "pixelcnn")
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        channels, groups = config.hidden_channels, config.channel_groups
+        conditioned = config.condition_vocab_size is not None
+        if config.arch == "pixelcnn":
+            self.first = MaskedConv2d(channels, channels, config.kernel_size, "A", groups)
+            self.blocks = nn.ModuleList(
+                MaskedResidualBlock(channels, config.kernel_size, self.label_rows, config.dropout, groups, conditioned)
+                for _ in range(config.num_layers - 1))
+        else:
+            self.blocks = nn.ModuleList(
+                GatedBlock(channels, config.kernel_size, self.label_rows, first=index == 0, dropout=config.dropout,
+                           groups=groups, condition=conditioned)
+                for index in range(self.num_gated_layers))
+
+    @property
+    def num_gated_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def cached_sampling(self) -> bool:
+        return self.config.arch != "pixelcnn"
+
+    def network(self, x: torch.Tensor, labels: torch.Tensor | None,
+                condition: torch.Tensor | None) -> torch.Tensor:
+        if self.config.arch == "pixelcnn":
+            features = self.first(x)
+            for block in self.blocks:
+                features = block(features, labels, condition)
+            return features
+        vertical, horizontal, skips = x, x, 0
+        for index, block in enumerate(self.blocks):
+            vertical, horizontal, skip = block(vertical, horizontal, labels, condition)
+            horizontal = self.after_block(index, horizontal)
+            skips = skips + skip
+        return skips  # (B, C, h, w)
+
+    def after_block(self, index: int, horizontal: torch.Tensor) -> torch.Tensor:
+        """What follows gated block `index` on the horizontal stream (B, C, h, w) (PixelSNAIL: attention)."""
+        return horizontal
+
+    def after_block_step(self, state: "GatedState", index: int, horizontal: torch.Tensor, position: int) -> torch.Tensor:
+        """The same for one position (B, C), incrementally."""
+        return horizontal
+
+    # ------------------------------------------------------------------------------------------
+    # The cached state
+    # ------------------------------------------------------------------------------------------
+
+    def start(self, batch_size: int, labels: torch.Tensor | None, condition: torch.Tensor | None) -> "GatedState":
+        return GatedState(self, batch_size, labels, condition)
+
+    def step_features(self, state: "GatedState", codes: torch.Tensor, row: int, column: int,
+                      depth: int) -> torch.Tensor:
+        if column == 0 and depth == 0 and row != state.row:
+            state.start_row(codes, row)
+        if depth == 0:
+            state.start_position(codes, row, column)
+        return state.features_here(codes, row, column)
+
+
+class GatedState:
+    """Incremental state of a gated stack (see the module docstring). Tensors keep the batch on the
+    dimension `reorder` names."""
+
+    def __init__(self, model: GatedPixelCNN, batch: int, labels: torch.Tensor | None,
+                 condition: torch.Tensor | None) -> None:
+        config = model.config
+        self.model = model
+        blocks = model.blocks
+        channels, half = config.hidden_channels, config.kernel_size // 2
+        height, width = config.latent_shape
+        device, dtype = model.device, model.embedding.weight.dtype
+        self.channels, self.half, self.width = channels, half, width
+        self.row = -1
+        layers = len(blocks)
+        condition_features = model.condition_network(condition) if condition is not None else None
+        self.class_terms = [block.class_bias(labels) if block.class_bias is not None else None for block in blocks]
+        self.condition_terms = [block.condition_bias(condition_features) if block.condition_bias is not None else None
+                                for block in blocks]  # (B, 2C, h, w)
+        # Vertical inputs of every layer, padded as the full forward pads them: (B, C, half + h, half + w + half).
+        # Layer 0's input is the embedded codes shifted one row down, so its row i holds code row i - 1.
+        self.vertical_inputs = [torch.zeros(batch, channels, half + height, width + 2 * half, device=device,
+                                            dtype=dtype) for _ in blocks]
+        self.row_base = torch.zeros(layers, width, batch, 2 * channels, device=device, dtype=dtype)
+        # Inputs of each layer's horizontal conv on the current row; index c + half + 1 holds column c.
+        self.horizontal = torch.zeros(layers, width + half + 1, batch, channels, device=device, dtype=dtype)
+        self.gated = torch.zeros(batch, layers, channels, device=device, dtype=dtype)  # 2 * gate, per layer
+        self.base: torch.Tensor | None = None  # (L, B, 2C): row terms + the drawn columns, per layer
+        self.attention_keys: list[torch.Tensor] = []  # used by archs that add attention (PixelSNAIL)
+        self.attention_values: list[torch.Tensor] = []
+        self._prepare_weights(blocks)
+
+    def _prepare_weights(self, blocks) -> None:
+        """Matrices of the per-position chain. Rows of the sigmoid half are halved: sigmoid(b) =
+        (1 + tanh(b / 2)) / 2, so one tanh serves both halves; the output products take the / 2."""
+        channels, half = self.channels, self.half
+        scale = torch.ones(2 * channels, device=self.row_base.device, dtype=self.row_base.dtype)
+        scale[channels:] = 0.5
+        self.scale = scale
+        taps = []  # tap t reads column j - half - 1 + t for every layer: (L, C, 2C)
+        for t in range(half + 1):
+            per_layer = []
+            for index, block in enumerate(blocks):
+                weight = block.horizontal_weight()[:, :, 0]  # (2C, C, half + 1): index t' reads column j - half + t'
+                if index == 0:  # its input is shifted one column right: index t reads column j - half - 1 + t
+                    matrix = weight[:, :, t]
+                else:
+                    matrix = weight[:, :, t - 1] if t >= 1 else torch.zeros_like(weight[:, :, 0])
+                per_layer.append((matrix * scale[:, None]).t())
+            taps.append(torch.stack(per_layer))
+        self.taps = taps
+        self.centres = []  # (C, 2C) per layer: the current column's input (layer 0: only with channel groups)
+        for index, block in enumerate(blocks):
+            if index == 0:
+                centre = block.centre.matrix if block.centre is not None else None
+            else:
+                centre = block.horizontal_weight()[:, :, 0, half]
+            self.centres.append(None if centre is None else (centre * scale[:, None]).t().contiguous())
+        out = [block.horizontal_out.matrix for block in blocks]  # (2C, C): residual rows, then skip rows
+        self.residual_weights = [(0.5 * matrix[:channels]).t().contiguous() for matrix in out]  # (C, C)
+        self.residual_biases = [block.horizontal_out.bias[:channels] for block in blocks]
+        self.skip_weights = torch.cat([0.5 * matrix[channels:] for matrix in out], dim=1).t().contiguous()  # (L*C, C)
+        self.skip_bias = torch.stack([block.horizontal_out.bias[channels:] for block in blocks]).sum(0)
+
+    def start_row(self, codes: torch.Tensor, row: int) -> None:
+        """The vertical stack of every layer for `row`, and what it adds to the horizontal stack there."""
+        model, half, width = self.model, self.half, self.width
+        if row > 0:
+            self.vertical_inputs[0][:, :, half + row, half:half + width] = model.embed(codes[:, row - 1:row])[:, :, 0]
+        for index, block in enumerate(model.blocks):
+            window = self.vertical_inputs[index][:, :, row:row + half + 1]  # (B, C, half + 1, w + 2 half)
+            vertical_pre = F.conv2d(window, block.vertical.weight, block.vertical.bias)[:, :, 0]  # (B, 2C, w)
+            term = block.vertical_to_horizontal(vertical_pre[..., None])[..., 0] + block.horizontal.bias[:, None]
+            bias = 0
+            if self.class_terms[index] is not None:
+                bias = bias + self.class_terms[index][:, :, None]
+            if self.condition_terms[index] is not None:
+                bias = bias + self.condition_terms[index][:, :, row]
+            self.row_base[index] = ((term + bias) * self.scale[:, None]).permute(2, 0, 1)  # (w, B, 2C)
+            if index + 1 < len(model.blocks):
+                self.vertical_inputs[index + 1][:, :, half + row, half:half + width] = gate(vertical_pre + bias)
+        self.horizontal.zero_()
+        self.row = row
+
+    def start_position(self, codes: torch.Tensor, row: int, column: int) -> None:
+        """Take in the code just left of `column`, then every layer's product with the drawn columns."""
+        if column > 0:  # layer 0's horizontal input is the embedded codes shifted one column right
+            self.horizontal[0, column + self.half] = self.model.embed(codes[:, row:row + 1, column - 1:column])[:, :, 0, 0]
+        base = self.row_base[:, column]  # (L, B, 2C)
+        for t, tap in enumerate(self.taps):
+            base = torch.baddbmm(base, self.horizontal[:, column + t], tap)
+        self.base = base
+
+    def features_here(self, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
+        """The chain through the layers at the current column: skips (B, C)."""
+        model, channels, half = self.model, self.channels, self.half
+        layers = len(model.blocks)
+        slot = column + half + 1
+        previous = None
+        for index in range(layers):
+            centre = self.centres[index]
+            if index == 0:
+                pre = self.base[0]
+                if centre is not None:  # the position's own lower groups (channel groups only)
+                    pre = torch.addmm(pre, model.embed(codes[:, row:row + 1, column:column + 1])[:, :, 0, 0], centre)
+            else:
+                pre = torch.addmm(self.base[index], previous, centre)
+            squashed = torch.tanh(pre)
+            tanh_a, tanh_b = squashed[:, :channels], squashed[:, channels:]
+            gated = torch.addcmul(tanh_a, tanh_a, tanh_b, out=self.gated[:, index])  # 2 * gate(pre)
+            residual = torch.addmm(self.residual_biases[index], gated, self.residual_weights[index])
+            horizontal = residual if previous is None else previous + residual
+            horizontal = model.after_block_step(self, index, horizontal, row * self.width + column)
+            if index + 1 < layers:
+                self.horizontal[index + 1, slot] = horizontal
+            previous = horizontal
+        return torch.addmm(self.skip_bias, self.gated.flatten(1), self.skip_weights)  # (B, C)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search)."""
+        self.vertical_inputs = [tensor[index] for tensor in self.vertical_inputs]
+        self.row_base = self.row_base[:, :, index]
+        self.horizontal = self.horizontal[:, :, index]
+        self.gated = self.gated[index]
+        self.base = None if self.base is None else self.base[:, index]
+        self.class_terms = [None if term is None else term[index] for term in self.class_terms]
+        self.condition_terms = [None if term is None else term[index] for term in self.condition_terms]
+        self.attention_keys = [tensor[index] for tensor in self.attention_keys]
+        self.attention_values = [tensor[index] for tensor in self.attention_values]
