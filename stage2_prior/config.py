@@ -36,6 +36,10 @@ class PriorConfig:
     dropout: float = option(0.1, "dropout inside each layer, in training only (code datasets are small)")
     num_heads: int = option(4, "attention heads (pixelsnail, transformer)")
     attention_every: int = option(4, "pixelsnail: a causal self-attention layer after every N gated layers")
+    position_embedding: Literal["2d", "1d"] = option(
+        "2d", "transformer: learned row + column embeddings (2d), or one learned table over raster positions (1d)")
+    max_positions: int | None = option(None, "transformer with 1d positions: size of the position table "
+                                             "(default: the grid's positions)")
     head: Literal["softmax", "logistic_mixture"] = option(
         "softmax", "softmax: a categorical per code; logistic_mixture: PixelCNN++'s discretized logistic mixture "
                    "(pixel levels, channels coupled linearly)")
@@ -64,6 +68,10 @@ class PriorConfig:
         if self.arch in ("pixelsnail", "transformer") and self.hidden_channels % self.num_heads:
             raise UserError(f"--num-heads {self.num_heads} does not divide --hidden-channels {self.hidden_channels}; "
                             "pick a head count that divides the width")
+        if self.max_positions is not None and self.max_positions < self.num_positions:
+            raise UserError(f"a sequence of {self.num_positions} positions ({self.latent_shape[0]}x{self.latent_shape[1]}) "
+                            f"is longer than the position table (--max-positions {self.max_positions}); raise "
+                            f"--max-positions to at least {self.num_positions} or use --position-embedding 2d")
         if self.attention_every < 1:
             raise UserError(f"attention_every must be at least 1, got {self.attention_every}")
         if self.head == "logistic_mixture":
