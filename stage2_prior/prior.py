@@ -430,18 +430,19 @@ class Prior(PretrainedModel):
         params = rearrange(self.head_out(F.relu(self.head_hidden(F.relu(features)))), "b p h w -> b h w p")
         return self.mixture_nll(params.float(), stacked).mean() / self.config.depth
 
-    @torch.no_grad()
     def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-                 condition: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-likelihood of each grid (B,) in nats (float64): the sum over its codes of log p(code | before)."""
-        was_training = self.training
-        self.eval()
-        try:
-            logits = self(codes, labels, condition).double()  # (B, V, h, w[, D])
+                 condition: torch.Tensor | None = None, precision: str = "float64") -> torch.Tensor:
+        """Log-likelihood of each grid (B,) in nats (float64): the sum over its codes of log p(code | before).
+        The network runs in `precision` (float64 by default, so scores do not depend on the batch)."""
+        from stage2_prior.sampling import PRECISIONS, cast_copy, evaluation
+
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        with evaluation(self):
+            model = cast_copy(self, getattr(torch, precision))
+            logits = model(codes.to(self.device), labels, condition).double()  # (B, V, h, w[, D])
             log_probs = F.log_softmax(logits, dim=1).gather(1, codes.long()[:, None].to(logits.device))
             return log_probs.flatten(1).sum(1)
-        finally:
-            self.train(was_training)
 
     # ------------------------------------------------------------------------------------------
     # Incremental computation for the cached sampler (arch hooks)
@@ -482,7 +483,7 @@ class Prior(PretrainedModel):
                top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                method: str | None = None, *, seed: int | None = None, sample_offset: int = 0,
                condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
-               strategy: str = "sample") -> torch.Tensor:
+               strategy: str = "sample", precision: str = "float64") -> torch.Tensor:
         """Draw codes (num_samples, h, w[, D]) in raster order, then the stack.
 
         Sample k is drawn from uniforms seeded by (seed, sample_offset + k): the same codes for any
@@ -490,17 +491,19 @@ class Prior(PretrainedModel):
         one) and "naive" (one full forward per code). `strategy="greedy"` (or temperature=0) takes the
         most likely code each time. `guidance_scale` s > 0 (priors trained with label dropout) uses
         the guided logits cond + s * (cond - uncond). `condition`: the code map of a conditioned prior.
+        `precision`: the dtype the network runs in while sampling ("float64", or "float32": the same
+        codes, faster only where few draws need the float64 check; see stage2_prior.sampling).
         """
         from stage2_prior.sampling import SamplingOptions, sample_codes
 
-        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy)
+        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy, precision)
         return sample_codes(self, num_samples, labels, condition, options, generator, method, seed, sample_offset)
 
     def complete(self, codes: torch.Tensor, known_mask: torch.Tensor, labels: torch.Tensor | int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, method: str | None = None, *, seed: int | None = None,
                  sample_offset: int = 0, condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
-                 strategy: str = "sample") -> torch.Tensor:
+                 strategy: str = "sample", precision: str = "float64") -> torch.Tensor:
         """Keep `codes` where `known_mask` (the shape of codes) is True and sample the rest in order.
 
         The prior conditions only on codes earlier in raster order: a known code after an unknown one
@@ -512,19 +515,19 @@ class Prior(PretrainedModel):
         if known_mask.shape != codes.shape:
             raise UserError(f"known_mask must have the shape of codes {tuple(codes.shape)}, "
                             f"got {tuple(known_mask.shape)}")
-        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy)
+        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy, precision)
         return sample_codes(self, codes.shape[0], labels, condition, options, generator, method, seed, sample_offset,
                             known_codes=codes, known_mask=known_mask.bool())
 
     def beam_search(self, num_samples: int = 1, labels: torch.Tensor | int | None = None, num_beams: int = 4, *,
                     condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
-                    method: str | None = None) -> BeamSearchOutput:
+                    method: str | None = None, precision: str = "float64") -> BeamSearchOutput:
         """The most likely grids under the prior found by beam search over raster-then-stack order:
         `num_beams` partial grids kept per sample, scored by their total log-probability. Returns the
         best grid of each sample and its log-probability (`log_prob` of it, in nats)."""
         from stage2_prior.sampling import beam_search
 
-        return beam_search(self, num_samples, labels, condition, num_beams, guidance_scale, method)
+        return beam_search(self, num_samples, labels, condition, num_beams, guidance_scale, method, precision)
 
 
 def bits_per_code(nats: float) -> float:

@@ -7,15 +7,21 @@ inverse CDF of the (filtered) distribution at a uniform u[k, p * D + d] from a g
 - "cached": the arch's incremental state (`Prior.start` / `Prior.step_features`), e.g. the Gated
   PixelCNN's per-row vertical stack and per-position horizontal stack, or a transformer's KV cache.
 
-Exactness. Both ways compute float32 logits that differ by rounding (about 1e-4 at trained scale),
-and batch size changes rounding too. A draw can only come out differently when a rounding error could
-move a CDF boundary (or a top-k / top-p cut, or a greedy tie) across the uniform. So every decision
-is made from the float32 logits unless the uniform lies within a bound of such a boundary; the bound
-is the float32 error that `logit_tolerance` measures for this model (times a safety factor). Those
-rare draws are decided again from float64 logits that a canonical computation gives: one full
-forward of that sample alone, in float64, over the rows up to the position, with everything after
-it zeroed. That computation does not depend on the method, the batch or the process, so every run
-makes the same decision; the tests check the bound at trained scale.
+Exactness. The two ways compute logits that differ by rounding, and batch size changes rounding too.
+A draw can only come out differently when a rounding error could move a CDF boundary (or a top-k /
+top-p cut, or a greedy tie) across the uniform. So every decision is made from the computed logits
+unless the uniform lies within a bound of such a boundary; the bound is the error that
+`logit_tolerance` measures for this model (times a safety factor). Those draws are decided again
+from float64 logits that a canonical computation gives: one full forward of that sample alone, in
+float64, over the rows up to the position, with everything after it zeroed. That computation does
+not depend on the method, the batch or the process, so every run makes the same decision; the tests
+check the bound at trained scale.
+
+Precision. By default the network runs in float64 while sampling. In float32 a trained-scale prior
+(logit spread about 6) has logit errors near 5e-4, which puts 1-6% of draws within reach of a
+boundary, each needing the canonical recomputation; in float64 that happens about once per 10^9
+draws. `precision="float32"` gives the same codes, faster where recomputations are rare (small or
+untrained models, large batches on a GPU).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from shared.errors import UserError
 SEED_STRIDE = 0x9E3779B97F4A7C15 % (2 ** 61)  # spreads (seed, index) pairs over generator seeds
 SAFETY = 8.0  # the tolerance is this many times the largest float32 error measured on probe grids
 METHODS = ("cached", "naive", "graph")
+PRECISIONS = ("float64", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +49,11 @@ class SamplingOptions:
     top_p: float | None = None
     guidance_scale: float = 0.0  # classifier-free guidance: cond + s * (cond - uncond)
     greedy: bool = False  # the most likely code (temperature 0)
+    precision: str = "float64"  # the dtype the network runs in while sampling
 
     @classmethod
     def build(cls, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float,
-              strategy: str) -> "SamplingOptions":
+              strategy: str, precision: str = "float64") -> "SamplingOptions":
         if strategy not in ("sample", "greedy"):
             raise UserError(f"strategy must be 'sample' or 'greedy', got {strategy!r} (beam search: "
                             "prior.beam_search(num_beams=...))")
@@ -60,7 +68,9 @@ class SamplingOptions:
             raise UserError(f"top_p must lie in (0, 1] (or None), got {top_p}")
         if not guidance_scale >= 0 or math.isinf(guidance_scale):
             raise UserError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        return cls(1.0 if greedy else temperature, top_k, top_p, guidance_scale, greedy)
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        return cls(1.0 if greedy else temperature, top_k, top_p, guidance_scale, greedy, precision)
 
     def check_for(self, model) -> None:
         if self.guidance_scale > 0:
@@ -215,26 +225,40 @@ class Exact:
 
 
 def float64_copy(model):
-    """A float64 copy of `model` (same weights, eval mode), kept on the model until its weights change."""
+    return cast_copy(model, torch.float64)
+
+
+def cast_copy(model, dtype: torch.dtype):
+    """`model` itself if it has `dtype`, else a copy in `dtype` (same weights, eval mode), kept on the
+    model until its weights change."""
+    if next(model.parameters()).dtype == dtype:
+        return model
     key = weights_key(model)
-    cached = model.__dict__.get("_float64_copy")
+    cached = model.__dict__.get(f"_copy_{dtype}")
     if cached is not None and cached[0] == key:
         return cached[1]
-    with torch.random.fork_rng(devices=[]):  # initialising the copy must not move the caller's RNG stream
-        double = type(model)(model.config)
-    double.load_state_dict(model.state_dict())
-    double = double.to(device=model.device, dtype=torch.float64).eval()
-    model.__dict__["_float64_copy"] = (key, double)
-    return double
+    # a normal (not inference-mode) copy, whose initialisation does not move the caller's RNG stream
+    with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        copy = type(model)(model.config)
+        copy.load_state_dict({name: tensor.clone() for name, tensor in model.state_dict().items()})
+        copy = copy.to(device=model.device, dtype=dtype).eval()
+    model.__dict__[f"_copy_{dtype}"] = (key, copy)
+    return copy
 
 
 def weights_key(model) -> tuple:
-    return tuple((tensor.data_ptr(), tensor._version, tensor.dtype) for tensor in model.state_dict().values())
+    return tuple((tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version, tensor.dtype)
+                 for tensor in model.state_dict().values())
 
 
 def logit_tolerance(model, method: str) -> float:
     """SAFETY x the largest difference between this model's logits and float64 logits on probe grids:
     the full forward on two random grids, and (method "cached") the cached steps on their first rows."""
+    with evaluation(model):
+        return _logit_tolerance(model, method)
+
+
+def _logit_tolerance(model, method: str) -> float:
     key = (weights_key(model), method, torch.are_deterministic_algorithms_enabled(),
            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     cached = model.__dict__.get("_tolerance")
@@ -319,7 +343,8 @@ def sample_codes(model, num_samples: int, labels, condition, options: SamplingOp
         known_codes = torch.zeros(shape, dtype=torch.long, device=device)
         known_mask = torch.zeros(shape, dtype=torch.bool, device=device)
     with evaluation(model):
-        codes = run(model, method, labels, condition, uniforms, model.stacked(known_codes.to(device).long()),
+        compute = cast_copy(model, getattr(torch, options.precision))
+        codes = run(compute, method, labels, condition, uniforms, model.stacked(known_codes.to(device).long()),
                     model.stacked(known_mask.to(device)), options)
     return model.public(codes)
 
@@ -384,7 +409,7 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
 
 
 def beam_search(model, num_samples: int, labels, condition, num_beams: int, guidance_scale: float,
-                method: str | None):
+                method: str | None, precision: str = "float64"):
     """See `Prior.beam_search`."""
     from stage2_prior.prior import BeamSearchOutput
 
@@ -393,7 +418,7 @@ def beam_search(model, num_samples: int, labels, condition, num_beams: int, guid
     if num_samples < 1:
         raise UserError(f"the number of samples must be at least 1, got {num_samples}")
     method = check_method(model, method)
-    options = SamplingOptions.build(1.0, None, None, guidance_scale, "sample")
+    options = SamplingOptions.build(1.0, None, None, guidance_scale, "sample", precision)
     options.check_for(model)
     labels = model.check_labels(labels, num_samples)
     condition = model.check_condition(condition, num_samples)
@@ -404,12 +429,13 @@ def beam_search(model, num_samples: int, labels, condition, num_beams: int, guid
     beam_labels = None if labels is None else labels.repeat_interleave(num_beams)
     beam_condition = None if condition is None else condition.repeat_interleave(num_beams, dim=0)
     with evaluation(model):
+        compute = cast_copy(model, getattr(torch, precision))
         guidance = guidance_scale > 0
         net_labels, net_condition = beam_labels, beam_condition
         if guidance:
             net_labels = torch.cat([beam_labels, torch.full_like(beam_labels, config.null_class)])
             net_condition = None if beam_condition is None else torch.cat([beam_condition, beam_condition])
-        steps = make_steps(model, "naive" if method == "naive" else "cached", net_labels, net_condition,
+        steps = make_steps(compute, "naive" if method == "naive" else "cached", net_labels, net_condition,
                            rows * (2 if guidance else 1))
         codes = torch.zeros(rows, height, width, config.depth, dtype=torch.long, device=device)
         scores = torch.full((num_samples, num_beams), float("-inf"), dtype=torch.float64, device=device)

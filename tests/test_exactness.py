@@ -1,0 +1,168 @@
+"""Exact sampling where it could break: the default-size prior with the logit spread of a trained one.
+
+The first release promised that cached sampling equals naive sampling and that codes do not depend
+on the batch; with tiny models that held, at trained scale about 1 draw in 3,000 differed. These
+tests use the default prior (vocab 512, 64 channels, 15 layers) with its weights scaled until its
+logits have a standard deviation of 6, hundreds of samples and several offsets.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from stage2_prior import Prior, PriorConfig
+from stage2_prior.sampling import logit_tolerance
+
+
+def trained_scale_prior(side: int, std: float = 6.0, **config) -> Prior:
+    """The default prior on a side x side grid, weights scaled so that its logits spread like a trained model's."""
+    torch.manual_seed(0)
+    model = Prior.from_config(PriorConfig(vocab_size=512, latent_shape=(side, side), **config)).eval()
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    codes = torch.randint(0, 512, (4, side, side))
+    labels = torch.zeros(4, dtype=torch.long) if config.get("num_classes") else None
+    low, high = 0.5, 4.0
+    for _ in range(16):  # bisect a common weight multiplier
+        middle = (low + high) / 2
+        model.load_state_dict({name: tensor * middle if tensor.is_floating_point() else tensor
+                               for name, tensor in initial.items()})
+        with torch.no_grad():
+            spread = model(codes, labels).std().item()
+        low, high = (middle, high) if spread < std else (low, middle)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prior8() -> Prior:
+    return trained_scale_prior(8)
+
+
+def test_the_reported_case_and_many_offsets_cached_equals_naive(prior8):
+    # the call the first release got wrong, and three more offsets: 4 x 16 samples x 64 draws
+    for offset in (109, 0, 517, 2 ** 40):
+        cached = prior8.sample(16, seed=5, sample_offset=offset)
+        naive = prior8.sample(16, seed=5, sample_offset=offset, method="naive")
+        assert torch.equal(cached, naive), offset
+
+
+def test_codes_do_not_depend_on_the_batch(prior8):
+    together = prior8.sample(192, seed=11, sample_offset=3)
+    one_by_one = torch.cat([prior8.sample(1, seed=11, sample_offset=3 + k) for k in range(64)])
+    uneven = torch.cat([prior8.sample(count, seed=11, sample_offset=3 + start)
+                        for start, count in ((0, 7), (7, 100), (107, 85))])
+    assert torch.equal(together[:64], one_by_one) and torch.equal(together, uneven)
+
+
+def test_float32_and_float64_sampling_give_the_same_codes(prior8):
+    # float32 logits are off by ~5e-4 here; the guard re-decides every draw that error could flip.
+    # Without the guard one of these 192 samples comes out differently (seen on the development machine).
+    as_float64 = prior8.sample(192, seed=2, sample_offset=40)
+    assert torch.equal(prior8.sample(192, seed=2, sample_offset=40, precision="float32"), as_float64)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.8, top_k=40), dict(top_p=0.9), dict(strategy="greedy")],
+                         ids=["temperature+top_k", "top_p", "greedy"])
+def test_filtered_and_greedy_draws_are_exact(prior8, options):
+    cached = prior8.sample(24, seed=9, **options)
+    assert torch.equal(cached, prior8.sample(24, seed=9, method="naive", **options))
+    assert torch.equal(cached[5:9], prior8.sample(4, seed=9, sample_offset=5, **options))
+
+
+def test_guided_sampling_at_scale_is_exact():
+    prior = trained_scale_prior(6, num_classes=4, label_dropout=0.1, num_layers=8)
+    labels = torch.arange(20) % 4
+    cached = prior.sample(20, labels=labels, seed=3, guidance_scale=3.0)
+    assert torch.equal(cached, prior.sample(20, labels=labels, seed=3, guidance_scale=3.0, method="naive"))
+    assert torch.equal(cached[7:10], prior.sample(3, labels=labels[7:10], seed=3, sample_offset=7, guidance_scale=3.0))
+    assert not torch.equal(cached, prior.sample(20, labels=labels, seed=3))  # guidance changes the draws
+
+
+def test_tolerance_bounds_the_cached_error(prior8):
+    """The bound the guard relies on: cached float32 logits stay within tolerance / 2 of float64 ones."""
+    seen = []
+    from stage2_prior.sampling import SamplingOptions, float64_copy, run, sample_uniforms
+
+    codes = prior8.sample(32, seed=1, precision="float32")[..., None]
+    double = float64_copy(prior8)
+    reference = double.head_logits(double.features(codes, None, None), codes)  # (32, V, 8, 8, 1)
+    with torch.inference_mode():
+        run(prior8, "cached", None, None, sample_uniforms(1, 0, 32, 64), codes, torch.ones_like(codes, dtype=torch.bool),
+            SamplingOptions(), on_logits=lambda row, column, depth, logits: seen.append(
+                (logits.double() - reference[:, :, row, column, depth]).abs().max().item()))
+    assert max(seen) < logit_tolerance(prior8, "cached") / 2
+
+
+@pytest.mark.slow
+def test_hundreds_of_samples_at_16x16():
+    prior = trained_scale_prior(16)
+    for offset in (109, 10_000):
+        together = prior.sample(128, seed=5, sample_offset=offset)
+        assert torch.equal(together[:16], prior.sample(16, seed=5, sample_offset=offset, method="naive"))
+        assert torch.equal(together[40:44], torch.cat([prior.sample(1, seed=5, sample_offset=offset + 40 + k)
+                                                        for k in range(4)]))
+
+
+def test_sampling_leaves_every_global_setting_as_it_found_it():
+    prior = Prior.from_config(PriorConfig(vocab_size=16, latent_shape=(3, 3), hidden_channels=8, num_layers=2))
+    prior.train()
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision(), torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, True
+    torch.set_float32_matmul_precision("high")
+    try:
+        before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                  torch.get_float32_matmul_precision(), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        state = torch.get_rng_state()
+        for method in ("cached", "naive"):
+            prior.sample(2, seed=0, method=method)
+        prior.beam_search(1, num_beams=2)
+        after = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                 torch.get_float32_matmul_precision(), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        assert after == before and prior.training and torch.equal(torch.get_rng_state(), state)
+    finally:
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32) = saved[:3]
+        torch.set_float32_matmul_precision(saved[3])
+
+
+def tiny_exhaustive_prior(num_classes=None) -> Prior:
+    torch.manual_seed(4)
+    prior = Prior.from_config(PriorConfig(vocab_size=3, latent_shape=(2, 2), hidden_channels=8, num_layers=3,
+                                          num_classes=num_classes)).eval()
+    for parameter in prior.parameters():
+        parameter.data.normal_(0, 0.7)
+    return prior
+
+
+def test_log_prob_is_a_normalised_distribution_and_beam_search_finds_its_mode():
+    prior = tiny_exhaustive_prior(num_classes=2)
+    grids = torch.tensor(list(itertools.product(range(3), repeat=4))).view(-1, 2, 2)  # all 81 grids
+    log_probs = prior.log_prob(grids, labels=1)
+    assert log_probs.dtype == torch.float64 and log_probs.logsumexp(0).item() == pytest.approx(0.0, abs=1e-9)
+    best = beam_search = prior.beam_search(1, labels=1, num_beams=81)
+    assert torch.equal(best.codes[0], grids[log_probs.argmax()])
+    assert best.log_prob.item() == pytest.approx(log_probs.max().item(), abs=1e-9)
+    # one beam is greedy decoding; beam search is exact against naive
+    assert torch.equal(prior.beam_search(1, labels=1, num_beams=1).codes, prior.sample(1, labels=1, strategy="greedy"))
+    assert torch.equal(prior.beam_search(2, labels=1, num_beams=3, method="naive").codes,
+                       prior.beam_search(2, labels=1, num_beams=3).codes)
+    assert beam_search.log_prob.item() >= prior.log_prob(prior.sample(1, labels=1, temperature=0), labels=1).item()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p.beam_search(1, num_beams=0), "num_beams must be an integer >= 1"),
+    (lambda p: p.sample(1, temperature=0, top_p=0.9), "greedy decoding .* drop top_k and top_p"),
+    (lambda p: p.sample(1, strategy="beam"), "strategy must be 'sample' or 'greedy'.*beam_search"),
+    (lambda p: p.sample(1, method="graph"), "needs the model on a CUDA device"),
+    (lambda p: p.sample(1, precision="float16"), "precision must be one of"),
+    (lambda p: p.sample(1, guidance_scale=2.0), "unconditional"),
+])
+def test_decoding_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_exhaustive_prior())
+
+
+def test_guidance_needs_label_dropout():
+    with pytest.raises(ValueError, match="trained without label dropout.*--label-dropout"):
+        tiny_exhaustive_prior(num_classes=2).sample(1, labels=0, guidance_scale=1.0)
