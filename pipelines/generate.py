@@ -1,7 +1,8 @@
 """Sample images from a saved pipeline:
 `python -m pipelines.generate --pipeline DIR --num-images 64 --output-dir DIR`.
 
-Writes image_00000.png ..., grid.png (the first 64) and codes.npy (N, h, w). Under
+Writes image_00000.png ..., grid.png (the first 64) and codes.npy (N, h, w[, D]) (a chain of priors:
+codes_<level>.npy per level). Under
 `torchrun --nproc_per_node N -m pipelines.generate` / `accelerate launch -m` each process takes a
 contiguous share of the images; image k always comes from (seed, k), so the files equal those of a
 single-process run with the same seed.
@@ -37,9 +38,17 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--labels", type=int, nargs="+", default=None,
                         help="one class for every image, or one per image (conditional priors)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy (the most likely code each time)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=0.0,
+                        help="classifier-free guidance s: logits cond + s * (cond - uncond) (priors trained with "
+                             "--label-dropout)")
+    parser.add_argument("--method", default=None, choices=["cached", "naive", "graph"],
+                        help="cached (default where the arch has it), naive (one full forward per code), or graph "
+                             "(CUDA graphs; needs a GPU)")
+    parser.add_argument("--precision", default="float64", choices=["float64", "float32"],
+                        help="the dtype the prior runs in while sampling (the codes are the same)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
@@ -63,8 +72,8 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     mine = shard_range(args.num_images, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        for stale in [*output.glob("image_*.png"), *output.glob(".codes.part*.npy"), output / "grid.png",
-                      output / "codes.npy"]:  # an earlier, larger run must leave no images behind
+        for stale in [*output.glob("image_*.png"), *output.glob(".codes*.part*.npy"), *output.glob("codes*.npy"),
+                      output / "grid.png"]:  # an earlier, larger run must leave no images behind
             stale.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     started = time.perf_counter()
@@ -73,22 +82,28 @@ def generate(argv: Sequence[str] | None = None) -> dict:
         batches = pipeline.iter_generate(len(mine), labels=None if all_labels is None else all_labels[mine.start:mine.stop],
                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                          seed=args.seed, batch_size=args.batch_size, first_index=mine.start,
-                                         progress=args.progress and accelerator.is_main_process)
+                                         progress=args.progress and accelerator.is_main_process,
+                                         guidance_scale=args.guidance_scale, method=args.method,
+                                         precision=args.precision)
         index = mine.start
         for images, codes in batches:
             for image in convert_images(images, "pil"):
                 image.save(output / f"image_{index:05d}.png")
                 index += 1
-            parts.append(codes.numpy())
-    part_path = output / f".codes.part{accelerator.process_index}.npy"
-    np.save(part_path, np.concatenate(parts) if parts else np.empty((0, *pipeline.tokenizer.latent_shape), np.int64))
+            parts.append(codes if isinstance(codes, dict) else {"codes": codes})
+    shapes = pipeline.tokenizer.level_shapes
+    for name, shape in shapes.items():  # each process writes its share of each level; the main one joins them
+        share = np.concatenate([part[name].numpy() for part in parts]) if parts else np.empty((0, *shape), np.int64)
+        np.save(output / f".{_codes_file(name, pipeline)}.part{accelerator.process_index}.npy", share)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:
-        part_paths = [output / f".codes.part{rank}.npy" for rank in range(accelerator.num_processes)]
-        np.save(output / "codes.npy", np.concatenate([np.load(path) for path in part_paths]))
-        for path in part_paths:
-            path.unlink()
+        for name in shapes:
+            file = _codes_file(name, pipeline)
+            part_paths = [output / f".{file}.part{rank}.npy" for rank in range(accelerator.num_processes)]
+            np.save(output / f"{file}.npy", np.concatenate([np.load(path) for path in part_paths]))
+            for path in part_paths:
+                path.unlink()
         first = [np.asarray(Image.open(output / f"image_{k:05d}.png")) for k in range(min(GRID_IMAGES, args.num_images))]
         grid = torch.from_numpy(np.stack(first)).float().div(127.5).sub(1)  # (n, H, W[, C]) in [-1, 1]
         grid = grid[:, None] if grid.ndim == 3 else grid.permute(0, 3, 1, 2)
@@ -99,6 +114,10 @@ def generate(argv: Sequence[str] | None = None) -> dict:
         print(json.dumps(summary))
         return summary
     return {}
+
+
+def _codes_file(level: str, pipeline: Pipeline) -> str:
+    return "codes" if not pipeline.is_chain else f"codes_{level}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

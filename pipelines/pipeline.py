@@ -1,7 +1,12 @@
-"""`Pipeline`: a tokenizer and a prior that agree on codes, with one entry point, `generate()`.
+"""`Pipeline`: a tokenizer and the chain of priors that generates its codes, with one entry point, `generate()`.
 
     pipe = Pipeline.from_pretrained("runs/quickstart/pipeline")   # on the GPU when there is one
     out = pipe.generate(16, labels=3, seed=0)                      # out.images: 16 PIL images of a 3
+
+A one-level tokenizer (a VQVAE, or a PixelTokenizer for pixel-space models) has one prior. A
+two-level VQ-VAE-2 tokenizer has a chain: the top prior, then the bottom prior conditioned on the
+top codes. Each prior records the sha256 of the tokenizer weights its codes came from; a pair that
+does not match is refused (`check_provenance=False` for experts who know better).
 """
 from __future__ import annotations
 
@@ -18,11 +23,13 @@ from PIL import Image
 from shared.config import read_json, write_json_atomic
 from shared.errors import UserError
 from shared.pretrained import staged_folder
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.pixels import load_tokenizer
 from stage2_prior.prior import Prior
+from stage2_prior.sampling import SEED_STRIDE
 
 PIPELINE_NAME = "pipeline.json"
-PIPELINE_FORMAT_VERSION = 1
+PIPELINE_FORMAT_VERSION = 1  # one prior
+CHAIN_FORMAT_VERSION = 2  # a chain of priors, one per level
 OUTPUT_TYPES = ("pil", "pt", "np")
 # generate() decodes in padded chunks of this fixed size: convolution kernels may round differently
 # for different batch sizes, and a fixed size keeps images bit-identical for any batch_size or split.
@@ -32,90 +39,143 @@ DECODE_CHUNK = 16
 @dataclass
 class GenerationOutput:
     images: Any  # list of PIL images, (N, C, H, W) float tensor in [0, 1] ("pt"), or (N, H, W, C) uint8 ("np")
-    codes: torch.Tensor  # (N, h, w) int64
+    codes: Any  # (N, h, w[, D]) int64, or {level: codes} for a chain of priors
 
 
 class Pipeline:
     """Prior sampling chained with decoding. Shapes and sizes are read from the parts' configs."""
 
-    def __init__(self, tokenizer: VQVAE, prior: Prior) -> None:
-        if prior.config.vocab_size != tokenizer.config.codebook_size:
-            raise UserError(f"the prior's vocab_size {prior.config.vocab_size} differs from the tokenizer's "
-                            f"codebook_size {tokenizer.config.codebook_size}; train the prior on this tokenizer's codes")
-        if tuple(prior.config.latent_shape) != tuple(tokenizer.latent_shape):
-            raise UserError(f"the prior's latent_shape {tuple(prior.config.latent_shape)} differs from the tokenizer's "
-                            f"{tuple(tokenizer.latent_shape)}; train the prior on this tokenizer's codes")
+    def __init__(self, tokenizer, prior: Prior | list[Prior], check_provenance: bool = True) -> None:
+        priors = list(prior) if isinstance(prior, (list, tuple)) else [prior]
+        check_chain(tokenizer, priors)
+        if check_provenance:
+            check_provenance_of(tokenizer, priors)
         self.tokenizer = tokenizer.eval()
-        self.prior = prior.eval()
+        self.priors = [member.eval() for member in priors]
+
+    @property
+    def prior(self) -> Prior:
+        """The prior of a one-level pipeline (the last of a chain)."""
+        return self.priors[-1]
+
+    @property
+    def is_chain(self) -> bool:
+        return len(self.priors) > 1
 
     # ------------------------------------------------------------------------------------------
     # Saving and loading
     # ------------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write pipeline.json + tokenizer/ + prior/ into a new folder (built aside, then renamed)."""
+        """Write pipeline.json + tokenizer/ + prior/ (a chain: prior_<level>/ each) into a new folder."""
         directory = Path(directory)
         if directory.exists():
             raise UserError(f"{directory} already exists; remove it or choose another folder")
         with staged_folder(directory) as staging:
             self.tokenizer.save_pretrained(staging / "tokenizer")
-            self.prior.save_pretrained(staging / "prior")
-            write_json_atomic(staging / PIPELINE_NAME, {"_class_name": "Pipeline",
-                                                        "format_version": PIPELINE_FORMAT_VERSION,
-                                                        "tokenizer": "tokenizer", "prior": "prior"})
+            if not self.is_chain:
+                self.prior.save_pretrained(staging / "prior")
+                values = {"format_version": PIPELINE_FORMAT_VERSION, "tokenizer": "tokenizer", "prior": "prior"}
+            else:
+                names = [f"prior_{member.config.level}" for member in self.priors]
+                for name, member in zip(names, self.priors):
+                    member.save_pretrained(staging / name)
+                values = {"format_version": CHAIN_FORMAT_VERSION, "tokenizer": "tokenizer", "priors": names}
+            write_json_atomic(staging / PIPELINE_NAME, {"_class_name": "Pipeline", **values})
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> "Pipeline":
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+                        check_provenance: bool = True) -> "Pipeline":
         """Load a pipeline folder onto `device` (default: the Accelerate device, a GPU when present)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise UserError(f"pipeline folder {directory} does not exist; pass a folder written by Pipeline.save_pretrained")
-        missing = [part for part in (PIPELINE_NAME, "tokenizer", "prior") if not (directory / part).exists()]
+        if not (directory / PIPELINE_NAME).is_file():
+            raise UserError(f"pipeline folder {directory} is incomplete: {PIPELINE_NAME} missing; "
+                            "re-save it with Pipeline.save_pretrained")
+        values = read_json(directory / PIPELINE_NAME)
+        version = values.get("format_version")
+        if values.get("_class_name") != "Pipeline" or version not in (PIPELINE_FORMAT_VERSION, CHAIN_FORMAT_VERSION):
+            raise UserError(f"{directory / PIPELINE_NAME} is not a version-1 or -2 pipeline file")
+        names = [values.get("prior")] if version == PIPELINE_FORMAT_VERSION else list(values.get("priors") or [])
+        parts = [values.get("tokenizer"), *names]
+        missing = [str(part) for part in parts if not isinstance(part, str) or not (directory / part).exists()]
         if missing:
             raise UserError(f"pipeline folder {directory} is incomplete: {', '.join(missing)} missing; "
                             "re-save it with Pipeline.save_pretrained")
-        values = read_json(directory / PIPELINE_NAME)
-        if values.get("_class_name") != "Pipeline" or values.get("format_version") != PIPELINE_FORMAT_VERSION:
-            raise UserError(f"{directory / PIPELINE_NAME} is not a version-{PIPELINE_FORMAT_VERSION} pipeline file")
-        pipeline = cls(VQVAE.from_pretrained(directory / values["tokenizer"]),
-                       Prior.from_pretrained(directory / values["prior"]))
+        priors = [Prior.from_pretrained(directory / name) for name in names]
+        pipeline = cls(load_tokenizer(directory / values["tokenizer"]), priors, check_provenance)
         return pipeline.to(device if device is not None else default_device())
 
     def to(self, device: str | torch.device) -> "Pipeline":
         self.tokenizer.to(device)
-        self.prior.to(device)
+        for member in self.priors:
+            member.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(self.prior.parameters()).device
+        return self.prior.device
 
     # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
 
+    @property
+    def num_classes(self) -> int | None:
+        return next((member.config.num_classes for member in self.priors if member.config.num_classes), None)
+
     def resolve_labels(self, num_images: int, labels: int | list[int] | torch.Tensor | None,
                        seed: int) -> torch.Tensor | None:
-        """Labels (num_images,) for a conditional prior; None for an unconditional one."""
-        num_classes = self.prior.config.num_classes
+        """Labels (num_images,) for a conditional chain; None for an unconditional one."""
+        num_classes = self.num_classes
         if labels is None:
             if num_classes is None:
                 return None
             # a conditional prior without labels: classes drawn from the seed, the same for any batch split
             return torch.randint(0, num_classes, (num_images,), generator=torch.Generator().manual_seed(seed))
+        if num_classes is None:
+            raise UserError("this pipeline's priors are unconditional: pass labels=None")
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.ndim == 0:
             labels = labels.expand(num_images)
         if labels.shape != (num_images,):
             raise UserError(f"labels must be an int or {num_images} ints, got {tuple(labels.shape)}")
-        self.prior.check_labels(labels, num_images)
+        for member in self.priors:
+            if member.config.num_classes:
+                member.check_labels(labels, num_images)
         return labels
+
+    def _sample_chain(self, count: int, labels: torch.Tensor | None, seed: int, first_index: int,
+                      options: dict[str, Any], known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """Codes of every level for `count` images, each level's prior conditioned on the earlier ones.
+        Level k draws its uniforms from seed + k * SEED_STRIDE, so levels do not share them."""
+        codes: dict[str, torch.Tensor] = {}
+        for index, member in enumerate(self.priors):
+            config = member.config
+            member_labels = None if config.num_classes is None or labels is None else labels.to(member.device)
+            condition = codes[config.condition_level] if config.condition_level else None
+            level_seed = (seed + index * SEED_STRIDE) % 2 ** 62
+            common = dict(labels=member_labels, condition=condition, seed=level_seed, sample_offset=first_index,
+                          **options)
+            if known is not None:
+                known_codes, known_mask = known[config.level or "codes"]
+                codes[config.level or "codes"] = member.complete(known_codes, known_mask, **common)
+            else:
+                codes[config.level or "codes"] = member.sample(count, **common)
+        return codes
+
+    def _public(self, codes: dict[str, torch.Tensor]) -> Any:
+        return codes if self.is_chain else next(iter(codes.values()))
 
     def iter_generate(self, num_images: int, *, labels=None, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
-                      first_index: int = 0, progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images (b, C, H, W) in [0, 1] on the CPU, codes (b, h, w)) batch by batch.
+                      first_index: int = 0, progress: bool = True, guidance_scale: float = 0.0,
+                      strategy: str = "sample", method: str | None = None, precision: str = "float64"
+                      ) -> Iterator[tuple[torch.Tensor, Any]]:
+        """Yield (images (b, C, H, W) in [0, 1] on the CPU, codes) batch by batch.
 
         Image k is a function of (seed, first_index + k) alone. `labels` covers the num_images
         images of this call.
@@ -129,36 +189,40 @@ class Pipeline:
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
         all_labels = self.resolve_labels(num_images, labels, seed)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                       strategy=strategy, method=method, precision=precision)
         batch_size = batch_size or min(num_images, 64)
         with tqdm(total=num_images, desc="generating", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, num_images, batch_size):
                 count = min(batch_size, num_images - start)
                 batch_labels = None if all_labels is None else all_labels[start:start + count]
                 with torch.inference_mode():
-                    codes = self.prior.sample(count, labels=batch_labels, temperature=temperature, top_k=top_k,
-                                              top_p=top_p, seed=seed, sample_offset=first_index + start)
-                    images = self.decode_in_fixed_chunks(codes.to(self.device))
+                    codes = self._sample_chain(count, batch_labels, seed, first_index + start, options)
+                    images = self.decode_in_fixed_chunks(self._public(codes))
                 bar.update(count)
-                yield images.float().add(1).div(2).clamp(0, 1).cpu(), codes.cpu()
+                yield images.float().add(1).div(2).clamp(0, 1).cpu(), _to_cpu(self._public(codes))
 
     def generate(self, num_images: int, *, labels=None, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
-                 output_type: str = "pil", progress: bool = True) -> GenerationOutput:
-        """Sample `num_images` code grids from the prior and decode them.
+                 output_type: str = "pil", progress: bool = True, guidance_scale: float = 0.0,
+                 strategy: str = "sample", method: str | None = None, precision: str = "float64") -> GenerationOutput:
+        """Sample `num_images` code grids from the prior chain and decode them.
 
         labels: an int (every image), a list of num_images ints, or None: an unconditional prior
         samples freely; a class-conditional one draws each image's class uniformly from the seed.
         The same seed gives the same images whatever `batch_size` is; seed=None draws one.
+        guidance_scale, strategy ("sample" or "greedy"), method and precision: see `Prior.sample`.
         Returns `.images` as `output_type` ("pil": PIL images, "pt": (N, C, H, W) float in [0, 1],
-        "np": (N, H, W, C) uint8) and `.codes` (N, h, w).
+        "np": (N, H, W, C) uint8) and `.codes` (N, h, w[, D]), or a dict per level for a chain.
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         batches = list(self.iter_generate(num_images, labels=labels, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, seed=seed, batch_size=batch_size, progress=progress))
+                                          top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
+                                          guidance_scale=guidance_scale, strategy=strategy, method=method,
+                                          precision=precision))
         images = torch.cat([images for images, _ in batches])
-        codes = torch.cat([codes for _, codes in batches])
-        return GenerationOutput(convert_images(images, output_type), codes)
+        return GenerationOutput(convert_images(images, output_type), _concatenate([codes for _, codes in batches]))
 
     # ------------------------------------------------------------------------------------------
     # Encoding, decoding, completion
@@ -172,26 +236,30 @@ class Pipeline:
                             f"got {tuple(images.shape)}")
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> codes (B, h, w)."""
+    def encode(self, images: torch.Tensor) -> Any:
+        """Images (B, C, H, W) in [-1, 1] -> codes (B, h, w[, D]), or a dict per level."""
         self.check_images(images)
         return self.tokenizer.encode(images.to(self.device))
 
     @torch.inference_mode()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, h, w) -> images (B, C, H, W) in [-1, 1]."""
-        return self.tokenizer.decode(codes.to(self.device))
+    def decode(self, codes: Any) -> torch.Tensor:
+        """Codes as `encode` returns them -> images (B, C, H, W) in [-1, 1]."""
+        return self.tokenizer.decode(_to(codes, self.device))
 
     @torch.inference_mode()
-    def decode_in_fixed_chunks(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_in_fixed_chunks(self, codes: Any) -> torch.Tensor:
         """decode(), always on batches of DECODE_CHUNK (the last one padded): results do not depend on len(codes)."""
+        total = len(next(iter(codes.values()))) if isinstance(codes, dict) else len(codes)
         parts = []
-        for start in range(0, len(codes), DECODE_CHUNK):
-            chunk = codes[start:start + DECODE_CHUNK]
-            padding = DECODE_CHUNK - len(chunk)
-            if padding:
-                chunk = torch.cat([chunk, chunk[:1].expand(padding, *chunk.shape[1:])])
-            parts.append(self.tokenizer.decode(chunk)[:DECODE_CHUNK - padding])
+        for start in range(0, total, DECODE_CHUNK):
+            padding = DECODE_CHUNK - min(DECODE_CHUNK, total - start)
+
+            def chunk_of(grid: torch.Tensor) -> torch.Tensor:
+                chunk = grid[start:start + DECODE_CHUNK]
+                return torch.cat([chunk, chunk[:1].expand(padding, *chunk.shape[1:])]) if padding else chunk
+
+            chunk = {name: chunk_of(grid) for name, grid in codes.items()} if isinstance(codes, dict) else chunk_of(codes)
+            parts.append(self.tokenizer.decode(_to(chunk, self.device))[:DECODE_CHUNK - padding])
         return torch.cat(parts)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -199,30 +267,91 @@ class Pipeline:
         return self.decode(self.encode(images))
 
     def complete(self, images: torch.Tensor, known_mask: torch.Tensor, *, labels=None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> GenerationOutput:
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 guidance_scale: float = 0.0, method: str | None = None, precision: str = "float64"
+                 ) -> GenerationOutput:
         """Fill in the unknown part of images (B, C, H, W) in [-1, 1].
 
-        known_mask (B, H, W) bool marks known pixels. A latent cell keeps its code only when all its
-        pixels are known; the other cells are sampled in raster order, then everything is decoded.
-        labels as in generate() (drawn from the seed for a conditional prior when None).
-        Returns images in [0, 1] (B, C, H, W) and the codes.
+        known_mask (B, H, W) bool marks known pixels. A code keeps its value only when every pixel
+        it covers is known (in pixel mode: the pixel itself); the others are sampled in raster order,
+        level by level, then everything is decoded. labels as in generate() (drawn from the seed for
+        a conditional prior when None). Returns images in [0, 1] (B, C, H, W) and the codes.
         """
         self.check_images(images)
         if known_mask.shape != (images.shape[0], *images.shape[2:]):
             raise UserError(f"known_mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, "
                             f"got {tuple(known_mask.shape)}")
-        factor = self.tokenizer.config.downsample_factor
-        unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
-        known_cells = F.max_pool2d(unknown, factor)[:, 0] == 0  # (B, h, w): every pixel of the cell known
         codes = self.encode(images)
+        levels = codes if isinstance(codes, dict) else {"codes": codes}
+        unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
+        known = {}
+        for name, grid in levels.items():
+            factor = images.shape[2] // grid.shape[1]
+            cells = F.max_pool2d(unknown, factor)[:, 0] == 0 if factor > 1 else unknown[:, 0] == 0  # (B, h, w)
+            cells = cells.to(grid.device)
+            known[name] = (grid, cells[..., None].expand(grid.shape) if grid.ndim == 4 else cells)
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
         labels = self.resolve_labels(images.shape[0], labels, seed)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                       method=method, precision=precision)
         with torch.inference_mode():
-            completed = self.prior.complete(codes, known_cells.to(codes.device), labels=labels, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, seed=seed)
-            decoded = self.tokenizer.decode(completed)
-        return GenerationOutput(decoded.float().add(1).div(2).clamp(0, 1).cpu(), completed.cpu())
+            completed = self._sample_chain(images.shape[0], labels, seed, 0, options, known=known)
+            decoded = self.tokenizer.decode(self._public(completed))
+        return GenerationOutput(decoded.float().add(1).div(2).clamp(0, 1).cpu(), _to_cpu(self._public(completed)))
+
+
+def check_chain(tokenizer, priors: list[Prior]) -> None:
+    """The priors generate the tokenizer's levels in order, each conditioned on what came before it."""
+    names = list(getattr(tokenizer, "level_names", ("codes",)))
+    shapes = tokenizer.level_shapes
+    if len(priors) != len(names):
+        raise UserError(f"the tokenizer has {len(names)} level(s) ({', '.join(names)}) but the pipeline has "
+                        f"{len(priors)} prior(s); pass one prior per level, in order")
+    for index, (name, member) in enumerate(zip(names, priors)):
+        config = member.config
+        level = config.level or "codes"
+        if len(names) > 1 and level != name:
+            raise UserError(f"prior {index + 1} of the chain models level {level!r}, the tokenizer's level {index + 1} "
+                            f"is {name!r}: the chain is out of order; list the priors as {', '.join(names)}")
+        shape = tuple(shapes[name])
+        expected = tuple(config.latent_shape) if config.depth == 1 else (*config.latent_shape, config.depth)
+        if config.vocab_size != tokenizer.codebook_size:
+            raise UserError(f"the prior's vocab_size {config.vocab_size} differs from the tokenizer's "
+                            f"codebook_size {tokenizer.codebook_size}; train the prior on this tokenizer's codes")
+        if expected != shape:
+            raise UserError(f"the prior's latent_shape {expected} differs from the tokenizer's {shape} "
+                            f"(level {name}); train the prior on this tokenizer's codes")
+        if config.condition_level is not None and config.condition_level not in names[:index]:
+            raise UserError(f"prior {level!r} is conditioned on level {config.condition_level!r}, which no earlier "
+                            "prior of the chain generates; put that level's prior first")
+
+
+def check_provenance_of(tokenizer, priors: list[Prior]) -> None:
+    """Refuse a prior trained on another tokenizer's codes (same codebook size, other meaning)."""
+    recorded = [member.config.tokenizer_sha256 for member in priors if member.config.tokenizer_sha256]
+    if not recorded:
+        return  # priors saved before provenance was recorded: nothing to check
+    actual = tokenizer.weights_sha256()
+    for digest in recorded:
+        if digest != actual:
+            raise UserError(f"the prior was trained on codes of another tokenizer (sha256 {digest[:12]}...), not this "
+                            f"one ({actual[:12]}...): its codes would decode to garbage; pass the tokenizer that made "
+                            "its codes (or check_provenance=False if you know better)")
+
+
+def _to(codes: Any, device: torch.device) -> Any:
+    return {name: grid.to(device) for name, grid in codes.items()} if isinstance(codes, dict) else codes.to(device)
+
+
+def _to_cpu(codes: Any) -> Any:
+    return _to(codes, torch.device("cpu"))
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    if isinstance(parts[0], dict):
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    return torch.cat(parts)
 
 
 def default_device() -> torch.device:
@@ -239,5 +368,3 @@ def convert_images(images: torch.Tensor, output_type: str) -> Any:
     if output_type == "np":
         return pixels
     return [Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image) for image in pixels]
-
-

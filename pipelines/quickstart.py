@@ -21,7 +21,7 @@ from shared.config import parse_args
 from shared.data import DataConfig, load_split, save_image_grid
 from shared.errors import UserError, run_cli
 from stage1_vqvae.export import export
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.pixels import load_tokenizer
 from stage1_vqvae.train import train as train_tokenizer
 from stage2_prior.prior import Prior
 from stage2_prior.train import train as train_prior
@@ -72,7 +72,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     prior_metrics = train_prior(["--codes", str(output / "codes"), "--output-dir", str(output / "prior"),
                                  *prior_flags, *common])
     print("[4/4] saving the pipeline and drawing samples", file=sys.stderr)
-    pipeline = Pipeline(VQVAE.from_pretrained(output / "tokenizer"), Prior.from_pretrained(output / "prior"))
+    pipeline = Pipeline(load_tokenizer(output / "tokenizer"), Prior.from_pretrained(output / "prior"))
     pipeline.save_pretrained(output / "pipeline")
     labels = torch.arange(10).repeat_interleave(SAMPLES_PER_CLASS)  # one row per digit
     samples = pipeline.generate(len(labels), labels=labels.tolist(), seed=args.seed, output_type="pt",

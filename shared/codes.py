@@ -1,12 +1,19 @@
 """Codes datasets: integer code grids exported once by stage 1, read by stage 2 and by anyone else.
 
-A codes folder is either a `datasets` folder written with `save_to_disk` (columns `codes` (h, w),
-`label` when the source had labels, `source_index`) or, with `--format npy`, `codes.npy` (N, h, w)
-+ `labels.npy`; both carry `codes.json` with everything needed to trust and reuse them.
+A codes folder is either a `datasets` folder written with `save_to_disk` or, with `--format npy`,
+one `.npy` array per column + `labels.npy`; both carry `codes.json` with everything needed to trust
+and reuse them. Columns: `codes` (h, w) for a one-level tokenizer (h, w, D with a stack of D codes
+per position: residual quantizers, colour pixels), or one column per level of a hierarchical one
+(`codes_top`, `codes_bottom`); `label` when the source has labels; `source_index`.
+
+`codes.json`: format 1 (a single level of one code per position, as the first release wrote it)
+has `vocab_size`, `latent_shape` and `dtype` at the top; format 2 describes each level in `levels`
+(name, column, vocab_size, latent_shape, depth, dtype) and names the tokenizer's class.
 
     from shared.codes import open_codes
     codes, metadata = open_codes("runs/codes")      # memory-mapped, validated against codes.json
     grids, labels = codes[:16]                       # int16 (16, h, w) as stored, int64 (16,) (-1: no label)
+    top = codes.level_view("bottom", condition_level="top")   # items: (bottom, label, top)
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from shared.errors import UserError
 from shared.pretrained import WEIGHTS_NAME, file_sha256
 
 CODES_META_NAME = "codes.json"
-CODES_FORMAT_VERSION = 1
+CODES_FORMAT_VERSION = 2
+SINGLE_LEVEL = "codes"
 
 
 def codes_dtype(vocab_size: int) -> str:
@@ -31,17 +39,33 @@ def codes_dtype(vocab_size: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class LevelInfo:
+    """One grid of codes per row: its column and what it holds."""
+
+    name: str  # "codes", or "top" / "bottom"
+    column: str  # "codes", or "codes_top" / "codes_bottom"
+    vocab_size: int
+    latent_shape: tuple[int, int]
+    depth: int  # codes per position
+    dtype: str
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Shape of one row's codes: (h, w), or (h, w, depth)."""
+        return tuple(self.latent_shape) if self.depth == 1 else (*self.latent_shape, self.depth)
+
+
+@dataclasses.dataclass(frozen=True)
 class CodesMetadata:
     """The contents of codes.json."""
 
     format_version: int
     format: str  # "arrow" or "npy"
-    vocab_size: int
-    latent_shape: tuple[int, int]
-    dtype: str
+    levels: tuple[LevelInfo, ...]  # in generation order (top before bottom)
     num_rows: int
     has_labels: bool
     label_names: list[str] | None
+    tokenizer_class: str  # "VQVAE" or "PixelTokenizer"
     tokenizer_config: dict[str, Any]
     tokenizer_sha256: str
     tokenizer_path: str  # where the tokenizer was at export time; trust it only if the hash still matches
@@ -51,24 +75,82 @@ class CodesMetadata:
     def num_classes(self) -> int | None:
         return len(self.label_names) if self.label_names else None
 
+    def level(self, name: str | None = None) -> LevelInfo:
+        """The level called `name`, or the only one."""
+        if name is None:
+            if len(self.levels) > 1:
+                raise UserError(f"these codes have levels {', '.join(self.level_names)}: pick one with --level")
+            return self.levels[0]
+        for level in self.levels:
+            if level.name == name:
+                return level
+        raise UserError(f"these codes have no level {name!r} (levels: {', '.join(self.level_names)}); fix --level "
+                        "or --condition-level, or export a tokenizer with that level")
+
+    @property
+    def level_names(self) -> list[str]:
+        return [level.name for level in self.levels]
+
+    # the single level's facts, as format 1 offered them
+    @property
+    def vocab_size(self) -> int:
+        return self.level().vocab_size
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.level().latent_shape
+
+    @property
+    def dtype(self) -> str:
+        return self.level().dtype
+
+    @property
+    def is_first_format(self) -> bool:
+        """A single level of one code per position from a VQVAE: written as format 1, as it always was."""
+        return (len(self.levels) == 1 and self.levels[0].depth == 1 and self.levels[0].name == SINGLE_LEVEL
+                and self.tokenizer_class == "VQVAE")
+
     def to_json(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["latent_shape"] = list(self.latent_shape)
-        return values
+        common = {"num_rows": self.num_rows, "has_labels": self.has_labels, "label_names": self.label_names,
+                  "tokenizer_config": self.tokenizer_config, "tokenizer_sha256": self.tokenizer_sha256,
+                  "tokenizer_path": self.tokenizer_path, "source": self.source}
+        if self.is_first_format:
+            level = self.levels[0]
+            return {"format_version": 1, "format": self.format, "vocab_size": level.vocab_size,
+                    "latent_shape": list(level.latent_shape), "dtype": level.dtype, **common}
+        levels = [{**dataclasses.asdict(level), "latent_shape": list(level.latent_shape)} for level in self.levels]
+        return {"format_version": 2, "format": self.format, "levels": levels, "tokenizer_class": self.tokenizer_class,
+                **common}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], where: str) -> "CodesMetadata":
-        names = {field.name for field in dataclasses.fields(cls)}
-        missing = sorted(names - set(values))
+        version = values.get("format_version")
+        if version == 1:
+            expected = {"format_version", "format", "vocab_size", "latent_shape", "dtype", "num_rows", "has_labels",
+                        "label_names", "tokenizer_config", "tokenizer_sha256", "tokenizer_path", "source"}
+        elif version == 2:
+            expected = {"format_version", "format", "levels", "tokenizer_class", "num_rows", "has_labels",
+                        "label_names", "tokenizer_config", "tokenizer_sha256", "tokenizer_path", "source"}
+        else:
+            raise UserError(f"{where} has format_version {version}, this vqprior reads 1 and 2; re-export the codes")
+        missing = sorted(expected - set(values))
         if missing:
             raise UserError(f"{where} lacks {', '.join(missing)}; re-export the codes with vqvae-export")
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - expected)
         if unknown:
             raise UserError(f"{where}: unknown key {unknown[0]!r}; was it written by a newer vqprior?")
-        if values["format_version"] != CODES_FORMAT_VERSION:
-            raise UserError(f"{where} has format_version {values['format_version']}, this vqprior reads "
-                            f"{CODES_FORMAT_VERSION}; re-export the codes")
-        return cls(**{**values, "latent_shape": tuple(values["latent_shape"])})
+        common = {key: values[key] for key in ("format", "num_rows", "has_labels", "label_names", "tokenizer_config",
+                                               "tokenizer_sha256", "tokenizer_path", "source")}
+        if version == 1:
+            level = LevelInfo(SINGLE_LEVEL, "codes", values["vocab_size"], tuple(values["latent_shape"]), 1,
+                              values["dtype"])
+            return cls(format_version=1, levels=(level,), tokenizer_class="VQVAE", **common)
+        try:
+            levels = tuple(LevelInfo(**{**level, "latent_shape": tuple(level["latent_shape"])})
+                           for level in values["levels"])
+        except TypeError as error:
+            raise UserError(f"{where}: a level is malformed ({error}); re-export the codes") from None
+        return cls(format_version=2, levels=levels, tokenizer_class=values["tokenizer_class"], **common)
 
 
 class CodeGrids:
@@ -109,41 +191,63 @@ class CodeGrids:
 
 
 class CodesDataset(torch.utils.data.Dataset):
-    """A codes split: item i is (codes (h, w) in the stored int type, label int64, -1 if none).
+    """A codes split: item i is (codes in the stored int type, label int64, -1 if none), and with a
+    condition level also the condition codes. The codes are those of `level` (the only level by
+    default; every level as a dict when there are several and none is chosen).
 
     Codes stay memory-mapped in their stored type (int16 for vocabularies up to 32,767): a batch is
     gathered from the file when asked for, and widened only where the model embeds it.
     """
 
-    def __init__(self, grids: CodeGrids, labels: torch.Tensor, metadata: CodesMetadata,
-                 rows: np.ndarray | None = None) -> None:
-        self.grids = grids
+    def __init__(self, grids: dict[str, CodeGrids], labels: torch.Tensor, metadata: CodesMetadata,
+                 rows: np.ndarray | None = None, level: str | None = None, condition_level: str | None = None) -> None:
+        self.grids = grids  # level name -> its column
         self.labels = labels  # (N,) int64 for the selected rows
         self.metadata = metadata
-        self.rows = rows  # which rows of `grids` this dataset holds (None: all)
+        self.rows = rows  # which rows of the columns this dataset holds (None: all)
+        self.level = level if level is not None or len(grids) > 1 else next(iter(grids))
+        self.condition_level = condition_level
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
-        rows = indices if self.rows is None else self.rows[indices]
-        codes = torch.from_numpy(np.ascontiguousarray(self.grids.gather(np.atleast_1d(rows))))
-        labels = self.labels[torch.as_tensor(np.atleast_1d(indices))]
-        return (codes[0], labels[0]) if np.ndim(indices) == 0 else (codes, labels)
+    def _gather(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.grids[name].gather(rows)))
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: Any) -> tuple:
+        indices = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        rows = np.atleast_1d(indices if self.rows is None else self.rows[indices])
+        codes = (self._gather(self.level, rows) if self.level is not None
+                 else {name: self._gather(name, rows) for name in self.grids})
+        labels = self.labels[torch.as_tensor(np.atleast_1d(indices))]
+        item = (codes, labels)
+        if self.condition_level is not None:
+            item = (codes, labels, self._gather(self.condition_level, rows))
+        if np.ndim(indices) == 0:
+            return tuple(value[0] if isinstance(value, torch.Tensor) else {k: v[0] for k, v in value.items()}
+                         for value in item)
+        return item
+
+    def __getitems__(self, indices: list[int]) -> tuple:
         return self[np.asarray(indices, dtype=np.int64)]
 
     @property
     def codes(self) -> torch.Tensor:
-        """Every selected grid, read into memory (for small datasets and tests)."""
+        """Every selected grid of the chosen level, read into memory (for small datasets and tests)."""
         return self[np.arange(len(self))][0]
 
     def subset(self, indices: np.ndarray | torch.Tensor) -> "CodesDataset":
         indices = np.asarray(indices, dtype=np.int64)
         rows = indices if self.rows is None else self.rows[indices]
-        return CodesDataset(self.grids, self.labels[torch.from_numpy(indices)], self.metadata, rows)
+        return CodesDataset(self.grids, self.labels[torch.from_numpy(indices)], self.metadata, rows, self.level,
+                            self.condition_level)
+
+    def level_view(self, level: str | None, condition_level: str | None = None) -> "CodesDataset":
+        """The same rows with items of `level` (and the codes of `condition_level` as a third element)."""
+        info = self.metadata.level(level)
+        if condition_level is not None:
+            self.metadata.level(condition_level)
+        return CodesDataset(self.grids, self.labels, self.metadata, self.rows, info.name, condition_level)
 
 
 def read_codes_metadata(path: str | Path) -> CodesMetadata:
@@ -171,11 +275,17 @@ def open_codes(path: str | Path, tokenizer_dir: str | Path | None = None) -> tup
     return CodesDataset(grids, labels, metadata), metadata
 
 
-def find_tokenizer(metadata: CodesMetadata) -> Path | None:
-    """The tokenizer folder recorded in codes.json, if it is still there with the same weights."""
+def find_tokenizer(metadata: CodesMetadata) -> Any:
+    """The tokenizer that made the codes, if it can be had: a pixel tokenizer is rebuilt from its
+    config; a folder is loaded if it is still where it was, with the same weights. Else None."""
+    from stage1_vqvae.pixels import PixelTokenizer, PixelTokenizerConfig
+    from stage1_vqvae.model import VQVAE
+
+    if metadata.tokenizer_class == "PixelTokenizer":
+        return PixelTokenizer(PixelTokenizerConfig(**metadata.tokenizer_config))
     weights = Path(metadata.tokenizer_path) / WEIGHTS_NAME
     if weights.is_file() and file_sha256(weights) == metadata.tokenizer_sha256:
-        return Path(metadata.tokenizer_path)
+        return VQVAE.from_pretrained(metadata.tokenizer_path)
     return None
 
 
@@ -190,16 +300,19 @@ def check_tokenizer_matches(metadata: CodesMetadata, tokenizer_dir: str | Path, 
                         "pass the tokenizer that made them or re-export")
 
 
-def _read_npy(path: Path, metadata: CodesMetadata) -> tuple[CodeGrids, torch.Tensor]:
+def _read_npy(path: Path, metadata: CodesMetadata) -> tuple[dict[str, CodeGrids], torch.Tensor]:
+    grids = {}
     try:
-        codes = np.load(path / "codes.npy", mmap_mode="r")
-        labels = np.load(path / "labels.npy") if metadata.has_labels else np.full(len(codes), -1, dtype=np.int64)
+        for level in metadata.levels:
+            grids[level.name] = CodeGrids([np.load(path / f"{level.column}.npy", mmap_mode="r")])
+        num_rows = len(next(iter(grids.values())))
+        labels = (np.load(path / "labels.npy") if metadata.has_labels else np.full(num_rows, -1, dtype=np.int64))
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the arrays in {path} ({error}); re-export the codes") from None
-    return CodeGrids([codes]), torch.from_numpy(labels.astype(np.int64))
+    return grids, torch.from_numpy(labels.astype(np.int64))
 
 
-def _read_arrow(path: Path, metadata: CodesMetadata) -> tuple[CodeGrids, torch.Tensor]:
+def _read_arrow(path: Path, metadata: CodesMetadata) -> tuple[dict[str, CodeGrids], torch.Tensor]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -207,19 +320,22 @@ def _read_arrow(path: Path, metadata: CodesMetadata) -> tuple[CodeGrids, torch.T
         table = datasets.load_from_disk(str(path))
     except Exception as error:  # datasets raises several types for a broken folder
         raise UserError(f"cannot open the codes dataset {path} ({str(error).splitlines()[0]}); re-export it") from None
-    if "codes" not in table.column_names:
-        raise UserError(f"{path} has no 'codes' column; re-export it with vqvae-export")
-    stored_dtype = getattr(table.features["codes"], "dtype", None)
-    if stored_dtype != metadata.dtype:
-        raise UserError(f"codes in {path}: stored as {stored_dtype}, {CODES_META_NAME} says {metadata.dtype}; "
-                        "re-export them")
-    grids = CodeGrids(_arrow_grid_views(table, "codes", tuple(table.features["codes"].shape), path))
+    grids = {}
+    for level in metadata.levels:
+        if level.column not in table.column_names:
+            raise UserError(f"{path} has no {level.column!r} column; re-export it with vqvae-export")
+        stored_dtype = getattr(table.features[level.column], "dtype", None)
+        if stored_dtype != level.dtype:
+            raise UserError(f"codes in {path}: column {level.column} stored as {stored_dtype}, {CODES_META_NAME} says "
+                            f"{level.dtype}; re-export them")
+        shape = tuple(table.features[level.column].shape)
+        grids[level.name] = CodeGrids(_arrow_grid_views(table, level.column, shape, path))
     if metadata.has_labels:
         if "label" not in table.column_names:
             raise UserError(f"{CODES_META_NAME} in {path} says the codes have labels, but there is no 'label' column")
         labels = table.data.column("label").to_numpy().astype(np.int64)
     else:
-        labels = np.full(len(grids), -1, dtype=np.int64)
+        labels = np.full(len(table), -1, dtype=np.int64)
     return grids, torch.from_numpy(labels)
 
 
@@ -239,20 +355,22 @@ def _arrow_grid_views(table: Any, column: str, grid_shape: tuple[int, ...], path
     return views
 
 
-def _check(path: Path, metadata: CodesMetadata, grids: CodeGrids, labels: torch.Tensor) -> None:
+def _check(path: Path, metadata: CodesMetadata, grids: dict[str, CodeGrids], labels: torch.Tensor) -> None:
     where = f"codes in {path}"
-    if len(grids) != metadata.num_rows:
-        raise UserError(f"{where}: {CODES_META_NAME} says {metadata.num_rows} rows, the data has {len(grids)}; "
-                        "the export is incomplete or altered: re-export it")
-    if len(grids) and tuple(grids.shape[1:]) != tuple(metadata.latent_shape):
-        raise UserError(f"{where}: grids are {tuple(grids.shape[1:])}, {CODES_META_NAME} says "
-                        f"{tuple(metadata.latent_shape)}; re-export it")
-    if len(grids) and str(grids.dtype) != metadata.dtype:
-        raise UserError(f"{where}: dtype {grids.dtype}, {CODES_META_NAME} says {metadata.dtype}; re-export it")
-    if len(grids):
-        low, high = grids.value_range()
-        if low < 0 or high >= metadata.vocab_size:
-            raise UserError(f"{where}: values in [{low}, {high}] fall outside [0, {metadata.vocab_size}); "
-                            "re-export them with the tokenizer that made them")
+    for level in metadata.levels:
+        column = grids[level.name]
+        if len(column) != metadata.num_rows:
+            raise UserError(f"{where}: {CODES_META_NAME} says {metadata.num_rows} rows, the data has {len(column)}; "
+                            "the export is incomplete or altered: re-export it")
+        if len(column) and tuple(column.shape[1:]) != level.grid_shape:
+            raise UserError(f"{where}: grids are {tuple(column.shape[1:])}, {CODES_META_NAME} says "
+                            f"{level.grid_shape}; re-export it")
+        if len(column) and str(column.dtype) != level.dtype:
+            raise UserError(f"{where}: dtype {column.dtype}, {CODES_META_NAME} says {level.dtype}; re-export it")
+        if len(column):
+            low, high = column.value_range()
+            if low < 0 or high >= level.vocab_size:
+                raise UserError(f"{where}: values in [{low}, {high}] fall outside [0, {level.vocab_size}); "
+                                "re-export them with the tokenizer that made them")
     if metadata.label_names and len(labels) and int(labels.max()) >= len(metadata.label_names):
         raise UserError(f"{where}: labels fall outside [0, {len(metadata.label_names)}); re-export them")

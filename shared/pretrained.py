@@ -45,8 +45,7 @@ class PretrainedModel(torch.nn.Module):
         directory = Path(directory)
         config_values = {"_class_name": type(self).__name__, "format_version": FORMAT_VERSION,
                          **config_to_dict(self.config)}
-        # clone: safetensors refuses tensors that share storage, and contiguous copies are cheap here.
-        weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.state_dict().items()}
+        weights = self.weights_for_saving()
         if directory.exists():
             write_weights_atomic(directory / WEIGHTS_NAME, weights)
             write_json_atomic(directory / CONFIG_NAME, config_values)
@@ -56,13 +55,28 @@ class PretrainedModel(torch.nn.Module):
             write_json_atomic(staging / CONFIG_NAME, config_values)
         return directory
 
+    def weights_for_saving(self) -> dict[str, torch.Tensor]:
+        # clone: safetensors refuses tensors that share storage, and contiguous copies are cheap here.
+        return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.state_dict().items()}
+
+    def weights_sha256(self) -> str:
+        """sha256 of the model.safetensors that save_pretrained writes for these weights (provenance)."""
+        from safetensors.torch import save
+
+        return hashlib.sha256(save(self.weights_for_saving(), metadata={"format": "pt"})).hexdigest()
+
     @classmethod
     def from_pretrained(cls: type[ModelT], directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ModelT:
         """Rebuild a model from a folder written by `save_pretrained`, in eval mode."""
         config = load_pretrained_config(cls, directory)
         model = cls(config)
         weights = load_weights(Path(directory) / WEIGHTS_NAME, map_location)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as error:  # a tensor of another shape: the files disagree
+            detail = str(error).split("\n\t")[1] if "\n\t" in str(error) else str(error).splitlines()[0]
+            raise UserError(f"{Path(directory) / WEIGHTS_NAME} does not match {Path(directory) / CONFIG_NAME} "
+                            f"({detail.strip()}); restore the folder or re-save the model") from None
         if missing or unexpected:
             problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
             raise UserError(f"{Path(directory) / WEIGHTS_NAME} does not match its config.json ({problem}); "

@@ -40,13 +40,14 @@ TRAIN_CONFIG_NAME = "train_config.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.json"
 REPLACED = ".replaced"  # where --overwrite keeps the old run until the new one has taken a step
+BEST = "best"  # the model of the best validation step so far (a pretrained folder)
 # What a run writes into its output folder (what --overwrite replaces).
-RUN_FILES = (CHECKPOINTS, WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, TRAIN_CONFIG_NAME, "logs", "samples")
+RUN_FILES = (CHECKPOINTS, WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, TRAIN_CONFIG_NAME, "logs", "samples", BEST)
 # Settings that may change on --resume without making it a different run.
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "tokenizer", "max_steps", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
     "log_every", "report_to", "skip_nonfinite", "sample_every", "progress", "num_workers", "cache_images",
-    "strict_images"})
+    "strict_images", "keep_best"})
 # Corrupt-image paths kept in trainer_state.json (the count is always exact).
 MAX_LISTED_PROBLEMS = 1000
 
@@ -76,6 +77,8 @@ class LoopConfig:
     resume: bool = option(False, "continue from the newest good checkpoint in --output-dir")
     overwrite: bool = option(False, "replace a trained model or checkpoints already in --output-dir")
     skip_nonfinite: bool = option(False, "skip steps whose loss is NaN or inf instead of stopping")
+    keep_best: bool = option(True, "the output model is the one of the best validation step (metrics.json says "
+                                   "which); --no-keep-best keeps the last")
     progress: bool = option(True, "show a progress bar")
 
     def check(self) -> None:
@@ -188,14 +191,17 @@ def is_out_of_memory(error: BaseException) -> bool:
 class TrainingSession:
     """Owns the Accelerator, the output folder and the step loop of one training run."""
 
-    def __init__(self, config: LoopConfig, run_settings: dict[str, Any], project_name: str,
+    def __init__(self, config: LoopConfig, run_settings: dict[str, Any], project_name: str, monitor: str,
                  out_of_memory_advice: str = "lower --batch-size, or use --gradient-accumulation-steps to keep "
                                              "the effective batch") -> None:
+        """`monitor`: the validation metric (lower is better) that picks the best model for --keep-best."""
         config.check()
         check_output_dir(config, run_settings)
         self.config = config
         self.run_settings = run_settings
         self.project_name = project_name
+        self.monitor = monitor
+        self.best: dict[str, Any] | None = None  # {"step", "metrics"} of the best validation so far
         self.out_of_memory_advice = out_of_memory_advice
         self.output_dir = Path(config.output_dir).resolve()
         saved = self.output_dir / TRAIN_CONFIG_NAME
@@ -311,6 +317,7 @@ class TrainingSession:
         self.started_fresh = False
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.problems = set(state.get("corrupt_images", []))
+        self.best = state.get("best")
         self.problem_count = int(state.get("corrupt_image_count", len(self.problems)))
         if state.get("extension"):
             self.extension = ScheduleExtension(**state["extension"])
@@ -342,7 +349,7 @@ class TrainingSession:
             write_json_atomic(staging / TRAINER_STATE_NAME,
                               {"step": step, "max_steps": self.config.max_steps, "skipped_steps": self.skipped_steps,
                                "extension": dataclasses.asdict(self.extension) if self.extension else None,
-                               "corrupt_image_count": problem_count,
+                               "corrupt_image_count": problem_count, "best": self.best,
                                "corrupt_images": problems[:MAX_LISTED_PROBLEMS],
                                "num_processes": self.accelerator.num_processes, "sha256": hashes})
             shutil.rmtree(final, ignore_errors=True)
@@ -367,7 +374,7 @@ class TrainingSession:
                     if (self.output_dir / name).exists():
                         replaced.mkdir(parents=True, exist_ok=True)
                         os.replace(self.output_dir / name, replaced / name)
-            for name in (CHECKPOINTS, "logs", "samples"):
+            for name in (CHECKPOINTS, "logs", "samples", BEST):
                 if not (self.output_dir / name).exists():
                     self._created.append(self.output_dir / name)
             if not (self.output_dir / TRAIN_CONFIG_NAME).exists():
@@ -490,6 +497,7 @@ class TrainingSession:
                 accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=done)
                 if self.is_main:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                self._track_best(done, metrics)
             self.model.train()
             if self.due(done, config.save_every):
                 self.save_checkpoint(done)
@@ -504,12 +512,34 @@ class TrainingSession:
         bar.close()
         if start_step >= config.max_steps:
             metrics = evaluate(config.max_steps)
+        metrics = self._reported(metrics)
         metrics["train_seconds"] = time.perf_counter() - started
         if seconds_to_first_step is not None:
             metrics["seconds_to_first_step"] = seconds_to_first_step
         metrics["corrupt_images"] = self.problem_count
         metrics["replica_max_abs_difference"] = self.replica_difference()
         return metrics
+
+    def _track_best(self, step: int, metrics: dict[str, float]) -> None:
+        """Keep the model of the best validation so far in output/best (for --keep-best)."""
+        value = metrics.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return
+        if self.best is not None and value >= self.best["metrics"][self.monitor]:
+            return
+        self.best = {"step": step, "metrics": dict(metrics)}
+        if self.is_main:
+            self.unwrapped_model.save_pretrained(self.output_dir / BEST)
+        self.accelerator.wait_for_everyone()
+
+    def _reported(self, last: dict[str, float]) -> dict[str, float]:
+        """The metrics of the saved model: the best validation step's with --keep-best, else the last."""
+        best = self.best
+        if best is None:
+            return dict(last)
+        if not self.config.keep_best:
+            return {**last, "best_step": best["step"], f"best_{self.monitor}": best["metrics"][self.monitor]}
+        return {**best["metrics"], "best_step": best["step"], f"last_{self.monitor}": last.get(self.monitor)}
 
     def due(self, done: int, every: int) -> bool:
         """True every `every` steps and at the last step."""
@@ -527,10 +557,19 @@ class TrainingSession:
         return self.accelerator.reduce(difference, reduction="sum").item()  # rank 0 adds 0
 
     def finish(self, extra_files: dict[str, dict] | None = None) -> None:
-        """Save the trained model as a pretrained folder in --output-dir (main process)."""
+        """Save the trained model as a pretrained folder in --output-dir (main process): the best
+        validation step's with --keep-best, else the last."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            self.unwrapped_model.save_pretrained(self.output_dir)
+            best = self.output_dir / BEST
+            if self.config.keep_best and self.best is not None and (best / WEIGHTS_NAME).is_file():
+                for name in (WEIGHTS_NAME, CONFIG_NAME):  # weights first: a reader never sees a config without them
+                    temporary = self.output_dir / f".{name}.tmp-{os.getpid()}"
+                    shutil.copyfile(best / name, temporary)
+                    fsync_file(temporary)
+                    os.replace(temporary, self.output_dir / name)
+            else:
+                self.unwrapped_model.save_pretrained(self.output_dir)
             for name, values in (extra_files or {}).items():
                 write_json_atomic(self.output_dir / name, values)
         self.accelerator.wait_for_everyone()

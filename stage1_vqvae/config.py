@@ -1,4 +1,4 @@
-"""Configs of stage 1: the VQ-VAE architecture (saved in config.json) and a training run."""
+"""Configs of stage 1: the tokenizer architecture (saved in config.json) and a training run."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,20 +10,34 @@ from shared.data import DataConfig
 from shared.errors import UserError
 from shared.training import LoopConfig
 
+QUANTIZERS = ("vq", "fsq", "simvq", "lfq", "rvq")
+
 
 @dataclasses.dataclass(frozen=True)
 class VQVAEConfig:
-    """Architecture of the tokenizer. Images (B, in_channels, S, S) -> codes (B, S / 2^n, S / 2^n)."""
+    """Architecture of the tokenizer. Images (B, in_channels, S, S) -> codes (B, S / 2^n, S / 2^n)
+    (and with levels=2 a top grid at half that side; with rvq, num_quantizers codes per position)."""
 
     in_channels: int = option(1, "image channels")
     image_size: int = option(32, "training image size; any multiple of the downsample factor encodes")
-    hidden_channels: int = option(64, "width of the encoder and decoder")
+    arch: Literal["vqvae", "vqgan"] = option(
+        "vqvae", "vqvae: the 2017 VQ-VAE (one width, ReLU residual blocks); vqgan: per-resolution widths, "
+                 "GroupNorm + SiLU residual blocks and self-attention (Esser et al. 2021)")
+    hidden_channels: int = option(64, "width of the encoder and decoder (vqgan: the width at full resolution)")
     num_downsamples: int = option(2, "each halves the resolution: latent side = image_size / 2^n")
-    num_res_blocks: int = option(2, "residual blocks at the latent resolution, in encoder and decoder")
+    num_res_blocks: int = option(2, "residual blocks per resolution (vqvae: at the latent resolution)")
+    channel_mult: tuple[int, ...] | None = option(
+        None, "vqgan: width multiplier per resolution, num_downsamples + 1 entries (default 1, 2, 2, 4, ...)")
+    attention_resolutions: tuple[int, ...] | None = option(
+        None, "vqgan: feature-map sides that get self-attention (default: the latent side)")
     latent_channels: int = option(64, "channels of the encoder output fed to the quantizer")
-    quantizer: Literal["vq", "fsq"] = option("vq", "vq: EMA vector quantization; fsq: finite scalar quantization")
-    codebook_size: int = option(512, "number of codes (for fsq: the product of --fsq-levels)")
+    levels: int = option(1, "1, or 2 for VQ-VAE-2: a bottom grid at 1/2^n and a top grid at 1/2^(n+1) of the image")
+    quantizer: Literal["vq", "fsq", "simvq", "lfq", "rvq"] = option(
+        "vq", "vq: EMA vector quantization; fsq: finite scalar; simvq: a linearly reparameterised codebook; "
+              "lfq: lookup-free (binary) codes; rvq: residual VQ, num_quantizers codes per position")
+    codebook_size: int = option(512, "number of codes (fsq: the product of --fsq-levels; lfq: a power of 2)")
     codebook_dim: int | None = option(None, "lower codebook dimension (factorised codes); default latent_channels")
+    num_quantizers: int = option(1, "rvq: codes per position (residual depth)")
     ema_decay: float = option(0.8, "EMA decay of the codebook")
     kmeans_init: bool = option(True, "initialise the codebook with k-means on the first batch")
     kmeans_iters: int = option(10, "k-means iterations for the initialisation")
@@ -31,31 +45,70 @@ class VQVAEConfig:
     use_cosine_sim: bool = option(False, "cosine-similarity codebook (l2-normalised codes)")
     rotation_trick: bool = option(True, "rotation trick gradient (Fifty et al. 2024) instead of straight-through")
     commitment_weight: float = option(0.25, "weight of the commitment loss")
+    entropy_loss_weight: float = option(0.1, "lfq: weight of the entropy loss that spreads codes over the codebook")
     fsq_levels: tuple[int, ...] = option((8, 8, 8), "levels per FSQ dimension")
 
     def __post_init__(self) -> None:
-        factor = 2 ** self.num_downsamples
-        if self.num_downsamples < 0 or self.image_size % factor:
+        factor = self.downsample_factor
+        if self.num_downsamples < 1:
+            raise UserError(f"num_downsamples must be at least 1, got {self.num_downsamples}")
+        if self.image_size % factor:
             raise UserError(f"image size {self.image_size} is not divisible by the downsample factor {factor} "
-                            f"(2^{self.num_downsamples}); pick an --image-size that is a multiple of {factor}")
+                            f"(2^{self.num_downsamples + self.levels - 1}); pick an --image-size that is a multiple "
+                            f"of {factor}")
         if self.in_channels not in (1, 3):
             raise UserError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.levels not in (1, 2):
+            raise UserError(f"levels must be 1 or 2, got {self.levels}")
         if self.quantizer == "fsq" and math.prod(self.fsq_levels) != self.codebook_size:
             product = math.prod(self.fsq_levels)
             raise UserError(f"with quantizer fsq the codebook size is the product of --fsq-levels "
                             f"({'*'.join(map(str, self.fsq_levels))} = {product}), not {self.codebook_size}; "
                             f"pass --codebook-size {product}")
+        if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
+            raise UserError(f"lfq codes are bit patterns: --codebook-size must be a power of 2, got {self.codebook_size}")
         if self.codebook_size < 2:
             raise UserError(f"codebook_size must be at least 2, got {self.codebook_size}")
+        if self.num_quantizers < 1 or (self.num_quantizers > 1 and self.quantizer != "rvq"):
+            raise UserError(f"num_quantizers {self.num_quantizers} needs --quantizer rvq (and must be at least 1)")
+        if self.arch == "vqgan":
+            mult = self.widths_multipliers
+            if len(mult) != self.num_downsamples + 1:
+                raise UserError(f"channel_mult {tuple(mult)} has {len(mult)} entries, so {len(mult) - 1} downsamples, but "
+                                f"num_downsamples is {self.num_downsamples}; pass --num-downsamples {len(mult) - 1} or "
+                                f"{self.num_downsamples + 1} --channel-mult values")
+            reachable = [self.image_size // 2 ** level for level in range(self.num_downsamples + 1)]
+            unreachable = sorted(set(self.attention_sides) - set(reachable))
+            if unreachable:
+                raise UserError(f"attention at resolution {unreachable[0]}, which the network never reaches (its "
+                                f"resolutions are {', '.join(map(str, reachable))}); fix --attention-resolutions")
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** self.num_downsamples
+        """Image side / the side of the coarsest code grid."""
+        return 2 ** (self.num_downsamples + self.levels - 1)
 
     @property
     def latent_shape(self) -> tuple[int, int]:
-        side = self.image_size // self.downsample_factor
+        """The (bottom, or only) code grid (h, w)."""
+        side = self.image_size // 2 ** self.num_downsamples
         return (side, side)
+
+    @property
+    def widths_multipliers(self) -> tuple[int, ...]:
+        if self.channel_mult is not None:
+            return tuple(self.channel_mult)
+        return tuple([1, 2, 2, 4, 4, 4, 4][:self.num_downsamples] + [min(4, 2 ** min(2, self.num_downsamples))])
+
+    @property
+    def attention_sides(self) -> tuple[int, ...]:
+        if self.attention_resolutions is not None:
+            return tuple(self.attention_resolutions)
+        return (self.image_size // 2 ** self.num_downsamples,)
+
+    @property
+    def codes_per_position(self) -> int:
+        return self.num_quantizers if self.quantizer == "rvq" else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +118,12 @@ class Stage1TrainConfig(LoopConfig, DataConfig):
     perceptual_weight: float = option(0.0, "weight of the LPIPS loss (0 turns it off)")
     perceptual_net: Literal["alex", "vgg", "squeeze"] = option("alex", "LPIPS backbone")
     reconstruction_loss: Literal["mse", "l1"] = option("mse", "pixel loss")
+    discriminator_weight: float = option(0.0, "weight of the adversarial loss (VQGAN, PatchGAN hinge); 0 turns it off")
+    discriminator_start: int = option(0, "step at which the discriminator and its loss start")
+    discriminator_layers: int = option(3, "PatchGAN discriminator depth (strided convolutions)")
+    discriminator_learning_rate: float | None = option(None, "discriminator learning rate (default: --learning-rate)")
+    preset: Literal["none", "photos"] = option("none", "photos: the recipe found best for natural photographs "
+                                                       "(see docs/benchmarks.md); explicit flags still win")
     # loop defaults for stage 1: a good digits tokenizer in about two CPU minutes
     max_steps: int = 1000
     learning_rate: float = 2e-3

@@ -16,6 +16,7 @@ from shared.errors import UserError, run_cli
 from stage1_vqvae.losses import PerceptualLoss
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage1_vqvae.model import VQVAE
+from stage1_vqvae.pixels import load_tokenizer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def add_source_arguments(parser: argparse.ArgumentParser, default_split: str) ->
                         help="loader worker processes (default: the CPUs per process, at most 8)")
 
 
-def data_config_for(args: argparse.Namespace, tokenizer: VQVAE, strict: bool) -> DataConfig:
+def data_config_for(args: argparse.Namespace, tokenizer, strict: bool) -> DataConfig:
     """The DataConfig that reads `args`' images at the tokenizer's size and channel count."""
     check_num_workers(args.num_workers)
     if args.batch_size < 1:
@@ -58,7 +59,7 @@ def data_config_for(args: argparse.Namespace, tokenizer: VQVAE, strict: bool) ->
 
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(parser(), argv)
-    tokenizer = VQVAE.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     data_config = data_config_for(args, tokenizer, args.strict_images)
     source = open_source(data_config)
     channels = first_image_channels(source, args.split, data_config.channels,

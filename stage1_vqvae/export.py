@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata, codes_dtype
+from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, SINGLE_LEVEL, CodesMetadata, LevelInfo, codes_dtype
 from shared.config import config_to_dict, parse_args, write_json_atomic
-from shared.data import ImageDataset, default_num_workers, first_image_channels, load_split, open_source, sequential_batches
+from shared.data import (DataConfig, ImageDataset, default_num_workers, first_image_channels, load_split,
+                         open_source, sequential_batches)
 from shared.errors import UserError, run_cli
-from shared.pretrained import WEIGHTS_NAME, file_sha256
 from shared.runtime import local_process_count, make_accelerator
 from stage1_vqvae.evaluate import add_source_arguments, data_config_for
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.pixels import load_tokenizer
 
 JOB_NAME = "job.json"
 
@@ -59,7 +59,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
     if dataset_path.is_dir() and output.is_relative_to(dataset_path.resolve()):
         raise UserError(f"--output {output} lies inside the dataset folder {dataset_path}; write it elsewhere, "
                         "or the codes would become part of the dataset")
-    tokenizer = VQVAE.from_pretrained(args.tokenizer)
+    tokenizer = tokenizer_for(args)
     # An export never substitutes an unreadable image: its row of codes would silently be another image's.
     data_config = data_config_for(args, tokenizer, strict=True)
     image_size = data_config.image_size
@@ -74,14 +74,13 @@ def export(argv: Sequence[str] | None = None) -> dict:
     accelerator = make_accelerator()
     tokenizer.to(accelerator.device)
     staging = output.with_name(f".{output.name}.partial")
-    tokenizer_sha256 = file_sha256(Path(args.tokenizer) / WEIGHTS_NAME)
-    factor = tokenizer.config.downsample_factor
     metadata = CodesMetadata(
-        format_version=CODES_FORMAT_VERSION, format=args.format, vocab_size=tokenizer.config.codebook_size,
-        latent_shape=(image_size // factor, image_size // factor), dtype=codes_dtype(tokenizer.config.codebook_size),
+        format_version=CODES_FORMAT_VERSION, format=args.format, levels=level_infos(tokenizer, image_size),
         num_rows=len(dataset), has_labels=dataset.has_labels, label_names=dataset.source.label_names,
-        tokenizer_config=config_to_dict(tokenizer.config), tokenizer_sha256=tokenizer_sha256,
-        tokenizer_path=str(Path(args.tokenizer).resolve()),
+        tokenizer_class=type(tokenizer).__name__, tokenizer_config=config_to_dict(tokenizer.config),
+        tokenizer_sha256=tokenizer.weights_sha256(),
+        tokenizer_path=str(args.tokenizer) if str(args.tokenizer).startswith("pixels:")
+        else str(Path(args.tokenizer).resolve()),
         source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
                 "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
                 "label_column": dataset.source.label_column})
@@ -96,7 +95,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
     todo = [chunk for chunk in mine if not _chunk_is_complete(staging, chunk)]
     started = time.perf_counter()
     try:
-        _encode_chunks(tokenizer, dataset, todo, staging, np.dtype(metadata.dtype), args.batch_size,
+        _encode_chunks(tokenizer, dataset, todo, staging, metadata, args.batch_size,
                        accelerator.device, num_workers, progress=args.progress and accelerator.is_main_process,
                        total=sum(len(chunk) for chunk in mine),
                        done=sum(len(chunk) for chunk in mine if chunk not in todo),
@@ -129,6 +128,28 @@ def export(argv: Sequence[str] | None = None) -> dict:
     return summary
 
 
+def tokenizer_for(args: argparse.Namespace):
+    """The --tokenizer folder, or a PixelTokenizer for the shortcut pixels:K (channels from the first image)."""
+    if not str(args.tokenizer).startswith("pixels:"):
+        return load_tokenizer(args.tokenizer)
+    probe = DataConfig(dataset=args.dataset, split=args.split, image_size=args.image_size or 32,
+                       image_column=args.image_column, label_column=args.label_column,
+                       dataset_config=args.dataset_config, revision=args.revision)
+    channels = first_image_channels(open_source(probe), args.split, None)
+    return load_tokenizer(args.tokenizer, channels=channels, image_size=probe.image_size)
+
+
+def level_infos(tokenizer, image_size: int) -> tuple[LevelInfo, ...]:
+    """What each level of the tokenizer writes at `image_size`: read off the codes of one blank image."""
+    with torch.inference_mode():
+        codes = tokenizer.encode(torch.zeros(1, tokenizer.config.in_channels, image_size, image_size))
+    levels = codes if isinstance(codes, dict) else {SINGLE_LEVEL: codes}
+    dtype = codes_dtype(tokenizer.codebook_size)
+    return tuple(LevelInfo(name, SINGLE_LEVEL if name == SINGLE_LEVEL else f"{SINGLE_LEVEL}_{name}",
+                           tokenizer.codebook_size, tuple(grid.shape[1:3]), grid.shape[3] if grid.ndim == 4 else 1,
+                           dtype) for name, grid in levels.items())
+
+
 def _prepare_staging(staging: Path, job: dict) -> None:
     """Keep a staging folder of the same job (resume); start afresh when it belongs to another job."""
     job_path = staging / JOB_NAME
@@ -154,13 +175,13 @@ def _chunk_is_complete(staging: Path, rows: range) -> bool:
     if not path.is_file():
         return False
     try:
-        codes, labels = _read_chunk(staging, rows)
+        columns, labels = _read_chunk(staging, rows)
     except (OSError, ValueError, KeyError, EOFError):
         return False
-    return len(codes) == len(labels) == len(rows)
+    return len(labels) == len(rows) and all(len(codes) == len(rows) for codes in columns.values())
 
 
-def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range], staging: Path, dtype: np.dtype,
+def _encode_chunks(tokenizer, dataset: ImageDataset, chunks: list[range], staging: Path, metadata: CodesMetadata,
                    batch_size: int, device: torch.device, num_workers: int, progress: bool, total: int, done: int,
                    num_processes: int) -> None:
     from tqdm.auto import tqdm
@@ -168,44 +189,50 @@ def _encode_chunks(tokenizer: VQVAE, dataset: ImageDataset, chunks: list[range],
     bar = tqdm(total=total * num_processes, initial=done * num_processes, unit="img", desc="exporting",
                disable=not progress, dynamic_ncols=True)
     for rows in chunks:
-        codes_parts, labels = [], []
+        parts: dict[str, list[np.ndarray]] = {level.column: [] for level in metadata.levels}
+        labels = []
         for batch in sequential_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda"):
             with torch.inference_mode():
-                codes = tokenizer.encode(batch.images(device))  # (B, h, w)
-            codes_parts.append(codes.cpu().numpy().astype(dtype))
+                codes = tokenizer.encode(batch.images(device))  # (B, h, w[, D]), or a dict per level
+            for level in metadata.levels:
+                grid = codes[level.name] if isinstance(codes, dict) else codes
+                parts[level.column].append(grid.cpu().numpy().astype(level.dtype))
             labels.extend(batch.labels.tolist())
             bar.update(len(batch.labels) * num_processes)  # the other processes advance at the same pace
         path = _chunk_path(staging, rows)
         temporary = path.with_name(f".{path.stem}.tmp.npz")
         with open(temporary, "wb") as handle:
-            np.savez(handle, codes=np.concatenate(codes_parts), labels=np.asarray(labels, dtype=np.int64))
+            np.savez(handle, **{column: np.concatenate(arrays) for column, arrays in parts.items()},
+                     labels=np.asarray(labels, dtype=np.int64))
             handle.flush()
             os.fsync(handle.fileno())  # the rename must never publish a chunk that is not on disk
         os.replace(temporary, path)
     bar.close()
 
 
-def _read_chunk(staging: Path, rows: range) -> tuple[np.ndarray, np.ndarray]:
+def _read_chunk(staging: Path, rows: range) -> tuple[dict[str, np.ndarray], np.ndarray]:
     with np.load(_chunk_path(staging, rows)) as chunk:
-        return chunk["codes"], chunk["labels"]
+        return {name: chunk[name] for name in chunk.files if name != "labels"}, chunk["labels"]
 
 
 def _assemble_arrow(staging: Path, chunks: list[range], destination: Path, metadata: CodesMetadata) -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    height, width = metadata.latent_shape
-    features = {"codes": datasets.Array2D(shape=(height, width), dtype=metadata.dtype),
-                "source_index": datasets.Value("int64")}
+    features = {level.column: (datasets.Array2D(shape=level.grid_shape, dtype=level.dtype) if level.depth == 1
+                               else datasets.Array3D(shape=level.grid_shape, dtype=level.dtype))
+                for level in metadata.levels}
+    features["source_index"] = datasets.Value("int64")
     if metadata.has_labels:
         features["label"] = (datasets.ClassLabel(names=metadata.label_names) if metadata.label_names
                              else datasets.Value("int64"))
 
     def rows() -> Iterator[dict]:
         for chunk in chunks:
-            codes, labels = _read_chunk(staging, chunk)
+            columns, labels = _read_chunk(staging, chunk)
             for offset, index in enumerate(chunk):
-                row = {"codes": codes[offset], "source_index": index}
+                row = {column: values[offset] for column, values in columns.items()}
+                row["source_index"] = index
                 if metadata.has_labels:
                     row["label"] = int(labels[offset])
                 yield row
@@ -219,18 +246,20 @@ def _assemble_arrow(staging: Path, chunks: list[range], destination: Path, metad
 
 def _assemble_npy(staging: Path, chunks: list[range], destination: Path, metadata: CodesMetadata) -> None:
     destination.mkdir(parents=True)
-    height, width = metadata.latent_shape
-    codes_out = np.lib.format.open_memmap(destination / "codes.npy", mode="w+", dtype=metadata.dtype,
-                                          shape=(metadata.num_rows, height, width))
+    outputs = {level.column: np.lib.format.open_memmap(destination / f"{level.column}.npy", mode="w+",
+                                                       dtype=level.dtype, shape=(metadata.num_rows, *level.grid_shape))
+               for level in metadata.levels}
     labels_out = np.lib.format.open_memmap(destination / "labels.npy", mode="w+", dtype=np.int64,
                                            shape=(metadata.num_rows,)) if metadata.has_labels else None
     for chunk in chunks:
-        codes, labels = _read_chunk(staging, chunk)
-        codes_out[chunk.start:chunk.stop] = codes
+        columns, labels = _read_chunk(staging, chunk)
+        for column, values in columns.items():
+            outputs[column][chunk.start:chunk.stop] = values
         if labels_out is not None:
             labels_out[chunk.start:chunk.stop] = labels
-    codes_out.flush()
-    del codes_out, labels_out
+    for array in outputs.values():
+        array.flush()
+    del outputs, labels_out
 
 
 def _move_into_place(assembled: Path, output: Path) -> None:

@@ -59,7 +59,7 @@ def reconstruction_metrics(model, dataset: ImageDataset | CachedImages, batch_si
     model.eval()
     # sums: count, psnr, ssim, lpips, squared error
     totals = torch.zeros(5, dtype=torch.float64, device=device)
-    code_counts = torch.zeros(model.config.codebook_size, dtype=torch.float64, device=device)
+    code_counts = None  # {level: (codebooks, codebook_size)}: every residual depth has its own codebook
     rows = shard_range(len(dataset), rank, world_size)
     for batch in sequential_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda"):
         report_problems(batch.problems)
@@ -72,13 +72,45 @@ def reconstruction_metrics(model, dataset: ImageDataset | CachedImages, batch_si
         if perceptual is not None:
             totals[3] += perceptual(output.reconstruction.float(), images).double() * len(images)
         totals[4] += (output.reconstruction.float() - images).pow(2).mean(dim=(1, 2, 3)).double().sum()
-        code_counts += torch.bincount(output.codes.flatten(), minlength=model.config.codebook_size).double()
+        batch_counts = count_codes(model, output.codes)
+        code_counts = batch_counts if code_counts is None else {
+            name: code_counts[name] + counts for name, counts in batch_counts.items()}
     model.train(was_training)
-    totals, code_counts = reduce_sum(totals), reduce_sum(code_counts)
+    if code_counts is None:  # this process had no rows: add zeros of the right shapes
+        code_counts = count_codes(model, None)
+    totals = reduce_sum(totals)
+    code_counts = {name: reduce_sum(counts) for name, counts in code_counts.items()}
     count = totals[0].clamp_min(1)
     metrics = {"psnr": (totals[1] / count).item(), "mse": (totals[4] / count).item()}
     if with_ssim:
         metrics["ssim"] = (totals[2] / count).item()
     if perceptual is not None:
         metrics["lpips"] = (totals[3] / count).item()
-    return {**metrics, **codebook_statistics(code_counts)}
+    return {**metrics, **usage_statistics(code_counts)}
+
+
+def count_codes(model, codes) -> dict[str, torch.Tensor]:
+    """Per level, how often each code of each codebook occurs: (codebooks, codebook_size) float64."""
+    size = model.codebook_size
+    out = {}
+    depth = model.codebooks_per_position
+    for name in model.level_names:
+        if codes is None:
+            out[name] = torch.zeros(depth, size, dtype=torch.float64, device=next(iter(model.buffers())).device)
+            continue
+        grid = codes[name] if isinstance(codes, dict) else codes
+        grid = grid.reshape(-1, depth) if depth > 1 else grid.reshape(-1, 1)
+        out[name] = torch.stack([torch.bincount(grid[:, index], minlength=size) for index in range(depth)]).double()
+    return out
+
+
+def usage_statistics(code_counts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """codebook_usage and perplexity averaged over every codebook; per level too when there are several."""
+    per_codebook = [codebook_statistics(counts) for level in code_counts.values() for counts in level]
+    metrics = {"codebook_usage": sum(s["codebook_usage"] for s in per_codebook) / len(per_codebook),
+               "perplexity": sum(s["perplexity"] for s in per_codebook) / len(per_codebook)}
+    if len(code_counts) > 1:
+        for name, level in code_counts.items():
+            stats = [codebook_statistics(counts) for counts in level]
+            metrics[f"codebook_usage_{name}"] = sum(s["codebook_usage"] for s in stats) / len(stats)
+    return metrics

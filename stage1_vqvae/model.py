@@ -1,74 +1,37 @@
-"""The VQ-VAE tokenizer: residual conv encoder -> quantizer (vector-quantize-pytorch) -> conv decoder."""
+"""The tokenizer: encoder -> quantizer (vector-quantize-pytorch) -> decoder, with one or two levels.
+
+levels=1 is the VQ-VAE: one grid of codes, (B, h, w), or (B, h, w, Q) with residual VQ.
+levels=2 is VQ-VAE-2 (Razavi et al. 2019, sec. 3.1): a top grid at half the bottom's side for global
+structure, quantized first; the bottom quantizer sees the bottom latents and the decoded top; the
+decoder reads both. Its codes are a dict {"top": (B, h/2, w/2), "bottom": (B, h, w)}, in the order
+a prior chain generates them.
+"""
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
-from vector_quantize_pytorch import FSQ, VectorQuantize
 
 from shared.errors import UserError
 from shared.pretrained import PretrainedModel
 from stage1_vqvae.config import VQVAEConfig
+from stage1_vqvae.networks import Decoder, Encoder, TopLevel, build_decoder, build_encoder  # noqa: F401 (re-exported)
+from stage1_vqvae.quantizers import build_quantizer, codes_to_vectors, quantize
 
-
-class ResidualBlock(nn.Module):
-    """x + conv1x1(relu(conv3x3(relu(x)))), the residual unit of the original VQ-VAE (van den Oord 2017, sec. 4.1)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv1 = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv1(F.relu(self.conv3(F.relu(x))))
-
-
-class Encoder(nn.Module):
-    def __init__(self, config: VQVAEConfig) -> None:
-        super().__init__()
-        width = config.hidden_channels
-        self.conv_in = nn.Conv2d(config.in_channels, width, 3, padding=1)
-        self.downsamples = nn.ModuleList(nn.Conv2d(width, width, 4, stride=2, padding=1)
-                                         for _ in range(config.num_downsamples))
-        self.blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(config.num_res_blocks)))
-        self.conv_out = nn.Conv2d(width, config.latent_channels, 1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(images)  # (B, W, S, S)
-        for downsample in self.downsamples:
-            x = downsample(F.relu(x))  # halves H and W
-        return self.conv_out(F.relu(self.blocks(x)))  # (B, D, h, w)
-
-
-class Decoder(nn.Module):
-    def __init__(self, config: VQVAEConfig) -> None:
-        super().__init__()
-        width = config.hidden_channels
-        self.conv_in = nn.Conv2d(config.latent_channels, width, 3, padding=1)
-        self.blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(config.num_res_blocks)))
-        self.upsamples = nn.ModuleList(nn.ConvTranspose2d(width, width, 4, stride=2, padding=1)
-                                       for _ in range(config.num_downsamples))
-        self.conv_out = nn.Conv2d(width, config.in_channels, 3, padding=1)
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.conv_in(latents))  # (B, W, h, w)
-        for upsample in self.upsamples:
-            x = upsample(F.relu(x))  # doubles H and W
-        return self.conv_out(F.relu(x))  # (B, C, S, S)
+Codes = Union[torch.Tensor, dict[str, torch.Tensor]]
+SINGLE_LEVEL = "codes"
+TWO_LEVELS = ("top", "bottom")
 
 
 class VQVAEOutput(NamedTuple):
     reconstruction: torch.Tensor  # (B, C, H, W) in [-1, 1]
-    codes: torch.Tensor  # (B, h, w) int64
-    quantizer_loss: torch.Tensor  # scalar: commitment loss (0 for FSQ)
+    codes: Codes  # (B, h, w[, Q]) int64, or {"top": ..., "bottom": ...} with levels=2
+    quantizer_loss: torch.Tensor  # scalar: commitment (and entropy) losses of every level
 
 
 class VQVAE(PretrainedModel):
-    """Images (B, C, H, W) in [-1, 1] <-> codes (B, h, w) int64 in [0, codebook_size).
+    """Images (B, C, H, W) in [-1, 1] <-> codes in [0, codebook_size).
 
     Build it after `Accelerator()` in multi-process runs: the quantizer decides at construction
     whether to synchronise its codebook across processes.
@@ -78,25 +41,44 @@ class VQVAE(PretrainedModel):
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__(config)
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        if config.quantizer == "vq":
-            self.quantizer = VectorQuantize(
-                dim=config.latent_channels, codebook_size=config.codebook_size, codebook_dim=config.codebook_dim,
-                decay=config.ema_decay, kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters,
-                threshold_ema_dead_code=config.dead_code_threshold, use_cosine_sim=config.use_cosine_sim,
-                rotation_trick=config.rotation_trick, straight_through=False,
-                commitment_weight=config.commitment_weight, channel_last=True)
-        else:
-            self.quantizer = FSQ(levels=list(config.fsq_levels), dim=config.latent_channels)
+        self.encoder = build_encoder(config)
+        self.decoder = build_decoder(config, latent_in=config.latent_channels * config.levels)
+        self.quantizer = build_quantizer(config, config.latent_channels)  # the bottom (or only) level
+        if config.levels == 2:
+            self.top = TopLevel(config)
+            self.top_quantizer = build_quantizer(config, config.latent_channels)
+
+    # ------------------------------------------------------------------------------------------
+    # Shapes
+    # ------------------------------------------------------------------------------------------
 
     @property
     def latent_shape(self) -> tuple[int, int]:
+        """The (bottom, or only) grid (h, w)."""
         return self.config.latent_shape
 
     @property
     def codebook_size(self) -> int:
         return self.config.codebook_size
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        """Names of the code grids, in generation order: ("codes",), or ("top", "bottom")."""
+        return (SINGLE_LEVEL,) if self.config.levels == 1 else TWO_LEVELS
+
+    @property
+    def codebooks_per_position(self) -> int:
+        """Codebooks a position's codes come from: residual VQ has one per depth."""
+        return self.config.codes_per_position
+
+    @property
+    def level_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per level, the shape of one image's codes: (h, w), or (h, w, Q) with residual VQ."""
+        height, width = self.latent_shape
+        stack = (self.config.num_quantizers,) if self.config.quantizer == "rvq" else ()
+        if self.config.levels == 1:
+            return {SINGLE_LEVEL: (height, width, *stack)}
+        return {"top": (height // 2, width // 2, *stack), "bottom": (height, width, *stack)}
 
     def check_images(self, images: torch.Tensor) -> None:
         """ValueError unless images are (B, in_channels, H, W) with H and W multiples of the downsample factor."""
@@ -107,53 +89,89 @@ class VQVAE(PretrainedModel):
             raise UserError(f"image size {tuple(images.shape[2:])} is not divisible by the tokenizer's downsample "
                             f"factor {factor}; resize to a multiple of {factor}")
 
-    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latents (B, D, h, w) -> quantized latents (B, D, h, w), codes (B, h, w), quantizer loss."""
+    def as_levels(self, codes: Codes) -> dict[str, torch.Tensor]:
+        """Codes of every level as a dict, checked: integer, the level's shape (any grid size), in range."""
+        if isinstance(codes, torch.Tensor):
+            if self.config.levels != 1:
+                raise UserError(f"this tokenizer has levels {', '.join(self.level_names)}: pass codes as a dict "
+                                "{'top': ..., 'bottom': ...}")
+            codes = {SINGLE_LEVEL: codes}
+        if set(codes) != set(self.level_names):
+            raise UserError(f"codes must have the levels {', '.join(self.level_names)}, got {', '.join(codes)}")
+        for name, grid in codes.items():
+            stack = len(self.level_shapes[name]) - 2
+            if grid.ndim != 3 + stack or grid.dtype.is_floating_point or (
+                    stack and grid.shape[-1] != self.config.num_quantizers):
+                shape = "(B, h, w" + (f", {self.config.num_quantizers})" if stack else ")")
+                raise UserError(f"codes must be an integer tensor {shape}, got {grid.dtype} {tuple(grid.shape)}")
+            if grid.numel() and (grid.min() < 0 or grid.max() >= self.codebook_size):
+                raise UserError(f"codes must lie in [0, {self.codebook_size}), got values in "
+                                f"[{int(grid.min())}, {int(grid.max())}]")
+        return {name: codes[name] for name in self.level_names}
+
+    def _public(self, codes: dict[str, torch.Tensor]) -> Codes:
+        return codes[SINGLE_LEVEL] if self.config.levels == 1 else codes
+
+    # ------------------------------------------------------------------------------------------
+    # Encoding and decoding
+    # ------------------------------------------------------------------------------------------
+
+    def quantize(self, latents: torch.Tensor, quantizer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (B, D, h, w) -> quantized latents (B, D, h, w), codes (B, h, w[, Q]), quantizer loss."""
         height, width = latents.shape[2:]
         flat = rearrange(latents, "b d h w -> b (h w) d")  # channel-last: works with a lower codebook_dim
-        if self.config.quantizer == "vq":
-            quantized, codes, loss = self.quantizer(flat)
-        else:
-            quantized, codes = self.quantizer(flat)
-            loss = flat.new_zeros(())
+        quantized, codes, loss = quantize(quantizer or self.quantizer, self.config.quantizer, flat)
         quantized = rearrange(quantized, "b (h w) d -> b d h w", h=height, w=width)
-        codes = rearrange(codes.long(), "b (h w) -> b h w", h=height, w=width)
+        codes = rearrange(codes.long(), "b (h w) ... -> b h w ...", h=height, w=width)
         return quantized, codes, loss
 
+    def _vectors(self, codes: torch.Tensor, quantizer) -> torch.Tensor:
+        """Codes (B, h, w[, Q]) -> quantized latents (B, D, h, w)."""
+        height, width = codes.shape[1:3]
+        flat = rearrange(codes.long(), "b h w ... -> b (h w) ...")
+        vectors = codes_to_vectors(quantizer, self.config.quantizer, flat)  # (B, h*w, D)
+        return rearrange(vectors, "b (h w) d -> b d h w", h=height, w=width)
+
+    def _encode(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(codes per level, the decoder's input, the quantizer losses)."""
+        latents = self.encoder(images)  # (B, D, h, w)
+        if self.config.levels == 1:
+            quantized, codes, loss = self.quantize(latents)
+            return {SINGLE_LEVEL: codes}, quantized, loss
+        quantized_top, codes_top, loss_top = self.quantize(self.top.encode(latents), self.top_quantizer)
+        bottom_input = self.top.bottom_quantizer_input(latents, quantized_top)
+        quantized_bottom, codes_bottom, loss_bottom = self.quantize(bottom_input)
+        decoder_input = self.top.decoder_input(quantized_bottom, quantized_top)
+        return {"top": codes_top, "bottom": codes_bottom}, decoder_input, loss_top + loss_bottom
+
     def forward(self, images: torch.Tensor) -> VQVAEOutput:
-        """Encode, quantize (updating the EMA codebook in training mode) and decode."""
+        """Encode, quantize (updating EMA codebooks in training mode) and decode."""
         self.check_images(images)
-        quantized, codes, loss = self.quantize(self.encoder(images))
-        reconstruction = self.decoder(quantized).clamp(-1.0, 1.0)  # (B, C, H, W)
-        return VQVAEOutput(reconstruction, codes, loss)
+        codes, decoder_input, loss = self._encode(images)
+        reconstruction = self.decoder(decoder_input).clamp(-1.0, 1.0)  # (B, C, H, W)
+        return VQVAEOutput(reconstruction, self._public(codes), loss)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> codes (B, h, w) int64. Never updates the codebook."""
+    def encode(self, images: torch.Tensor) -> Codes:
+        """Images (B, C, H, W) in [-1, 1] -> codes (B, h, w[, Q]) int64, or a dict per level with levels=2.
+        Never updates (or k-means initialises) a codebook."""
         self.check_images(images)
-        with self._quantizer_in_eval_mode():
-            return self.quantize(self.encoder(images))[1]
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, h, w) int in [0, codebook_size) -> images (B, C, H, W) in [-1, 1]."""
-        if codes.ndim != 3 or codes.dtype.is_floating_point:
-            raise UserError(f"codes must be an integer tensor (B, h, w), got {codes.dtype} {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise UserError(f"codes must lie in [0, {self.codebook_size}), got values in "
-                            f"[{int(codes.min())}, {int(codes.max())}]")
-        height, width = codes.shape[1:]
-        flat = rearrange(codes.long(), "b h w -> b (h w)")
-        if self.config.quantizer == "vq":
-            quantized = self.quantizer.get_output_from_indices(flat)  # (B, h*w, D), projected out of codebook_dim
-        else:
-            quantized = self.quantizer.indices_to_codes(flat)  # (B, h*w, D)
-        quantized = rearrange(quantized, "b (h w) d -> b d h w", h=height, w=width)
-        return self.decoder(quantized).clamp(-1.0, 1.0)
-
-    @contextlib.contextmanager
-    def _quantizer_in_eval_mode(self):
-        was_training = self.quantizer.training
-        self.quantizer.eval()
+        quantizers = [module for module in (self.quantizer, getattr(self, "top_quantizer", None)) if module is not None]
+        modes = [quantizer.training for quantizer in quantizers]
+        for quantizer in quantizers:
+            quantizer.eval()
         try:
-            yield
+            return self._public(self._encode(images)[0])
         finally:
-            self.quantizer.train(was_training)
+            for quantizer, mode in zip(quantizers, modes):
+                quantizer.train(mode)
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """Codes (as `encode` returns them) -> images (B, C, H, W) in [-1, 1]."""
+        levels = self.as_levels(codes)
+        if self.config.levels == 1:
+            decoder_input = self._vectors(levels[SINGLE_LEVEL], self.quantizer)
+        else:
+            quantized_top = self._vectors(levels["top"], self.top_quantizer)
+            quantized_bottom = self._vectors(levels["bottom"], self.quantizer)
+            decoder_input = self.top.decoder_input(quantized_bottom, quantized_top)
+        return self.decoder(decoder_input).clamp(-1.0, 1.0)

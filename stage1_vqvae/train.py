@@ -47,7 +47,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     model_values = values_from_args(VQVAEConfig, args, exclude=DATA_DERIVED)
     model_config = VQVAEConfig(in_channels=channels, image_size=train_config.image_size, **model_values)
     perceptual = PerceptualLoss(train_config.perceptual_net) if train_config.perceptual_weight > 0 else None
-    session = TrainingSession(train_config, run_settings(train_config, model_config), "vqvae",
+    session = TrainingSession(train_config, run_settings(train_config, model_config), "vqvae", monitor="mse",
                               out_of_memory_advice="lower --batch-size or --image-size, or use "
                                                    "--gradient-accumulation-steps to keep the effective batch")
     accelerator = session.accelerator
@@ -82,8 +82,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         loss = loss + output.quantizer_loss
         if perceptual is not None:
             loss = loss + train_config.perceptual_weight * perceptual(output.reconstruction, images)
-        usage = 100.0 * output.codes.unique().numel() / model_config.codebook_size
-        return loss, {"usage": usage}
+        return loss, {}  # codebook usage is measured over the whole validation split, never per batch
 
     def evaluate(step: int) -> dict[str, float]:
         return reconstruction_metrics(session.unwrapped_model, validation_data, 256, session.device,

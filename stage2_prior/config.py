@@ -48,6 +48,10 @@ class PriorConfig:
                                        "classifier-free guidance at sampling time")
     condition_vocab_size: int | None = option(None, "vocabulary of a conditioning code map (e.g. the top level)")
     condition_shape: tuple[int, ...] | None = option(None, "conditioning code map (h, w) or (h, w, depth)")
+    # Provenance, set by training from codes.json: which tokenizer and level the codes came from.
+    tokenizer_sha256: str | None = option(None, "sha256 of the weights of the tokenizer that made the codes")
+    level: str | None = option(None, "the tokenizer level this prior models (codes, top, bottom)")
+    condition_level: str | None = option(None, "the tokenizer level its condition code map is")
 
     def __post_init__(self) -> None:
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:
@@ -120,7 +124,6 @@ class Stage2TrainConfig(LoopConfig):
     validation_fraction: float = option(0.1, "held-out fraction of the codes for validation")
     validation_codes: str | None = option(None, "a separate codes folder to validate on (default: a held-out fraction)")
     sample_every: int = option(1000, "write a decoded sample grid every N steps (needs a tokenizer)")
-    keep_best: bool = option(True, "save the model of the best validation step as the output (else the last)")
     max_steps: int = 3000
     learning_rate: float = 1e-3
     batch_size: int = 64

@@ -1,10 +1,14 @@
-"""Train the prior on a codes dataset:
-`python -m stage2_prior.train --codes runs/codes --output-dir runs/prior`.
+"""Train a prior on a codes dataset:
+`python -m stage2_prior.train --codes runs/codes --output-dir runs/prior [--arch pixelsnail]`.
 
-Same loop as stage 1 (shared.training): Accelerate, checkpoints, exact --resume. Validation reports
-bits per code (mean NLL / ln 2) and top-1 accuracy next to the unigram entropy of the validation
-codes. With a tokenizer (--tokenizer, or the one codes.json names), a decoded sample grid is
-written to samples/ every --sample-every steps.
+On a two-level export pick the level, and for the bottom prior of VQ-VAE-2 the level it is
+conditioned on: `--level top`, then `--level bottom --condition-level top`.
+
+Same loop as stage 1 (shared.training): Accelerate, checkpoints, exact --resume, and the model of the
+best validation step as the output (--keep-best, on by default). Validation reports bits per code
+(mean NLL / ln 2; also bits per dimension for pixel codes) and top-1 accuracy next to the unigram
+entropy of the validation codes. With a tokenizer (--tokenizer, or the one codes.json names), a
+decoded sample grid is written to samples/ every --sample-every steps.
 """
 from __future__ import annotations
 
@@ -21,15 +25,15 @@ from shared.codes import CodesDataset, CodesMetadata, find_tokenizer, open_codes
 from shared.config import build_parser, config_from_args, parse_args, values_from_args
 from shared.data import StepOrder, code_batches, held_out_indices, save_image_grid, shard_range
 from shared.errors import UserError, run_cli
-from shared.training import TrainingSession, run_settings
+from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
 from stage1_vqvae.metrics import codebook_statistics
-from stage1_vqvae.model import VQVAE
+from stage1_vqvae.pixels import load_tokenizer
 from stage2_prior.config import PriorConfig, Stage2TrainConfig
 from stage2_prior.prior import Prior
 
-METRICS_NAME = "metrics.json"
+# PriorConfig fields that come from the codes, not from flags
 FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
-                        "condition_shape"})
+                        "condition_shape", "tokenizer_sha256", "level", "condition_level"})
 SAMPLE_SEED = 1234
 SAMPLES_PER_ROW = 8
 
@@ -39,39 +43,29 @@ def parser():
                         PriorConfig, skip=FROM_CODES)
 
 
-def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, CodesMetadata, VQVAE | None]:
-    """Training and validation codes, their metadata, and the tokenizer for sample grids (or None)."""
+def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, CodesMetadata]:
+    """Training and validation codes (items: codes, label[, condition codes]) and their metadata."""
     if not config.codes:
         raise UserError("--codes is required: a folder written by vqvae-export")
-    tokenizer_dir = Path(config.tokenizer) if config.tokenizer else None
     codes, metadata = open_codes(config.codes)
-    tokenizer = None
-    if tokenizer_dir is not None:
-        tokenizer = VQVAE.from_pretrained(tokenizer_dir)
-        if tokenizer.config.codebook_size != metadata.vocab_size or tokenizer.latent_shape != tuple(metadata.latent_shape):
-            raise UserError(f"--tokenizer {tokenizer_dir} has codebook size {tokenizer.config.codebook_size} and latent "
-                            f"shape {tokenizer.latent_shape}, the codes have {metadata.vocab_size} and "
-                            f"{tuple(metadata.latent_shape)}; pass the tokenizer that made the codes")
-    elif (found := find_tokenizer(metadata)) is not None:
-        tokenizer = VQVAE.from_pretrained(found)
+    if config.condition_level is not None and config.condition_level == config.level:
+        raise UserError(f"--condition-level {config.condition_level} is the level being modelled; condition the "
+                        "bottom prior on the top level: --level bottom --condition-level top")
+    codes = codes.level_view(config.level, config.condition_level)
     if config.validation_codes:
         validation, validation_meta = open_codes(config.validation_codes)
-        if (validation_meta.vocab_size, validation_meta.latent_shape) != (metadata.vocab_size, metadata.latent_shape):
-            raise UserError(f"--validation-codes {config.validation_codes} do not match --codes (vocab size or grid); "
-                            "export both with the same tokenizer")
-        return codes, validation, metadata, tokenizer
+        if validation_meta.levels != metadata.levels:
+            raise UserError(f"--validation-codes {config.validation_codes} do not match --codes (levels, vocabulary or "
+                            "grid); export both with the same tokenizer")
+        return codes, validation.level_view(config.level, config.condition_level), metadata
     kept, held_out = held_out_indices(len(codes), config.validation_fraction)
-    return codes.subset(torch.from_numpy(kept)), codes.subset(torch.from_numpy(held_out)), metadata, tokenizer
+    return codes.subset(kept), codes.subset(held_out), metadata
 
 
-def train(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse flags, train, save; returns the final validation metrics."""
-    args = parse_args(parser(), argv)
-    train_config = config_from_args(Stage2TrainConfig, args)
-    train_config.check()
-    if train_config.sample_every < 1:
-        raise UserError(f"--sample-every must be at least 1, got {train_config.sample_every}")
-    train_codes, validation_codes, metadata, tokenizer = load_codes(train_config)
+def prior_config_for(args, train_config: Stage2TrainConfig, metadata: CodesMetadata,
+                     train_codes: CodesDataset) -> PriorConfig:
+    """The architecture from the flags, with the vocabulary, grids, classes and provenance from the codes."""
+    level = metadata.level(train_config.level)
     num_classes = None
     if train_config.conditional and metadata.has_labels:
         unlabelled = int((train_codes.labels < 0).sum())
@@ -79,44 +73,17 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
             raise UserError(f"{unlabelled} of the {len(train_codes)} training grids have no label; pass "
                             "--no-conditional for an unconditional prior, or export a fully labelled split")
         num_classes = metadata.num_classes or int(train_codes.labels.max()) + 1
-    model_values = values_from_args(PriorConfig, args, exclude=FROM_CODES)
-    model_config = PriorConfig(vocab_size=metadata.vocab_size, latent_shape=tuple(metadata.latent_shape),
-                               num_classes=num_classes, **model_values)
-
-    session = TrainingSession(train_config, run_settings(train_config, model_config), "prior")
-    accelerator = session.accelerator
-    objective, _ = session.prepare(TrainingObjective(Prior.from_config(model_config)))
-    if tokenizer is not None:
-        tokenizer.to(session.device)
-    start_step = session.restore()
-    order = StepOrder(len(train_codes), train_config.batch_size, train_config.seed, accelerator.process_index,
-                      accelerator.num_processes)
-    conditional = num_classes is not None
-    batches = code_batches(train_codes, order, start_step * train_config.gradient_accumulation_steps,
-                           train_config.num_workers or 0, pin_memory=session.device.type == "cuda")
-
-    def compute_loss(micro_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        codes, labels = next(batches)
-        codes = codes.to(session.device, non_blocking=True)  # (B, h, w) in the stored int type
-        loss = objective(codes, labels.to(session.device) if conditional else None)
-        return loss, {"bits": loss.item() / math.log(2)}
-
-    def evaluate(step: int) -> dict[str, float]:
-        return prior_metrics(session.unwrapped_model.prior, validation_codes, conditional, session.device,
-                             accelerator.process_index, accelerator.num_processes,
-                             lambda t: accelerator.reduce(t, reduction="sum"))
-
-    def save_samples(step: int) -> None:
-        if tokenizer is None or not (session.is_main and session.due(step, train_config.sample_every)):
-            return
-        grid = sample_grid(session.unwrapped_model.prior, tokenizer, SAMPLES_PER_ROW)
-        save_image_grid(grid, session.output_dir / "samples" / f"samples_{step:08d}.png", nrow=SAMPLES_PER_ROW)
-
-    metrics = session.run(start_step, compute_loss, evaluate, after_step=save_samples)
-    session.finish({METRICS_NAME: metrics})
-    if session.is_main:
-        print(json.dumps({"output_dir": str(session.output_dir), **metrics}))
-    return metrics
+    condition = metadata.level(train_config.condition_level) if train_config.condition_level else None
+    values = values_from_args(PriorConfig, args, exclude=FROM_CODES)
+    if values.get("label_dropout", 0) > 0 and num_classes is None:
+        raise UserError("--label-dropout trains an unconditional branch for classifier-free guidance and needs "
+                        "labelled codes; drop it, or export a labelled split")
+    return PriorConfig(vocab_size=level.vocab_size, latent_shape=tuple(level.latent_shape), depth=level.depth,
+                       num_classes=num_classes,
+                       condition_vocab_size=condition.vocab_size if condition else None,
+                       condition_shape=condition.grid_shape if condition else None,
+                       tokenizer_sha256=metadata.tokenizer_sha256, level=level.name,
+                       condition_level=condition.name if condition else None, **values)
 
 
 class TrainingObjective(torch.nn.Module):
@@ -135,24 +102,84 @@ class TrainingObjective(torch.nn.Module):
         self.prior.save_pretrained(directory)
 
 
+def train(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Parse flags, train, save; returns the validation metrics of the saved model."""
+    args = parse_args(parser(), argv)
+    train_config = config_from_args(Stage2TrainConfig, args)
+    train_config.check()
+    if train_config.sample_every < 1:
+        raise UserError(f"--sample-every must be at least 1, got {train_config.sample_every}")
+    check_output_dir(train_config)
+    train_codes, validation_codes, metadata = load_codes(train_config)
+    model_config = prior_config_for(args, train_config, metadata, train_codes)
+    tokenizer = load_tokenizer(train_config.tokenizer) if train_config.tokenizer else find_tokenizer(metadata)
+    if tokenizer is not None and train_config.tokenizer and tokenizer.weights_sha256() != metadata.tokenizer_sha256:
+        raise UserError(f"--tokenizer {train_config.tokenizer} did not make these codes (its weights differ from the "
+                        f"sha256 in codes.json, {metadata.tokenizer_sha256[:12]}...); pass the tokenizer that made them")
+
+    session = TrainingSession(train_config, run_settings(train_config, model_config), "prior", monitor="bits_per_code")
+    accelerator = session.accelerator
+    objective, _ = session.prepare(TrainingObjective(Prior.from_config(model_config)))
+    if tokenizer is not None:
+        tokenizer.to(session.device)
+    start_step = session.restore()
+    order = StepOrder(len(train_codes), train_config.batch_size, train_config.seed, accelerator.process_index,
+                      accelerator.num_processes)
+    conditional = model_config.num_classes is not None
+    batches = code_batches(train_codes, order, start_step * train_config.gradient_accumulation_steps,
+                           train_config.num_workers or 0, pin_memory=session.device.type == "cuda")
+
+    def compute_loss(micro_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        codes, labels, *condition = next(batches)
+        codes = codes.to(session.device, non_blocking=True)  # (B, h, w[, D]) in the stored int type
+        condition = condition[0].to(session.device) if condition else None
+        loss = objective(codes, labels.to(session.device) if conditional else None, condition)
+        return loss, {"bits": loss.item() / math.log(2)}
+
+    def evaluate(step: int) -> dict[str, float]:
+        metrics = prior_metrics(session.unwrapped_model.prior, validation_codes, conditional, session.device,
+                                accelerator.process_index, accelerator.num_processes,
+                                lambda t: accelerator.reduce(t, reduction="sum"))
+        if metadata.tokenizer_class == "PixelTokenizer":
+            metrics["bits_per_dim"] = metrics["bits_per_code"]  # a code is one subpixel
+        return metrics
+
+    def save_samples(step: int) -> None:
+        if tokenizer is None or not (session.is_main and session.due(step, train_config.sample_every)):
+            return
+        grid = sample_grid(session.unwrapped_model.prior, tokenizer, SAMPLES_PER_ROW, validation_codes)
+        if grid is not None:
+            save_image_grid(grid, session.output_dir / "samples" / f"samples_{step:08d}.png", nrow=SAMPLES_PER_ROW)
+
+    metrics = session.run(start_step, compute_loss, evaluate, after_step=save_samples)
+    session.finish({METRICS_NAME: metrics})
+    if session.is_main:
+        print(json.dumps({"output_dir": str(session.output_dir), **metrics}))
+    return metrics
+
+
 @torch.no_grad()
 def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: torch.device, rank: int = 0,
-                  world_size: int = 1, reduce_sum=lambda t: t, batch_size: int = 256) -> dict[str, float]:
+                  world_size: int = 1, reduce_sum=lambda t: t) -> dict[str, float]:
     """Bits per code, top-1 accuracy, and the unigram entropy of the codes (bits) over the whole split."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # positions, nll (nats), correct
-    counts = torch.zeros(model.config.vocab_size, dtype=torch.float64, device=device)
+    config = model.config
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # codes, nll (nats), correct
+    counts = torch.zeros(config.vocab_size, dtype=torch.float64, device=device)
+    # batches whose logits stay near 128 MB (a 32x32 RGB pixel model has 3 x 256 logits per position)
+    batch_size = max(1, min(256, 2 ** 25 // (config.vocab_size * config.num_positions * config.depth)))
     rows = shard_range(len(codes), rank, world_size)
     for start in range(rows.start, rows.stop, batch_size):
-        grids, labels = codes[torch.arange(start, min(start + batch_size, rows.stop))]
+        grids, labels, *condition = codes[torch.arange(start, min(start + batch_size, rows.stop))]
         grids = grids.to(device)  # the stored int type; the model widens it in its embedding
-        logits = model(grids, labels.to(device) if conditional else None).float()
+        condition = condition[0].to(device) if condition else None
+        logits = model(grids, labels.to(device) if conditional else None, condition).float()
         grids = grids.long()
         totals[0] += grids.numel()
         totals[1] += F.cross_entropy(logits, grids, reduction="sum").double()
         totals[2] += (logits.argmax(1) == grids).sum().double()
-        counts += torch.bincount(grids.flatten(), minlength=model.config.vocab_size).double()
+        counts += torch.bincount(grids.flatten(), minlength=config.vocab_size).double()
     model.train(was_training)
     totals, counts = reduce_sum(totals), reduce_sum(counts)
     unigram_bits = math.log2(codebook_statistics(counts)["perplexity"])
@@ -160,16 +187,28 @@ def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: 
     return {"bits_per_code": bits, "top1_accuracy": (totals[2] / totals[0]).item(), "unigram_entropy_bits": unigram_bits}
 
 
-def sample_grid(prior: Prior, tokenizer: VQVAE, per_row: int, seed: int = SAMPLE_SEED) -> torch.Tensor:
-    """Decoded samples (N, C, H, W) in [-1, 1]: one row per class (at most 10) for a conditional prior."""
+def sample_grid(prior: Prior, tokenizer, per_row: int, validation: CodesDataset,
+                seed: int = SAMPLE_SEED) -> torch.Tensor | None:
+    """Decoded samples (N, C, H, W) in [-1, 1]: one row per class (at most 10) for a conditional prior.
+    A level of a two-level tokenizer needs the other level to decode: a bottom prior is shown on the
+    top codes of validation rows; a top prior alone gives no grid (None)."""
     num_classes = prior.config.num_classes
-    if num_classes:
-        labels = torch.arange(min(num_classes, 10)).repeat_interleave(per_row)
-        codes = prior.sample(len(labels), labels=labels, seed=seed)
+    labels = torch.arange(min(num_classes, 10)).repeat_interleave(per_row) if num_classes else None
+    count = len(labels) if labels is not None else 4 * per_row
+    condition = None
+    if prior.config.condition_level is not None:
+        rows = torch.arange(count) % len(validation)
+        _, _, condition = validation[rows]
+    if len(getattr(tokenizer, "level_names", ())) > 1 and condition is None:
+        return None
+    codes = prior.sample(count, labels=labels, seed=seed, condition=condition)
+    device = next(iter(tokenizer.buffers())).device
+    if len(tokenizer.level_names) > 1:
+        codes = {prior.config.condition_level: condition.to(device), prior.config.level: codes.to(device)}
     else:
-        codes = prior.sample(4 * per_row, seed=seed)
+        codes = codes.to(device)
     with torch.no_grad():
-        return tokenizer.eval().decode(codes.to(next(tokenizer.parameters()).device)).cpu()
+        return tokenizer.eval().decode(codes).cpu()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -158,27 +158,30 @@ def test_small_validation_sets(tmp_path, num_validation):
     assert (tmp_path / "run" / "samples" / "reconstructions_00000002.png").is_file()
 
 
-def test_codes_stay_int16_until_the_embedding(tiny_tokenizer, tmp_path):
+def test_codes_stay_int16_until_the_embedding(tiny_tokenizer, tmp_path, monkeypatch):
     from shared.data import code_batches
     from stage2_prior.train import train as train_prior
 
     export(["--tokenizer", str(tiny_tokenizer), "--output", str(tmp_path / "codes"), "--no-progress"])
     codes, _ = open_codes(tmp_path / "codes")
-    assert isinstance(codes.grids.parts[0], np.ndarray) and not codes.grids.parts[0].flags.owndata  # a file view
+    column = codes.grids["codes"].parts[0]
+    assert isinstance(column, np.ndarray) and not column.flags.owndata  # a view of the mapped file
     grids, labels = next(code_batches(codes, StepOrder(len(codes), 8, 0), 0, num_workers=2, pin_memory=False))
     assert grids.dtype == torch.int16 and grids.shape == (8, 4, 4) and labels.dtype == torch.int64
     seen = []
-    from stage2_prior import GatedPixelCNN
+    from stage2_prior import Prior
 
-    original = GatedPixelCNN.forward
-    GatedPixelCNN.forward = lambda self, codes, *args, **kwargs: seen.append(codes.dtype) or original(
-        self, codes, *args, **kwargs)
+    import stage2_prior.train
+
+    monkeypatch.setattr(stage2_prior.train, "sample_grid", lambda *args, **kwargs: None)  # sampling makes int64 grids
+    original = Prior.embed
+    Prior.embed = lambda self, codes: seen.append(codes.dtype) or original(self, codes)
     try:
         train_prior(["--codes", str(tmp_path / "codes"), "--output-dir", str(tmp_path / "prior"), "--max-steps", "2",
                      "--hidden-channels", "8", "--num-layers", "2", "--num-workers", "1", "--no-progress"])
     finally:
-        GatedPixelCNN.forward = original
-    assert seen and set(seen) == {torch.int16}
+        Prior.embed = original
+    assert seen and set(seen) == {torch.int16}  # training and validation batches reach the embedding as stored
 
 
 def test_learning_rate_continues_when_max_steps_grows():
