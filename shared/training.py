@@ -217,6 +217,7 @@ class TrainingSession:
         set_seed(config.seed)  # the same on every process, so every replica starts identical
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.auxiliary: tuple[torch.nn.Module, torch.optim.Optimizer, float] | None = None
         self.skipped_steps = 0
         self.problems: set[str] = set()  # unreadable images met so far (replaced by the next readable row)
         self.problem_count = 0
@@ -243,6 +244,21 @@ class TrainingSession:
                                       weight_decay=self.config.weight_decay, betas=(0.9, 0.99))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         return self.model, self.optimizer
+
+    def prepare_auxiliary(self, model: torch.nn.Module, learning_rate: float,
+                          betas: tuple[float, float] = (0.5, 0.9)) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Wrap a second trained model (a discriminator, say) and build its AdamW optimizer. Both are
+        in every checkpoint, so exact resume covers them; call before `restore()`. Train it from the
+        `auxiliary_step` callback of `run()`; its rate follows the main schedule scaled to `learning_rate`."""
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=self.config.weight_decay,
+                                      betas=betas)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.auxiliary = (model, optimizer, learning_rate)
+        return model, optimizer
+
+    def auxiliary_learning_rate(self, step: int) -> float:
+        """The auxiliary optimizer's rate at `step`: the main schedule's shape at its own peak."""
+        return self.learning_rate(step) * self.auxiliary[2] / self.config.learning_rate
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -417,17 +433,20 @@ class TrainingSession:
 
     def run(self, start_step: int, compute_loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]],
             evaluate: Callable[[int], dict[str, float]],
-            after_step: Callable[[int], None] | None = None) -> dict[str, float]:
-        """Train from `start_step` to max_steps and return the last validation metrics.
+            after_step: Callable[[int], None] | None = None,
+            auxiliary_step: Callable[[int], dict[str, float]] | None = None) -> dict[str, float]:
+        """Train from `start_step` to max_steps and return the validation metrics of the saved model.
 
         `compute_loss(micro_batch)` returns this process's loss for micro-batch `micro_batch`
         (= step * accumulation + micro) and a dict of scalars for the bar and the logs.
+        `auxiliary_step(step)` runs after each optimizer step of the main model (e.g. a discriminator
+        update on the same batch, with the model from `prepare_auxiliary`) and returns scalars to log.
         `after_step(done)` runs after every step and its checkpoint (use `due()` for a cadence); it
         only writes files such as sample grids, and an error in it is reported, never fatal.
         """
         self._begin()
         try:
-            metrics = self._loop(start_step, compute_loss, evaluate, after_step)
+            metrics = self._loop(start_step, compute_loss, evaluate, after_step, auxiliary_step)
         except BaseException as error:
             if self.started_fresh and not list_checkpoints(self.output_dir):
                 self._undo_begin()
@@ -437,7 +456,7 @@ class TrainingSession:
             raise
         return metrics
 
-    def _loop(self, start_step, compute_loss, evaluate, after_step) -> dict[str, float]:
+    def _loop(self, start_step, compute_loss, evaluate, after_step, auxiliary_step) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         config, accelerator = self.config, self.accelerator
@@ -480,6 +499,10 @@ class TrainingSession:
                     accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if auxiliary_step is not None:
+                    for group in self.auxiliary[1].param_groups:
+                        group["lr"] = self.auxiliary_learning_rate(step)
+                    logs = {**logs, **auxiliary_step(step)}
             done = step + 1
             if step == start_step:
                 self._first_step_done()
