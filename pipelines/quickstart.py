@@ -3,6 +3,10 @@
 
 Trains the tokenizer, exports the codes, trains a class-conditional prior, saves a pipeline, and
 writes samples.png (one row per digit) and reconstructions.png. About 4 minutes on 2 CPU cores.
+
+`--levels 2` runs VQ-VAE-2 instead: a two-level tokenizer (top 4x4 and bottom 8x8 codes for 32x32
+digits), a PixelSNAIL prior over the top codes and a Gated PixelCNN over the bottom codes
+conditioned on the top, chained in one pipeline.
 """
 from __future__ import annotations
 
@@ -26,16 +30,24 @@ from stage1_vqvae.train import train as train_tokenizer
 from stage2_prior.prior import Prior
 from stage2_prior.train import train as train_prior
 
-PARTS = ("tokenizer", "codes", "prior", "pipeline", "samples.png", "reconstructions.png")
-# (tokenizer flags, prior flags): the full recipe, and a seconds-long one for tests.
+PARTS = ("tokenizer", "codes", "prior", "prior_top", "prior_bottom", "pipeline", "samples.png", "reconstructions.png")
+# The full recipes and seconds-long ones for tests: tokenizer flags, then (folder, prior flags) per level.
+PRIOR_FULL = ["--max-steps", "800", "--num-layers", "10", "--dropout", "0.25", "--warmup-steps", "50",
+              "--eval-every", "200", "--save-every", "400", "--sample-every", "400"]
+PRIOR_FAST = ["--max-steps", "20", "--hidden-channels", "16", "--num-layers", "4", "--eval-every", "20",
+              "--save-every", "20", "--sample-every", "20"]
+TOKENIZER_FAST = ["--max-steps", "30", "--image-size", "16", "--hidden-channels", "16", "--latent-channels", "8",
+                  "--num-res-blocks", "1", "--codebook-size", "32", "--eval-every", "30", "--save-every", "30"]
 RECIPES = {
-    "full": (["--max-steps", "1000", "--codebook-size", "256"],
-             ["--max-steps", "800", "--num-layers", "10", "--dropout", "0.25", "--warmup-steps", "50",
-              "--eval-every", "400", "--save-every", "400", "--sample-every", "400"]),
-    "fast": (["--max-steps", "30", "--image-size", "16", "--hidden-channels", "16", "--latent-channels", "8",
-              "--num-res-blocks", "1", "--codebook-size", "32", "--eval-every", "30", "--save-every", "30"],
-             ["--max-steps", "20", "--hidden-channels", "16", "--num-layers", "4", "--eval-every", "20",
-              "--save-every", "20", "--sample-every", "20"]),
+    (1, "full"): (["--max-steps", "1000", "--codebook-size", "256"], [("prior", PRIOR_FULL)]),
+    (1, "fast"): (TOKENIZER_FAST, [("prior", PRIOR_FAST)]),
+    (2, "full"): (["--levels", "2", "--max-steps", "1000", "--codebook-size", "256"],
+                  [("prior_top", ["--level", "top", "--arch", "pixelsnail", "--attention-every", "2",
+                                  "--num-layers", "6", *PRIOR_FULL[2:4], *PRIOR_FULL[6:]]),
+                   ("prior_bottom", ["--level", "bottom", "--condition-level", "top", *PRIOR_FULL])]),
+    (2, "fast"): (["--levels", "2", *TOKENIZER_FAST],
+                  [("prior_top", ["--level", "top", "--arch", "pixelsnail", "--attention-every", "2", *PRIOR_FAST]),
+                   ("prior_bottom", ["--level", "bottom", "--condition-level", "top", *PRIOR_FAST])]),
 }
 SAMPLES_PER_CLASS = 10
 
@@ -43,6 +55,9 @@ SAMPLES_PER_CLASS = 10
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--levels", type=int, default=1, choices=[1, 2],
+                        help="1: VQ-VAE + Gated PixelCNN; 2: VQ-VAE-2 with a PixelSNAIL top prior and a bottom prior "
+                             "conditioned on the top codes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="tiny models and a few steps (for tests)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing quickstart folder")
@@ -60,19 +75,23 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
             target = output / part
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     started = time.perf_counter()
-    tokenizer_flags, prior_flags = RECIPES["fast" if args.fast else "full"]
+    tokenizer_flags, prior_recipes = RECIPES[(args.levels, "fast" if args.fast else "full")]
     common = ["--seed", str(args.seed)] + ([] if args.progress else ["--no-progress"])
+    steps = 3 + len(prior_recipes)
 
-    print("[1/4] training the tokenizer", file=sys.stderr)
+    print(f"[1/{steps}] training the tokenizer", file=sys.stderr)
     tokenizer_metrics = train_tokenizer(["--output-dir", str(output / "tokenizer"), *tokenizer_flags, *common])
-    print("[2/4] exporting the codes", file=sys.stderr)
+    print(f"[2/{steps}] exporting the codes", file=sys.stderr)
     export(["--tokenizer", str(output / "tokenizer"), "--output", str(output / "codes"),
             *([] if args.progress else ["--no-progress"])])
-    print("[3/4] training the class-conditional prior", file=sys.stderr)
-    prior_metrics = train_prior(["--codes", str(output / "codes"), "--output-dir", str(output / "prior"),
-                                 *prior_flags, *common])
-    print("[4/4] saving the pipeline and drawing samples", file=sys.stderr)
-    pipeline = Pipeline(load_tokenizer(output / "tokenizer"), Prior.from_pretrained(output / "prior"))
+    prior_metrics = {}
+    for index, (folder, flags) in enumerate(prior_recipes):
+        print(f"[{3 + index}/{steps}] training the class-conditional prior {folder}", file=sys.stderr)
+        prior_metrics[folder] = train_prior(["--codes", str(output / "codes"), "--output-dir", str(output / folder),
+                                             *flags, *common])
+    print(f"[{steps}/{steps}] saving the pipeline and drawing samples", file=sys.stderr)
+    pipeline = Pipeline(load_tokenizer(output / "tokenizer"),
+                        [Prior.from_pretrained(output / folder) for folder, _ in prior_recipes])
     pipeline.save_pretrained(output / "pipeline")
     labels = torch.arange(10).repeat_interleave(SAMPLES_PER_CLASS)  # one row per digit
     samples = pipeline.generate(len(labels), labels=labels.tolist(), seed=args.seed, output_type="pt",
@@ -86,21 +105,24 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     save_image_grid(pairs.flatten(0, 2), output / "reconstructions.png", nrow=SAMPLES_PER_CLASS)
 
     summary = {
-        "output_dir": str(output), "seconds": time.perf_counter() - started,
+        "output_dir": str(output), "levels": args.levels, "seconds": time.perf_counter() - started,
         "tokenizer": {"psnr_db": tokenizer_metrics["psnr"], "codebook_usage_percent": tokenizer_metrics["codebook_usage"],
                       "perplexity": tokenizer_metrics["perplexity"]},
-        "prior": {"bits_per_code": prior_metrics["bits_per_code"],
-                  "unigram_entropy_bits": prior_metrics["unigram_entropy_bits"],
-                  "top1_accuracy": prior_metrics["top1_accuracy"]},
-        "files": {part: str(output / part) for part in PARTS},
+        "priors": {folder: {"bits_per_code": metrics["bits_per_code"],
+                            "unigram_entropy_bits": metrics["unigram_entropy_bits"],
+                            "top1_accuracy": metrics["top1_accuracy"], "best_step": metrics.get("best_step")}
+                   for folder, metrics in prior_metrics.items()},
+        "files": {part: str(output / part) for part in PARTS if (output / part).exists()},
     }
+    if len(prior_metrics) == 1:
+        summary["prior"] = next(iter(summary["priors"].values()))
+    prior_lines = "\n".join(f"  {folder}: {metrics['bits_per_code']:.2f} bits per code (unigram entropy "
+                            f"{metrics['unigram_entropy_bits']:.2f})" for folder, metrics in prior_metrics.items())
     print(f"\nDone in {summary['seconds']:.0f} s. Pipeline: {output / 'pipeline'}\n"
           f"  samples: {output / 'samples.png'} (one row per digit 0-9)\n"
           f"  reconstructions: {output / 'reconstructions.png'} (originals above reconstructions)\n"
           f"  tokenizer: PSNR {tokenizer_metrics['psnr']:.1f} dB, "
-          f"codebook usage {tokenizer_metrics['codebook_usage']:.1f}%\n"
-          f"  prior: {prior_metrics['bits_per_code']:.2f} bits per code "
-          f"(unigram entropy {prior_metrics['unigram_entropy_bits']:.2f})", file=sys.stderr)
+          f"codebook usage {tokenizer_metrics['codebook_usage']:.1f}%\n{prior_lines}", file=sys.stderr)
     print(json.dumps(summary))
     return summary
 

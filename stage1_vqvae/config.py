@@ -130,3 +130,19 @@ class Stage1TrainConfig(LoopConfig, DataConfig):
     warmup_steps: int = 50
     eval_every: int = 500
     save_every: int = 500
+
+    def check(self) -> None:
+        """UserError for settings no run can use: the loop's checks, then the discriminator's."""
+        from stage1_vqvae.discriminator import check_discriminator_depth  # it imports this module
+
+        super().check()
+        if self.discriminator_weight < 0 or self.discriminator_start < 0:
+            raise UserError("--discriminator-weight and --discriminator-start must be >= 0")
+        if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
+            raise UserError(f"--discriminator-learning-rate must be positive, got {self.discriminator_learning_rate}")
+        if self.discriminator_weight > 0:
+            if self.discriminator_start >= self.max_steps:
+                raise UserError(f"--discriminator-start {self.discriminator_start} is not below --max-steps "
+                                f"{self.max_steps}, so the discriminator would never train; pass a smaller "
+                                "--discriminator-start, a larger --max-steps, or --discriminator-weight 0")
+            check_discriminator_depth(self.image_size, self.discriminator_layers)

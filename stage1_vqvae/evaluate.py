@@ -1,5 +1,8 @@
 """Reconstruction metrics of a trained tokenizer as one JSON line:
-`python -m stage1_vqvae.evaluate --tokenizer DIR --dataset digits --split test`."""
+`python -m stage1_vqvae.evaluate --tokenizer DIR --dataset digits --split test`.
+
+PSNR and SSIM (torchmetrics), codebook usage and perplexity always; LPIPS and rFID (the FID of the
+reconstructions against the originals) when their weights are on this machine."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +16,9 @@ from shared.config import parse_args
 from shared.data import (DataConfig, check_num_workers, default_num_workers, first_image_channels, load_split,
                          open_source)
 from shared.errors import UserError, run_cli
+from stage1_vqvae.fid import FrechetDistance, inception_weights_file
 from stage1_vqvae.losses import PerceptualLoss
-from stage1_vqvae.metrics import reconstruction_metrics
+from stage1_vqvae.metrics import SSIM_WINDOW, reconstruction_metrics
 from stage1_vqvae.model import VQVAE
 from stage1_vqvae.pixels import load_tokenizer
 
@@ -28,7 +32,17 @@ def parser() -> argparse.ArgumentParser:
                         help="stop at an unreadable image instead of skipping it (skipped images are counted)")
     parser.add_argument("--perceptual-net", default="alex", choices=["alex", "vgg", "squeeze"],
                         help="LPIPS backbone; LPIPS is reported when its weights are on this machine")
+    add_fid_arguments(parser)
+    parser.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True,
+                        help="report rFID when the Inception weights are found (--no-fid skips it: on a CPU it "
+                             "costs about a second per image)")
     return parser
+
+
+def add_fid_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inception-weights", default=None,
+                        help="torch-fidelity's FID Inception weights (weights-inception-2015-12-05-6726825d.pth); "
+                             "default: that file in $TORCH_HOME/hub/checkpoints")
 
 
 def add_source_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
@@ -64,20 +78,31 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, float]:
     source = open_source(data_config)
     channels = first_image_channels(source, args.split, data_config.channels,
                                     fix=f"this tokenizer takes {tokenizer.config.in_channels}-channel images")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fid = None
+    if args.fid and (args.inception_weights is not None or inception_weights_file().is_file()):
+        fid = FrechetDistance(args.inception_weights, device)  # a file that is there must work: no skipping
+    elif args.fid:
+        print(f"note: rFID skipped: its Inception weights {inception_weights_file().name} are not in "
+              f"{inception_weights_file().parent}; copy them there or pass --inception-weights PATH", file=sys.stderr)
     try:
         perceptual = PerceptualLoss(args.perceptual_net)
     except UserError as missing:
         print(f"note: LPIPS skipped: {missing}", file=sys.stderr)
         perceptual = None
+    with_ssim = data_config.image_size >= SSIM_WINDOW
+    if not with_ssim:
+        print(f"note: SSIM skipped: its {SSIM_WINDOW}x{SSIM_WINDOW} window does not fit {data_config.image_size}px "
+              "images", file=sys.stderr)
     dataset = load_split(data_config, source=source, channels=channels)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer.to(device)
     if perceptual is not None:
         perceptual.to(device)
     problems: list[str] = []
     num_workers = args.num_workers if args.num_workers is not None else default_num_workers()
     metrics = reconstruction_metrics(tokenizer, dataset, args.batch_size, device, perceptual=perceptual,
-                                     with_ssim=True, num_workers=num_workers, report_problems=problems.extend)
+                                     with_ssim=with_ssim, num_workers=num_workers, report_problems=problems.extend,
+                                     fid=fid)
     for problem in problems:
         print(f"warning: {problem}; it was replaced by the next readable row", file=sys.stderr)
     result = {"tokenizer": str(args.tokenizer), "dataset": args.dataset, "split": args.split,

@@ -60,3 +60,35 @@ class PerceptualLoss(nn.Module):
 
 def reconstruction_loss(kind: str, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(reconstruction, target) if kind == "mse" else F.l1_loss(reconstruction, target)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adversarial losses (VQGAN: Esser et al. 2021, sec. 3.1)
+# ------------------------------------------------------------------------------------------------
+
+ADAPTIVE_WEIGHT_EPSILON = 1e-4
+ADAPTIVE_WEIGHT_MAX = 1e4
+
+
+def discriminator_hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss (Lim & Ye 2017; as taming-transformers trains VQGAN):
+    mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), over every patch logit. Zero once real
+    patches score at least 1 and fake ones at most -1."""
+    return F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's adversarial loss: -mean(D(reconstruction)) (the hinge GAN's generator term)."""
+    return -logits_fake.float().mean()
+
+
+def adaptive_weight(reconstruction_loss: torch.Tensor, adversarial_loss: torch.Tensor,
+                    last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's balance between the two losses (Esser et al. 2021, sec. 3.1, eq. 7):
+    ||grad of the reconstruction loss|| / (||grad of the adversarial loss|| + 1e-4), both taken at
+    the decoder's last layer weight, clamped to [0, 1e4] and detached (a scale, not a path for
+    gradients). `reconstruction_loss` includes the perceptual term. Keeps both graphs for backward."""
+    reconstruction_grad, = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)
+    adversarial_grad, = torch.autograd.grad(adversarial_loss, last_layer, retain_graph=True)
+    weight = reconstruction_grad.float().norm() / (adversarial_grad.float().norm() + ADAPTIVE_WEIGHT_EPSILON)
+    return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()

@@ -3,36 +3,53 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from shared.data import CachedImages, ImageDataset, sequential_batches, shard_range
+from shared.errors import UserError
+
+if TYPE_CHECKING:  # fid imports torchmetrics' image package, which training never needs
+    from stage1_vqvae.fid import FrechetDistance
+
+
+# SSIM as Wang et al. 2004 (sec. III.C) define it: an 11x11 Gaussian window of sigma 1.5, averaged
+# over the positions where the whole window lies inside the image (scikit-image and the authors'
+# MATLAB code do the same). torchmetrics >= 1.5 averages over reflection-padded borders too, which
+# pulls small images far from the published numbers, so its full SSIM map is cropped here.
+SSIM_SIGMA = 1.5
+SSIM_WINDOW = 11  # 2 * int(3.5 * sigma + 0.5) + 1: the window torchmetrics and scikit-image derive from sigma
+MAX_PSNR = 100.0  # dB, reported for identical images (their PSNR is infinite); keeps the JSON finite
 
 
 def psnr_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of each image (B,), on the [0, 1] scale (data range 1); inputs in [-1, 1]."""
-    mse = (reconstruction.float() - target.float()).div(2).pow(2).flatten(1).mean(1)  # (B,)
-    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+    """PSNR in dB of each image (B,), on the [0, 1] scale (data range 1); inputs (B, C, H, W) in [-1, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    psnr = peak_signal_noise_ratio(_unit_scale(reconstruction), _unit_scale(target), data_range=1.0,
+                                   reduction="none", dim=(1, 2, 3))  # (B,)
+    return psnr.clamp_max(MAX_PSNR)
 
 
 def ssim_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SSIM (Wang et al. 2004; 11x11 Gaussian window, sigma 1.5) of each image (B,), on the [0, 1] scale."""
-    x, y = reconstruction.float().add(1).div(2), target.float().add(1).div(2)
-    channels = x.shape[1]
-    coords = torch.arange(11, dtype=torch.float32, device=x.device) - 5
-    gauss = torch.exp(-coords.pow(2) / (2 * 1.5 ** 2))
-    gauss = gauss / gauss.sum()
-    window = (gauss[:, None] * gauss[None, :]).expand(channels, 1, 11, 11).contiguous()  # (C, 1, 11, 11)
+    """SSIM of each image (B,), on the [0, 1] scale (data range 1), averaged over channels and the
+    positions a whole 11x11 window covers; inputs (B, C, H, W) in [-1, 1], at least 11 px a side."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    def blur(image: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(image, window, padding=5, groups=channels)
+    if min(target.shape[2:]) < SSIM_WINDOW:
+        raise UserError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels (its Gaussian window), "
+                        f"got {tuple(target.shape[2:])}")
+    _, ssim_map = structural_similarity_index_measure(
+        _unit_scale(reconstruction), _unit_scale(target), gaussian_kernel=True, sigma=SSIM_SIGMA,
+        kernel_size=SSIM_WINDOW, data_range=1.0, reduction="none", return_full_image=True)  # (B, C, H, W)
+    border = SSIM_WINDOW // 2
+    return ssim_map[..., border:-border, border:-border].flatten(1).mean(1)  # (B,)
 
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1)  # (B,)
+
+def _unit_scale(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] in float32 (half precision would lose the small differences SSIM measures)."""
+    return images.float().add(1).div(2)
 
 
 def codebook_statistics(code_counts: torch.Tensor) -> dict[str, float]:
@@ -49,11 +66,13 @@ def reconstruction_metrics(model, dataset: ImageDataset | CachedImages, batch_si
                            reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
                            perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                            with_ssim: bool = False, num_workers: int = 0,
-                           report_problems: Callable[[list[str]], None] = lambda problems: None) -> dict[str, float]:
-    """Mean per-image PSNR (and SSIM, LPIPS), codebook usage and perplexity over the whole split.
+                           report_problems: Callable[[list[str]], None] = lambda problems: None,
+                           fid: FrechetDistance | None = None) -> dict[str, float]:
+    """Mean per-image PSNR (and SSIM, LPIPS), codebook usage and perplexity over the whole split,
+    and with `fid` the rFID: the FID of the reconstructions against the originals.
 
     Each process handles its contiguous shard, read through `num_workers` loader workers;
-    `reduce_sum` adds the partial sums across processes.
+    `reduce_sum` adds the partial sums across processes (torchmetrics reduces the FID statistics).
     """
     was_training = model.training
     model.eval()
@@ -72,6 +91,9 @@ def reconstruction_metrics(model, dataset: ImageDataset | CachedImages, batch_si
         if perceptual is not None:
             totals[3] += perceptual(output.reconstruction.float(), images).double() * len(images)
         totals[4] += (output.reconstruction.float() - images).pow(2).mean(dim=(1, 2, 3)).double().sum()
+        if fid is not None:
+            fid.add(images, real=True)
+            fid.add(output.reconstruction, real=False)
         batch_counts = count_codes(model, output.codes)
         code_counts = batch_counts if code_counts is None else {
             name: code_counts[name] + counts for name, counts in batch_counts.items()}
@@ -86,6 +108,8 @@ def reconstruction_metrics(model, dataset: ImageDataset | CachedImages, batch_si
         metrics["ssim"] = (totals[2] / count).item()
     if perceptual is not None:
         metrics["lpips"] = (totals[3] / count).item()
+    if fid is not None:
+        metrics["rfid"] = fid.compute()
     return {**metrics, **usage_statistics(code_counts)}
 
 

@@ -2,6 +2,12 @@
 
 Also runs under `accelerate launch -m stage1_vqvae.train ...` and `torchrun --nproc_per_node N -m ...`.
 When it ends, --output-dir loads with `VQVAE.from_pretrained(output_dir)`.
+
+With --discriminator-weight > 0 it trains VQGAN's way (Esser et al. 2021, sec. 3.1): from step
+--discriminator-start on, a PatchGAN discriminator learns to tell images from reconstructions (hinge
+loss) and the tokenizer's loss gains weight * adaptive weight * -mean(D(reconstruction)). The
+discriminator and its optimizer are in every checkpoint (model_1.safetensors, optimizer_1.bin), so
+exact resume holds with it.
 """
 from __future__ import annotations
 
@@ -19,12 +25,15 @@ from shared.errors import run_cli
 from shared.runtime import local_process_count
 from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
 from stage1_vqvae.config import Stage1TrainConfig, VQVAEConfig
-from stage1_vqvae.losses import PerceptualLoss, reconstruction_loss
+from stage1_vqvae.discriminator import PatchDiscriminator
+from stage1_vqvae.losses import (PerceptualLoss, adaptive_weight, discriminator_hinge_loss, generator_adversarial_loss,
+                                 reconstruction_loss)
 from stage1_vqvae.metrics import reconstruction_metrics
 from stage1_vqvae.model import VQVAE
 
 # Fields of VQVAEConfig that come from the data, not from their own flags.
 DATA_DERIVED = frozenset({"in_channels", "image_size"})
+DISCRIMINATOR_SEED_OFFSET = 0xD15C  # the discriminator's initial weights come from seed + this
 
 
 def parser():
@@ -65,6 +74,19 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         session.report_problems(getattr(data, "problems", []))
 
     model, _ = session.prepare(VQVAE(model_config))  # after Accelerator(): the codebook syncs across processes
+    adversarial = train_config.discriminator_weight > 0
+    if adversarial:
+        # After the tokenizer, from its own seed: the tokenizer's weights and its RNG stream (k-means
+        # initialisation, dead-code replacement) are those of the same run without a discriminator.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train_config.seed + DISCRIMINATOR_SEED_OFFSET)
+            built = PatchDiscriminator(channels, train_config.discriminator_layers)
+        discriminator, discriminator_optimizer = session.prepare_auxiliary(
+            built, train_config.discriminator_learning_rate or train_config.learning_rate)
+        # the unwrapped modules: DDP wrappers have no .decoder, and the tokenizer step calls the
+        # discriminator frozen, outside DDP, since it computes no discriminator gradients
+        discriminator_module = accelerator.unwrap_model(discriminator)
+        last_layer = session.unwrapped_model.decoder.conv_out.weight
     if perceptual is not None:
         perceptual.to(session.device)
     start_step = session.restore()
@@ -73,16 +95,42 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     batches = training_batches(train_data, order, start_step * train_config.gradient_accumulation_steps,
                                num_workers, pin_memory=session.device.type == "cuda")
 
+    last_batch: dict[str, torch.Tensor] = {}  # the step's last micro-batch, for the discriminator
+
     def compute_loss(micro_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = next(batches)
         session.report_problems(batch.problems)
         images = batch.images(session.device)  # (B, C, H, W) in [-1, 1]
         output = model(images)
         loss = reconstruction_loss(train_config.reconstruction_loss, output.reconstruction, images)
-        loss = loss + output.quantizer_loss
         if perceptual is not None:
             loss = loss + train_config.perceptual_weight * perceptual(output.reconstruction, images)
-        return loss, {}  # codebook usage is measured over the whole validation split, never per batch
+        logs: dict[str, float] = {}  # codebook usage is measured over the whole validation split, never per batch
+        step = micro_batch // train_config.gradient_accumulation_steps
+        if adversarial and step >= train_config.discriminator_start:
+            last_batch.update(real=images, fake=output.reconstruction.detach())
+            discriminator_module.requires_grad_(False)  # the tokenizer's step leaves the discriminator alone
+            try:
+                adversarial_loss = generator_adversarial_loss(discriminator_module(output.reconstruction))
+            finally:
+                discriminator_module.requires_grad_(True)
+            weight = adaptive_weight(loss, adversarial_loss, last_layer)
+            loss = loss + train_config.discriminator_weight * weight * adversarial_loss
+            logs.update(g_adv=adversarial_loss.item(), adaptive_weight=weight.item())
+        return loss + output.quantizer_loss, logs
+
+    def discriminator_step(step: int) -> dict[str, float]:
+        """One update of the discriminator on the step's last micro-batch: its real images and
+        (detached) reconstructions, in one forward (GroupNorm keeps the images apart)."""
+        if step < train_config.discriminator_start:
+            return {}
+        real, fake = last_batch.pop("real"), last_batch.pop("fake")
+        logits = discriminator(torch.cat([real, fake]))  # (2B, 1, s, s)
+        loss = discriminator_hinge_loss(logits[:len(real)], logits[len(real):])
+        accelerator.backward(loss)
+        discriminator_optimizer.step()
+        discriminator_optimizer.zero_grad(set_to_none=True)
+        return {"d_loss": loss.item()}
 
     def evaluate(step: int) -> dict[str, float]:
         return reconstruction_metrics(session.unwrapped_model, validation_data, 256, session.device,
@@ -104,7 +152,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         save_image_grid(rows.flatten(0, 2), session.output_dir / "samples" / f"reconstructions_{step:08d}.png",
                         nrow=per_row)
 
-    metrics = session.run(start_step, compute_loss, evaluate, after_step=save_reconstructions)
+    metrics = session.run(start_step, compute_loss, evaluate, after_step=save_reconstructions,
+                          auxiliary_step=discriminator_step if adversarial else None)
     session.finish({METRICS_NAME: metrics})
     if session.is_main:
         print(json.dumps({"output_dir": str(session.output_dir), **metrics}))

@@ -155,7 +155,7 @@ def discretized_logistic_log_probs(mean: torch.Tensor, log_scale: torch.Tensor, 
     log_cdf_upper = upper - F.softplus(upper)  # log sigmoid(upper)
     log_one_minus_cdf_lower = -F.softplus(lower)  # log (1 - sigmoid(lower))
     # log(sigmoid(u) - sigmoid(l)) without cancellation: sigmoid(u) - sigmoid(l) = e^u (1 - e^(l-u)) / ((1 + e^u)(1 + e^l))
-    log_middle = (torch.log(-torch.expm1(lower - upper).clamp_min(1e-30)) + upper - F.softplus(upper)
+    log_middle = (torch.log((-torch.expm1(lower - upper)).clamp_min(1e-30)) + upper - F.softplus(upper)
                   - F.softplus(lower))
     edge_low = x <= -1.0 + 1e-6
     edge_high = x >= 1.0 - 1e-6

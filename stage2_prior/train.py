@@ -31,7 +31,7 @@ from stage1_vqvae.pixels import load_tokenizer
 from stage2_prior.config import PriorConfig, Stage2TrainConfig
 from stage2_prior.prior import Prior
 
-# PriorConfig fields that come from the codes, not from flags
+# PriorConfig fields that come from the codes, not from flags (the run's --level and --condition-level pick them)
 FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
                         "condition_shape", "tokenizer_sha256", "level", "condition_level"})
 SAMPLE_SEED = 1234
@@ -40,7 +40,7 @@ SAMPLES_PER_ROW = 8
 
 def parser():
     return build_parser("Train an autoregressive prior on a codes dataset (stage 2).", Stage2TrainConfig,
-                        PriorConfig, skip=FROM_CODES)
+                        PriorConfig, skip=FROM_CODES - {"level", "condition_level"})
 
 
 def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, CodesMetadata]:

@@ -18,8 +18,10 @@ import torch
 
 from conftest import TINY_TOKENIZER_FLAGS, tree_digest, write_image_folder
 from pipelines import Pipeline
+from pipelines.evaluate import main as pipeline_evaluate_main
 from pipelines.generate import main as generate_main
 from stage1_vqvae import VQVAE, VQVAEConfig
+from stage1_vqvae.evaluate import main as tokenizer_evaluate_main
 from stage1_vqvae.export import export, main as export_main
 from stage1_vqvae.train import main as tokenizer_main
 from stage2_prior import GatedPixelCNN, PriorConfig
@@ -150,6 +152,17 @@ COMMAND_CASES = [
          "out of memory with --batch-size 100000.*lower --batch-size"),
     Case(tokenizer_main, "fsq levels disagree", lambda w: tok(w, "--quantizer", "fsq", "--codebook-size", "100"),
          "product of --fsq-levels"),
+    Case(tokenizer_main, "discriminator starts after the last step",
+         lambda w: tok(w, "--discriminator-weight", "0.1", "--discriminator-start", "2"),
+         "--discriminator-start 2 is not below --max-steps 2.*pass a smaller --discriminator-start"),
+    Case(tokenizer_main, "discriminator deeper than the images", lambda w: tok(w, "--discriminator-weight", "0.1"),
+         "3-layer discriminator shrinks 16px images to nothing.*--discriminator-layers 2"),
+    Case(tokenizer_main, "channel_mult disagrees with the downsampling",
+         lambda w: tok(w, "--arch", "vqgan", "--channel-mult", "1", "2", "2", "4"),
+         r"channel_mult \(1, 2, 2, 4\) has 4 entries.*num_downsamples is 2; pass --num-downsamples 3"),
+    Case(tokenizer_main, "attention at a resolution never reached",
+         lambda w: tok(w, "--arch", "vqgan", "--attention-resolutions", "5"),
+         "attention at resolution 5, which the network never reaches.*fix --attention-resolutions"),
     # export
     Case(export_main, "tokenizer folder missing", lambda w: exp(w, tokenizer=str(w.tmp / "none")), "is not a folder"),
     Case(export_main, "not a tokenizer folder", lambda w: exp(w, tokenizer=str(w.codes)), "config.json is missing"),
@@ -168,6 +181,20 @@ COMMAND_CASES = [
     Case(export_main, "negative workers", lambda w: exp(w, "--num-workers", "-1"), "--num-workers must be 0"),
     Case(export_main, "revision for the digits", lambda w: exp(w, "--revision", "main"),
          "--revision applies to Hub datasets only"),
+    # evaluation: the FID Inception weights (an empty $TORCH_HOME: nothing cached)
+    Case(tokenizer_evaluate_main, "inception weights that are not a weights file",
+         lambda w: ["--tokenizer", str(w.tokenizer), "--inception-weights", str(w.tmp / "inception.pth")],
+         "inception.pth is not a PyTorch weights file.*weights-inception-2015-12-05-6726825d.pth",
+         setup=lambda w: (w.tmp / "inception.pth").write_text("<html>a download that went wrong</html>")),
+    Case(tokenizer_evaluate_main, "inception weights of another network",
+         lambda w: ["--tokenizer", str(w.tokenizer), "--inception-weights", str(w.tmp / "other.pth")],
+         "other.pth does not hold torch-fidelity's Inception weights",
+         setup=lambda w: torch.save({"weight": torch.zeros(3)}, w.tmp / "other.pth")),
+    Case(pipeline_evaluate_main, "inception weights missing offline",
+         lambda w: ["--pipeline", str(w.pipeline), "--num-images", "2", "--no-progress"],
+         r"weights-inception-2015-12-05-6726825d\.pth, not found in .*hub/checkpoints.*--inception-weights PATH"),
+    Case(pipeline_evaluate_main, "one sample cannot give an FID",
+         lambda w: ["--pipeline", str(w.pipeline), "--num-images", "1"], "--num-images must be at least 2"),
     # stage-2 training
     Case(prior_main, "codes folder missing", lambda w: pri(w, codes=str(w.tmp / "nothing")), "does not exist"),
     Case(prior_main, "not a codes dataset", lambda w: pri(w, codes=str(w.tokenizer)), "codes.json is missing"),

@@ -74,6 +74,25 @@ def test_sigkill_and_resume_is_bitwise_identical(kill_point, straight_run, tmp_p
     assert same_weights(straight_run, output)
 
 
+def test_sigkill_with_discriminator_resumes_bitwise(tmp_path):
+    """VQGAN training: the discriminator, its optimizer and the RNG resume with the tokenizer."""
+    command = [*STAGE1, "--discriminator-weight", "0.1", "--discriminator-start", "4", "--discriminator-layers", "2"]
+    straight = run_module(*command, "--output-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    output = tmp_path / "killed"
+    kill_when([sys.executable, "-m", *command, "--output-dir", str(output)], checkpoint_exists(output, 6))
+    assert not (output / "model.safetensors").exists(), "killed before the end"
+    resumed = run_module(*command, "--output-dir", str(output), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    assert same_weights(tmp_path / "straight", output)
+    final = Path("checkpoints") / "step_00000012" / "model_1.safetensors"  # the discriminator
+    left, right = load_weights(tmp_path / "straight" / final), load_weights(output / final)
+    assert left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
+    earlier = load_weights(tmp_path / "straight" / "checkpoints" / "step_00000008" / "model_1.safetensors")
+    assert any(not earlier[k].equal(left[k]) for k in left), "the discriminator kept training"
+
+
 def test_sigkill_with_workers_and_augmentation_resumes_bitwise(tmp_path):
     """Streaming from an image folder through 2 loader workers, with random flips and crops."""
     from conftest import write_image_folder
