@@ -1,54 +1,101 @@
-"""Tokenizer quality on natural RGB photographs (no download needed).
+"""Tokenizers on natural photographs, at equal CPU time, measured on photographs never trained on.
 
-scikit-learn ships two photographs (china.jpg, flower.jpg, 427x640). This script cuts them into
-32x32 crops: train/ from china.jpg (and its mirror image), test/ from flower.jpg, so the held-out
-PSNR measures generalisation to an unseen photograph. Then it trains and evaluates a tokenizer.
+    python benchmarks/natural_photos.py --output-dir runs/photos --cpu-seconds 600
 
-    python benchmarks/natural_photos.py --output-dir runs/photos [--max-steps 1500]
+scikit-image ships a dozen photographs (no download). 32x32 crops (stride 16) of six of them form
+train/ (astronaut, coffee, chelsea, rocket, hubble deep field, immunohistochemistry, each with its
+mirror image), and crops of two others form test/ (the stereo motorcycle, the retina): held-out PSNR
+and SSIM measure generalisation to unseen photographs. Each recipe trains for `--cpu-seconds` of
+CPU time (a short run measures the cost of a step), then `vqvae-evaluate` scores it on test/.
+LPIPS needs the AlexNet trunk weights, which cannot be downloaded here; with them in
+$TORCH_HOME/hub/checkpoints it is reported too.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_module, steps_for_cpu_seconds  # noqa: E402
 
-def write_crops(root: Path, stride: int = 16, size: int = 32) -> None:
-    from sklearn.datasets import load_sample_images
+TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+TEST_PHOTOS = ("stereo_motorcycle", "retina")
+CROP, STRIDE = 32, 16
+# name -> tokenizer flags; "default" is today's `vqvae-train` with a photo-sized codebook
+RECIPES = {
+    "vqvae (default)": ["--codebook-size", "512"],
+    "vqvae, 1024 l2 codes of dim 8": ["--codebook-size", "1024", "--codebook-dim", "8", "--use-cosine-sim"],
+    "vqgan, 1024 l2 codes of dim 8": ["--arch", "vqgan", "--hidden-channels", "32", "--num-res-blocks", "1",
+                                      "--channel-mult", "1", "2", "2", "--codebook-size", "1024", "--codebook-dim", "8",
+                                      "--use-cosine-sim"],
+    "vqgan + discriminator": ["--arch", "vqgan", "--hidden-channels", "32", "--num-res-blocks", "1",
+                              "--channel-mult", "1", "2", "2", "--codebook-size", "1024", "--codebook-dim", "8",
+                              "--use-cosine-sim", "--discriminator-weight", "0.1", "--discriminator-layers", "2",
+                              "--discriminator-start", "{half}"],  # {half}: half the steps
+    "preset photos": ["--preset", "photos"],
+}
 
-    china, flower = load_sample_images().images
-    for split, photos in (("train", [china, china[:, ::-1]]), ("test", [flower])):
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    return image[0] if isinstance(image, tuple) else image  # the stereo pair: its left image
+
+
+def write_crops(root: Path) -> None:
+    for split, names in (("train", TRAIN_PHOTOS), ("test", TEST_PHOTOS)):
         folder = root / split / "photo"
         folder.mkdir(parents=True, exist_ok=True)
         count = 0
-        for pixels in photos:
-            image = Image.fromarray(pixels.copy())
-            for top in range(0, image.height - size + 1, stride):
-                for left in range(0, image.width - size + 1, stride):
-                    image.crop((left, top, left + size, top + size)).save(folder / f"{count:05d}.png")
-                    count += 1
-        print(f"{split}: {count} crops")
+        for name in names:
+            pixels = photo(name)
+            for image in ([pixels, pixels[:, ::-1]] if split == "train" else [pixels]):
+                source = Image.fromarray(np.ascontiguousarray(image))
+                for top in range(0, source.height - CROP + 1, STRIDE):
+                    for left in range(0, source.width - CROP + 1, STRIDE):
+                        source.crop((left, top, left + CROP, top + CROP)).save(folder / f"{count:06d}.png")
+                        count += 1
+        print(f"{split}: {count} crops of {', '.join(names)}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--cpu-seconds", type=float, default=600.0, help="training CPU time per recipe")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
     output = Path(args.output_dir)
     crops = output / "crops"
-    if not crops.exists():
+    if not (crops / "test").exists():
         write_crops(crops)
-    from stage1_vqvae.evaluate import evaluate
-    from stage1_vqvae.train import train
-
-    train(["--dataset", str(crops), "--output-dir", str(output / "tokenizer"), "--max-steps", str(args.max_steps),
-           "--overwrite", "--no-progress", "--codebook-size", "512", "--eval-every", str(args.max_steps)])
-    result = evaluate(["--tokenizer", str(output / "tokenizer"), "--dataset", str(crops), "--split", "test"])
-    print(json.dumps({"held_out_psnr": result["psnr"], "held_out_ssim": result["ssim"],
-                      "codebook_usage": result["codebook_usage"]}))
+    rows = []
+    for name in args.recipes:
+        folder = output / name.split(" (")[0].replace(" ", "_").replace(",", "").replace("+", "plus")
+        flags = ["--dataset", str(crops), *RECIPES[name]]
+        steps = steps_for_cpu_seconds("stage1_vqvae.train", [flag.format(half=1) for flag in flags],
+                                      output / "calibration", args.cpu_seconds)
+        flags = [flag.format(half=steps // 2) for flag in flags]
+        metrics, cpu = run_module("stage1_vqvae.train", *flags, "--output-dir", str(folder), "--overwrite",
+                                  "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)), "--save-every",
+                                  str(steps), "--no-progress")
+        held_out, _ = run_module("stage1_vqvae.evaluate", "--tokenizer", str(folder), "--dataset", str(crops),
+                                 "--split", "test")
+        held_out["codebook_size"] = json.loads((folder / "config.json").read_text())["codebook_size"]
+        rows.append((name, steps, cpu, held_out, metrics))
+        print(json.dumps({"recipe": name, "steps": steps, "cpu_seconds": cpu, **held_out}), flush=True)
+    print("\n| recipe | steps | CPU s | held-out PSNR (dB) | SSIM | LPIPS | codebook usage | rFID |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, steps, cpu, held_out, _ in rows:
+        lpips = f"{held_out['lpips']:.3f}" if "lpips" in held_out else "n/a"
+        rfid = f"{held_out['rfid']:.1f}" if "rfid" in held_out else "n/a"
+        print(f"| {name} | {steps} | {cpu:.0f} | {held_out['psnr']:.2f} | {held_out['ssim']:.3f} | {lpips} | "
+              f"{held_out['codebook_usage']:.1f}% of {held_out['codebook_size']} | {rfid} |")
 
 
 if __name__ == "__main__":

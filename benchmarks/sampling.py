@@ -1,10 +1,12 @@
-"""Naive vs cached sampling of the Gated PixelCNN prior: seconds and speed-up.
+"""Naive vs cached sampling of the priors: seconds and speed-up.
 
-    python benchmarks/sampling.py                 # this machine's device, grids 8/16/32, batches 1/16/64
-    python benchmarks/sampling.py --quick         # fewer rows
+    python benchmarks/sampling.py                                   # the default gated prior, grids 8/16/32, batches 1/16/64
+    python benchmarks/sampling.py --archs transformer --grids 16 32 # any arch
+    python benchmarks/sampling.py --precisions float64 float32      # the network's dtype while sampling
 
 The naive sampler runs the whole network once per position (h * w forwards); where that would take
-too long, its time is estimated from timed forward passes (marked "est").
+too long, its time is estimated from timed forward passes (marked "est"). Cached sampling draws
+the same codes. Models are freshly initialised (speed does not depend on the weights).
 """
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ import time
 
 import torch
 
-from stage2_prior import GatedPixelCNN, PriorConfig
+from stage2_prior import Prior, PriorConfig
 
-CONFIGS = {
-    "default (vocab 512, 64 ch, 15 layers)": dict(vocab_size=512, hidden_channels=64, num_layers=15),
-    "small (vocab 256, 32 ch, 8 layers)": dict(vocab_size=256, hidden_channels=32, num_layers=8),
+# The width of every arch is the default prior's (64 channels); depth as each arch's default recipe.
+ARCHS = {
+    "gated": dict(arch="gated", num_layers=15),
+    "pixelsnail": dict(arch="pixelsnail", num_layers=12, attention_every=4),
+    "transformer": dict(arch="transformer", num_layers=6, num_heads=4),
+    "row_lstm": dict(arch="row_lstm", num_layers=4),
+    "diagonal_bilstm": dict(arch="diagonal_bilstm", num_layers=4),
 }
 
 
@@ -39,34 +45,40 @@ def time_call(function, device: torch.device, repeats: int = 1) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--archs", nargs="+", default=["gated"], choices=list(ARCHS))
     parser.add_argument("--grids", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--precisions", nargs="+", default=["float64"], choices=["float64", "float32"])
     parser.add_argument("--max-naive-seconds", type=float, default=20.0, help="estimate naive above this")
-    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.quick:
-        args.grids, args.batches = [8, 16], [1, 16]
     print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| config | grid | batch | naive s | cached s | speed-up |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, values in CONFIGS.items():
+    print("| arch | grid | batch | precision | naive s | cached s | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.archs:
         for side in args.grids:
             torch.manual_seed(0)
-            prior = GatedPixelCNN(PriorConfig(latent_shape=(side, side), **values)).to(device).eval()
-            for batch in args.batches:
-                cached = time_call(lambda: prior.sample(batch, seed=0, method="cached"), device)
-                codes = torch.zeros(batch, side, side, dtype=torch.long, device=device)
-                with torch.inference_mode():
-                    forward = time_call(lambda: prior(codes), device, repeats=3)
-                estimate = forward * side * side
-                if estimate <= args.max_naive_seconds:
-                    naive, mark = time_call(lambda: prior.sample(batch, seed=0, method="naive"), device), ""
-                else:
-                    naive, mark = estimate, " (est)"
-                print(f"| {name} | {side}x{side} | {batch} | {naive:.2f}{mark} | {cached:.3f} | {naive / cached:.0f}x |",
-                      flush=True)
+            prior = Prior.from_config(PriorConfig(vocab_size=512, latent_shape=(side, side), hidden_channels=64,
+                                                  **ARCHS[name])).to(device).eval()
+            for precision in args.precisions:
+                dtype = getattr(torch, precision)
+                for batch in args.batches:
+                    cached = time_call(lambda: prior.sample(batch, seed=0, precision=precision), device)
+                    codes = torch.zeros(batch, side, side, dtype=torch.long, device=device)
+                    compute = prior.to(dtype)
+                    with torch.inference_mode():
+                        forward = time_call(lambda: compute(codes), device, repeats=3)
+                    prior.float()
+                    estimate = forward * side * side
+                    if estimate <= args.max_naive_seconds:
+                        naive = time_call(lambda: prior.sample(batch, seed=0, method="naive", precision=precision),
+                                          device)
+                        mark = ""
+                    else:
+                        naive, mark = estimate, " (est)"
+                    print(f"| {name} | {side}x{side} | {batch} | {precision} | {naive:.2f}{mark} | {cached:.3f} | "
+                          f"{naive / cached:.0f}x |", flush=True)
 
 
 if __name__ == "__main__":

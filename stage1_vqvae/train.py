@@ -33,6 +33,12 @@ from stage1_vqvae.model import VQVAE
 
 # Fields of VQVAEConfig that come from the data, not from their own flags.
 DATA_DERIVED = frozenset({"in_channels", "image_size"})
+# --preset: flag values that fill in what the command line leaves out (docs/benchmarks.md says how
+# each recipe was chosen; the flags given explicitly always win).
+PRESETS = {
+    "photos": dict(arch="vqgan", hidden_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2), codebook_size=1024,
+                   codebook_dim=8, use_cosine_sim=True),
+}
 DISCRIMINATOR_SEED_OFFSET = 0xD15C  # the discriminator's initial weights come from seed + this
 
 
@@ -45,6 +51,9 @@ def parser():
 def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse flags, train, save; returns the final validation metrics."""
     args = parse_args(parser(), argv)
+    for name, value in PRESETS.get(getattr(args, "preset", "none"), {}).items():
+        if not hasattr(args, name):  # absent flags are absent from the namespace
+            setattr(args, name, value)
     train_config = config_from_args(Stage1TrainConfig, args)
     # Every check that can refuse the run comes before the dataset is listed or decoded: flags, the
     # output folder, the first image, the model config and the --resume settings. Nothing is written yet.

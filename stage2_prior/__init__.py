@@ -1,5 +1,5 @@
-from stage2_prior.archs import GatedPixelCNN, PixelSNAIL
+from stage2_prior.archs import GatedPixelCNN, PixelRNN, PixelSNAIL, TransformerPrior
 from stage2_prior.config import PriorConfig
 from stage2_prior.prior import BeamSearchOutput, Prior
 
-__all__ = ["BeamSearchOutput", "GatedPixelCNN", "PixelSNAIL", "Prior", "PriorConfig"]
+__all__ = ["BeamSearchOutput", "GatedPixelCNN", "PixelRNN", "PixelSNAIL", "Prior", "PriorConfig", "TransformerPrior"]

@@ -1,0 +1,447 @@
+"""PixelRNN (van den Oord et al. 2016a): the Row LSTM (arch "row_lstm", sec. 3.1) and the Diagonal
+BiLSTM (arch "diagonal_bilstm", sec. 3.2), with residual connections (sec. 3.3), and their exact
+incremental state for the cached sampler.
+
+Both start with a k x k convolution of mask A (sec. 3.4), so the features at (i, j) know only codes
+before (i, j); each LSTM layer then reads its input at (i, j) (mask B) and states that already only
+know earlier positions. Gates i, f, o are sigmoids and g a tanh: c = f * c_prev + i * g, h = o * tanh(c).
+Labels add a per-layer bias to the 4C gate pre-activations and a condition map a per-layer 1x1
+projection of it (as in the gated arch). Each layer's output is its input plus a 1x1 of h (sec. 3.3).
+
+The full forward runs the recurrence the paper's way: the Row LSTM a row at a time (one convolution
+along the row per step), the Diagonal BiLSTM a column of the skewed map at a time.
+
+The cached state carries the recurrence instead of recomputing it. The first convolution's rows
+above are computed once per row, its current-row taps per position. Row LSTM: each layer keeps h and
+c of the row above (their state-to-state term is computed once per row) and its inputs on the current
+row (the masked 1 x k window). Diagonal BiLSTM: each layer keeps the left-to-right states of the row
+above and of the position to the left; when a row completes, the right-to-left pass over it runs for
+every layer at once (it feeds only the next rows, after the shift down).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from stage2_prior.layers import MaskedConv2d, shift_down
+from stage2_prior.prior import Prior
+
+
+def lstm_cell(gates: torch.Tensor, cell: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM update (sec. 3.1): gate pre-activations (..., 4C, ...) split along `dim` as
+    i, f, o, g, and the previous cell state (..., C, ...) -> (h, c)."""
+    input_gate, forget_gate, output_gate, candidate = gates.chunk(4, dim=dim)
+    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
+    return torch.sigmoid(output_gate) * torch.tanh(cell), cell
+
+
+def skew(x: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) -> (B, K, h, w + h - 1): row i shifted right by i, zeros elsewhere (sec. 3.2)."""
+    height, width = x.shape[2:]
+    flat = rearrange(F.pad(x, (0, height)), "b k h w -> b k (h w)")  # row i starts at i * (w + h)
+    return rearrange(flat[:, :, :height * (width + height - 1)], "b k (h t) -> b k h t", h=height)
+
+
+def unskew(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of `skew`: (B, K, h, w + h - 1) -> (B, K, h, w)."""
+    height = x.shape[2]
+    flat = F.pad(rearrange(x, "b k h t -> b k (h t)"), (0, height))  # row i now starts at i * (w + h)
+    return rearrange(flat, "b k (h t) -> b k h t", h=height)[..., :width]
+
+
+class GateBiases(nn.Module):
+    """What one LSTM adds to every position's 4C gate pre-activations: a class bias (with the null
+    class) and a 1x1 projection of the condition features."""
+
+    def __init__(self, channels: int, label_rows: int, conditioned: bool) -> None:
+        super().__init__()
+        self.class_bias = nn.Embedding(label_rows, 4 * channels) if label_rows else None
+        self.condition_bias = nn.Conv2d(channels, 4 * channels, 1) if conditioned else None
+
+    def forward(self, gates: torch.Tensor, labels: torch.Tensor | None,
+                condition: torch.Tensor | None) -> torch.Tensor:
+        """gates (B, 4C, h, w) plus the biases."""
+        if self.class_bias is not None:
+            gates = gates + self.class_bias(labels)[:, :, None, None]  # (B, 4C, 1, 1)
+        if self.condition_bias is not None:
+            gates = gates + self.condition_bias(condition)  # (B, 4C, h, w)
+        return gates
+
+
+class RowLSTMLayer(nn.Module):
+    """One Row LSTM layer with its residual connection: x (B, C, h, w) -> x + 1x1(h) (sec. 3.1, 3.3).
+
+    Input-to-state: a 1 x k convolution along the row, mask B (columns j - k//2 .. j of x at row i).
+    State-to-state: a 1 x k convolution of the row above's hidden state (columns j - k//2 .. j + k//2).
+    The cell recurrence runs down each column: c[i, j] = f * c[i - 1, j] + i * g.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, label_rows: int, conditioned: bool, dropout: float) -> None:
+        super().__init__()
+        half = kernel_size // 2
+        self.dropout = dropout
+        self.input_to_state = nn.Conv2d(channels, 4 * channels, (1, kernel_size), padding=(0, half))
+        mask = torch.ones(1, 1, 1, kernel_size)
+        mask[..., half + 1:] = 0  # mask B: the column itself and those left of it
+        self.register_buffer("mask", mask, persistent=False)
+        self.state_to_state = nn.Conv1d(channels, 4 * channels, kernel_size, padding=half, bias=False)
+        self.biases = GateBiases(channels, label_rows, conditioned)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def input_weight(self) -> torch.Tensor:
+        return self.input_to_state.weight * self.mask  # (4C, C, 1, k)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        inputs = F.conv2d(x, self.input_weight(), self.input_to_state.bias, padding=self.input_to_state.padding)
+        inputs = self.biases(inputs, labels, condition)  # (B, 4C, h, w)
+        hidden = x.new_zeros(batch, channels, width)  # the row above row 0: zero states
+        cell = x.new_zeros(batch, channels, width)
+        rows = []
+        for row in range(height):  # sec. 3.1: the whole row in one step, rows one after another
+            gates = inputs[:, :, row] + self.state_to_state(hidden)  # (B, 4C, w)
+            hidden, cell = lstm_cell(gates, cell)  # 2 x (B, C, w)
+            rows.append(hidden)
+        hidden = torch.stack(rows, dim=2)  # (B, C, h, w)
+        return x + F.dropout(self.out(hidden), self.dropout, self.training)  # sec. 3.3
+
+
+class DiagonalLSTM(nn.Module):
+    """One direction of a Diagonal BiLSTM (sec. 3.2): x (B, C, h, w) -> hidden states (B, C, h, w).
+
+    Input-to-state: a 1x1 convolution (mask B on features that exclude the position is no mask at all).
+    The map is skewed (row i shifted right by i) and a column-wise LSTM runs left to right over it; its
+    state-to-state map is a 2 x 1 convolution over the previous column's states at rows i - 1 and i,
+    which are (i - 1, j) and (i, j - 1) in the unskewed grid. States outside the grid are zero.
+    """
+
+    def __init__(self, channels: int, label_rows: int, conditioned: bool, reads_codes: bool = False) -> None:
+        super().__init__()
+        self.input_to_state = nn.Conv2d(channels, 4 * channels, 1)
+        self.state_to_state = nn.Conv1d(channels, 4 * channels, 2, bias=False)  # taps: rows i - 1, i
+        self.biases = GateBiases(channels, label_rows, conditioned)
+        # the right-to-left direction also reads the embedded codes at its own position (see DiagonalBiLSTMLayer)
+        self.code_to_state = nn.Conv2d(channels, 4 * channels, 1, bias=False) if reads_codes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
+                codes: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        gates = self.input_to_state(x)
+        if self.code_to_state is not None:
+            gates = gates + self.code_to_state(codes)
+        inputs = skew(self.biases(gates, labels, condition))  # (B, 4C, h, w + h - 1)
+        inside = skew(x.new_ones(1, 1, height, width))[0, 0]  # (h, w + h - 1): 1 on the grid, 0 on padding
+        hidden = x.new_zeros(batch, channels, height)
+        cell = x.new_zeros(batch, channels, height)
+        columns = []
+        for column in range(inputs.shape[3]):  # sec. 3.2: one diagonal of the grid per step
+            above_and_left = self.state_to_state(F.pad(hidden, (1, 0)))  # (B, 4C, h): rows i - 1 and i
+            hidden, cell = lstm_cell(inputs[..., column] + above_and_left, cell)  # 2 x (B, C, h)
+            # zero outside the grid, so (i, -1) and (-1, j) hold the zero initial state, as when sampling
+            hidden, cell = hidden * inside[:, column], cell * inside[:, column]
+            columns.append(hidden)
+        return unskew(torch.stack(columns, dim=3), width)  # (B, C, h, w)
+
+
+class DiagonalBiLSTMLayer(nn.Module):
+    """A Diagonal BiLSTM layer with its residual connection (sec. 3.2, 3.3): the left-to-right direction,
+    plus the right-to-left one (the same layer on the mirrored map, with its own weights) shifted down
+    one row, so that nothing at or after (i, j) reaches (i, j); x + 1x1 of their sum.
+
+    The right-to-left direction also reads the embedded codes at its own position: its output reaches
+    row i only from row i - 1, where every code is known. Without that, the last code of row i - 1
+    would be hidden from most of row i: the layers' input (mask A) carries it only to row i's last
+    columns, which come later in raster order.
+    """
+
+    def __init__(self, channels: int, label_rows: int, conditioned: bool, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.left_to_right = DiagonalLSTM(channels, label_rows, conditioned)
+        self.right_to_left = DiagonalLSTM(channels, label_rows, conditioned, reads_codes=True)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
+                codes: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, h, w): the layer input; codes (B, C, h, w): the embedded codes."""
+        mirrored_condition = None if condition is None else condition.flip(3)
+        right_to_left = self.right_to_left(x.flip(3), labels, mirrored_condition,
+                                           codes.flip(3)).flip(3)  # (B, C, h, w)
+        hidden = self.left_to_right(x, labels, condition) + shift_down(right_to_left)  # sec. 3.2
+        return x + F.dropout(self.out(hidden), self.dropout, self.training)  # sec. 3.3
+
+
+class PixelRNN(Prior):
+    """PixelRNN over codes: a k x k convolution of mask A, then `num_layers` residual Row LSTM
+    (arch="row_lstm") or Diagonal BiLSTM (arch="diagonal_bilstm") layers of C = hidden_channels.
+
+    The features at raster position p depend only on codes before p. Receptive fields (r = k // 2,
+    L layers): the Diagonal BiLSTM's covers every earlier position (its right-to-left direction reads
+    the codes of the row above directly; see DiagonalBiLSTMLayer). The Row LSTM's is a triangle (sec.
+    3.1): row i - d (d >= 1) at columns j - (d + L + 1) r .. j + d r, and row i at columns
+    j - (L + 1) r .. j - 1; the rest of the past stays hidden.
+    """
+
+    archs: ClassVar[tuple[str, ...]] = ("row_lstm", "diagonal_bilstm")
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        channels = config.hidden_channels
+        conditioned = config.condition_vocab_size is not None
+        self.first = MaskedConv2d(channels, channels, config.kernel_size, "A")  # sec. 3.4: the first layer
+        if config.arch == "row_lstm":
+            self.layers = nn.ModuleList(
+                RowLSTMLayer(channels, config.kernel_size, self.label_rows, conditioned, config.dropout)
+                for _ in range(config.num_layers))
+        else:
+            self.layers = nn.ModuleList(DiagonalBiLSTMLayer(channels, self.label_rows, conditioned, config.dropout)
+                                        for _ in range(config.num_layers))
+
+    def network(self, x: torch.Tensor, labels: torch.Tensor | None,
+                condition: torch.Tensor | None) -> torch.Tensor:
+        features = self.first(x)  # (B, C, h', w)
+        for layer in self.layers:
+            if isinstance(layer, DiagonalBiLSTMLayer):
+                features = layer(features, labels, condition, codes=x)
+            else:
+                features = layer(features, labels, condition)
+        return features
+
+    # ------------------------------------------------------------------------------------------
+    # The cached state
+    # ------------------------------------------------------------------------------------------
+
+    def start(self, batch_size: int, labels: torch.Tensor | None,
+              condition: torch.Tensor | None) -> "PixelRNNState":
+        state_class = RowLSTMState if self.config.arch == "row_lstm" else DiagonalBiLSTMState
+        return state_class(self, batch_size, labels, condition)
+
+    def step_features(self, state: "PixelRNNState", codes: torch.Tensor, row: int, column: int,
+                      depth: int) -> torch.Tensor:
+        if depth == 0:  # the depth head orders a position's stack: its features are those of depth 0
+            state.take_previous(codes, row, column)
+            if column == 0:
+                state.start_row(row)
+            state.features = state.position(row, column)
+        return state.features
+
+
+class PixelRNNState:
+    """What both cached states share: the embedded codes drawn so far and the first convolution,
+    whose rows above are computed once per row and whose current-row taps once per position."""
+
+    def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
+                 condition: torch.Tensor | None) -> None:
+        config = model.config
+        channels, half = config.hidden_channels, config.kernel_size // 2
+        height, width = config.latent_shape
+        self.model, self.half, self.height, self.width = model, half, height, width
+        self.device, self.dtype = model.device, model.embedding.weight.dtype
+        self.layer_count = len(model.layers)
+        # Code (a, b) at [a + half, b + half]; the rest is the first convolution's zero padding.
+        self.embedded = self.zeros(batch, channels, half + height, width + 2 * half)
+        weight = model.first.weight * model.first.mask  # (C, C, k, k)
+        self.first_above = weight[:, :, :half]  # (C, C, r, k): rows i - r .. i - 1
+        self.first_left = rearrange(weight[:, :, half, :half], "o c t -> (c t) o")  # (C r, C): columns j - r .. j - 1
+        self.first_row = self.zeros(batch, channels, width)  # the rows-above part of the current row, with bias
+        self.condition_features = model.condition_network(condition) if condition is not None else None
+        self.features: torch.Tensor | None = None
+
+    def zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    def class_terms(self, biases: list[GateBiases], labels: torch.Tensor | None) -> torch.Tensor | None:
+        """(L, B, 4C) class bias of each layer's gates, or None."""
+        if labels is None or biases[0].class_bias is None:
+            return None
+        return torch.stack([bias.class_bias(labels) for bias in biases])
+
+    def condition_terms(self, biases: list[GateBiases]) -> torch.Tensor | None:
+        """(L, B, h, w, 4C) condition projection of each layer's gates, or None."""
+        if self.condition_features is None:
+            return None
+        return torch.stack([rearrange(bias.condition_bias(self.condition_features), "b g h w -> b h w g")
+                            for bias in biases])
+
+    def take_previous(self, codes: torch.Tensor, row: int, column: int) -> None:
+        """Embed the code drawn last, the one just before (row, column) in raster order."""
+        position = row * self.width + column
+        if position == 0:
+            return
+        a, b = divmod(position - 1, self.width)
+        here = self.model.embed(codes[:, a:a + 1, b:b + 1])[:, :, 0, 0]  # (B, C)
+        self.embedded[:, :, a + self.half, b + self.half] = here
+
+    def start_row(self, row: int) -> None:
+        """The first convolution over rows row - r .. row - 1 for the whole row."""
+        above = self.embedded[:, :, row:row + self.half]  # (B, C, r, w + 2r)
+        self.first_row = F.conv2d(above, self.first_above, self.model.first.bias)[:, :, 0]  # (B, C, w)
+
+    def first_features(self, row: int, column: int) -> torch.Tensor:
+        """The first convolution (mask A) at (row, column): (B, C)."""
+        left = self.embedded[:, :, row + self.half, column:column + self.half]  # (B, C, r): columns j - r .. j - 1
+        return torch.addmm(self.first_row[:, :, column], left.flatten(1), self.first_left)
+
+    def position(self, row: int, column: int) -> torch.Tensor:  # pragma: no cover - every state overrides it
+        raise NotImplementedError
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search)."""
+        self.embedded = self.embedded[index]
+        self.first_row = self.first_row[index]
+        self.condition_features = None if self.condition_features is None else self.condition_features[index]
+        self.features = None if self.features is None else self.features[index]
+
+
+class RowLSTMState(PixelRNNState):
+    """Row LSTM: per layer, h and c of the row above, the state-to-state term they give the current
+    row (computed once per row), and the layer's inputs on the current row (its 1 x k window).
+    Per-layer tensors are stacked on a first dimension L; the batch is the second."""
+
+    def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
+                 condition: torch.Tensor | None) -> None:
+        super().__init__(model, batch, labels, condition)
+        channels, half, width, layers = model.config.hidden_channels, self.half, self.width, self.layer_count
+        biases = [layer.biases for layer in model.layers]
+        self.classes = self.class_terms(biases, labels)  # (L, B, 4C) or None
+        self.conditions = self.condition_terms(biases)  # (L, B, h, w, 4C) or None
+        # input-to-state over columns j - r .. j, as one matrix on the flattened window: (L, (r + 1) C, 4C)
+        self.input_weights = torch.stack([rearrange(layer.input_weight()[:, :, 0, :half + 1], "g c t -> (t c) g")
+                                          for layer in model.layers])
+        self.input_biases = torch.stack([layer.input_to_state.bias for layer in model.layers])  # (L, 4C)
+        self.out_weights = [layer.out.weight[:, :, 0, 0] for layer in model.layers]  # (C, C) each
+        self.inputs = self.zeros(layers, batch, half + width, channels)  # column j at j + r; left padding zero
+        self.hidden_above = self.zeros(layers, batch, width, channels)  # row i - 1
+        self.cells_above = self.zeros(layers, batch, width, channels)
+        self.hidden_row = self.zeros(layers, batch, width, channels)  # row i, filled position by position
+        self.cells_row = self.zeros(layers, batch, width, channels)
+        self.row_terms = self.zeros(layers, batch, width, 4 * channels)
+
+    def start_row(self, row: int) -> None:
+        super().start_row(row)
+        if row > 0:
+            self.hidden_above, self.hidden_row = self.hidden_row, self.hidden_above
+            self.cells_above, self.cells_row = self.cells_row, self.cells_above
+        for index, layer in enumerate(self.model.layers):
+            above = layer.state_to_state(rearrange(self.hidden_above[index], "b w c -> b c w"))  # (B, 4C, w)
+            terms = rearrange(above, "b g w -> b w g") + self.input_biases[index]  # (B, w, 4C)
+            if self.classes is not None:
+                terms = terms + self.classes[index][:, None]
+            if self.conditions is not None:
+                terms = terms + self.conditions[index][:, row]
+            self.row_terms[index] = terms
+
+    def position(self, row: int, column: int) -> torch.Tensor:
+        half = self.half
+        features = self.first_features(row, column)  # (B, C)
+        for index, layer in enumerate(self.model.layers):
+            self.inputs[index, :, column + half] = features
+            window = self.inputs[index, :, column:column + half + 1].flatten(1)  # (B, (r + 1) C): columns j - r .. j
+            gates = torch.addmm(self.row_terms[index, :, column], window, self.input_weights[index])  # (B, 4C)
+            hidden, cell = lstm_cell(gates, self.cells_above[index, :, column])  # 2 x (B, C)
+            self.hidden_row[index, :, column] = hidden
+            self.cells_row[index, :, column] = cell
+            features = features + F.linear(hidden, self.out_weights[index], layer.out.bias)  # sec. 3.3
+        return features
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self.classes = None if self.classes is None else self.classes[:, index]
+        self.conditions = None if self.conditions is None else self.conditions[:, index]
+        for name in ("inputs", "hidden_above", "cells_above", "hidden_row", "cells_row", "row_terms"):
+            setattr(self, name, getattr(self, name)[:, index])
+
+
+class DiagonalBiLSTMState(PixelRNNState):
+    """Diagonal BiLSTM: per layer, the left-to-right states from (i - 1, j) (the row above, whose
+    state-to-state term is computed once per row) and from (i, j - 1) (h, and the cell c); the
+    right-to-left states of the row above, which (shifted down) position (i, j) adds; and the layer's
+    inputs on the current row, which the right-to-left pass reads when the row completes.
+    Per-layer tensors are stacked on a first dimension L; the batch is the second."""
+
+    def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
+                 condition: torch.Tensor | None) -> None:
+        super().__init__(model, batch, labels, condition)
+        channels, width, layers = model.config.hidden_channels, self.width, self.layer_count
+        forward = [layer.left_to_right for layer in model.layers]
+        backward = [layer.right_to_left for layer in model.layers]
+
+        def matrices(directions: list[DiagonalLSTM]) -> tuple[torch.Tensor, ...]:
+            """(L, C, 4C) input-to-state, state-to-state from the row above, from the previous column; (L, 4C) bias."""
+            inputs = torch.stack([d.input_to_state.weight[:, :, 0, 0].t() for d in directions])
+            above = torch.stack([d.state_to_state.weight[:, :, 0].t() for d in directions])
+            before = torch.stack([d.state_to_state.weight[:, :, 1].t() for d in directions])
+            return inputs, above, before, torch.stack([d.input_to_state.bias for d in directions])
+
+        self.forward_weights = matrices(forward)
+        self.backward_weights = matrices(backward)
+        self.code_weights = torch.stack([d.code_to_state.weight[:, :, 0, 0].t() for d in backward])  # (L, C, 4C)
+        self.forward_classes = self.class_terms([d.biases for d in forward], labels)  # (L, B, 4C) or None
+        self.backward_classes = self.class_terms([d.biases for d in backward], labels)
+        self.forward_conditions = self.condition_terms([d.biases for d in forward])  # (L, B, h, w, 4C) or None
+        self.backward_conditions = self.condition_terms([d.biases for d in backward])
+        self.out_weights = [layer.out.weight[:, :, 0, 0] for layer in model.layers]  # (C, C) each
+        self.inputs = self.zeros(layers, batch, width, channels)  # the layers' inputs on the current row
+        self.forward_above = self.zeros(layers, batch, width, channels)  # left-to-right h of row i - 1
+        self.forward_row = self.zeros(layers, batch, width + 1, channels)  # of row i: column j at j + 1, zero at 0
+        self.forward_cell = self.zeros(layers, batch, channels)  # left-to-right c at (i, j - 1)
+        self.backward_above = self.zeros(layers, batch, width, channels)  # right-to-left h of row i - 1
+        self.row_terms = self.zeros(layers, batch, width, 4 * channels)
+
+    def finish_row(self, row: int) -> None:
+        """The right-to-left pass over the completed `row`, every layer at once, right to left."""
+        inputs, above, before, bias = self.backward_weights
+        codes = self.embedded[:, :, row + self.half, self.half:self.half + self.width].transpose(1, 2)  # (B, w, C)
+        gates = (torch.matmul(self.inputs, inputs[:, None]) + torch.matmul(self.backward_above, above[:, None])
+                 + torch.matmul(codes, self.code_weights[:, None]) + bias[:, None, None])  # (L, B, w, 4C)
+        if self.backward_classes is not None:
+            gates = gates + self.backward_classes[:, :, None]
+        if self.backward_conditions is not None:
+            gates = gates + self.backward_conditions[:, :, row]
+        hidden = torch.zeros_like(self.backward_above[:, :, 0])  # (L, B, C): the zero state right of the grid
+        cell = torch.zeros_like(hidden)
+        states = torch.empty_like(self.backward_above)
+        for column in reversed(range(self.width)):
+            hidden, cell = lstm_cell(torch.baddbmm(gates[:, :, column], hidden, before), cell, dim=-1)
+            states[:, :, column] = hidden
+        self.backward_above = states
+
+    def start_row(self, row: int) -> None:
+        super().start_row(row)
+        if row > 0:
+            self.finish_row(row - 1)
+            self.forward_above = self.forward_row[:, :, 1:].clone()
+        _, above, _, bias = self.forward_weights
+        terms = torch.matmul(self.forward_above, above[:, None]) + bias[:, None, None]  # (L, B, w, 4C)
+        if self.forward_classes is not None:
+            terms = terms + self.forward_classes[:, :, None]
+        if self.forward_conditions is not None:
+            terms = terms + self.forward_conditions[:, :, row]
+        self.row_terms = terms
+        self.forward_cell.zero_()  # the zero state left of the grid
+
+    def position(self, row: int, column: int) -> torch.Tensor:
+        inputs, _, before, _ = self.forward_weights
+        features = self.first_features(row, column)  # (B, C)
+        for index, layer in enumerate(self.model.layers):
+            self.inputs[index, :, column] = features
+            gates = torch.addmm(self.row_terms[index, :, column], features, inputs[index])  # (B, 4C)
+            gates = torch.addmm(gates, self.forward_row[index, :, column], before[index])  # from (i, j - 1)
+            hidden, cell = lstm_cell(gates, self.forward_cell[index], dim=-1)  # 2 x (B, C)
+            self.forward_row[index, :, column + 1] = hidden
+            self.forward_cell[index] = cell
+            both = hidden + self.backward_above[index, :, column]  # sec. 3.2: right-to-left shifted down a row
+            features = features + F.linear(both, self.out_weights[index], layer.out.bias)  # sec. 3.3
+        return features
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        for name in ("forward_classes", "backward_classes", "forward_conditions", "backward_conditions"):
+            tensor = getattr(self, name)
+            setattr(self, name, None if tensor is None else tensor[:, index])
+        for name in ("inputs", "forward_above", "forward_row", "forward_cell", "backward_above", "row_terms"):
+            setattr(self, name, getattr(self, name)[:, index])

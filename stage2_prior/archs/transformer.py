@@ -1,0 +1,215 @@
+"""A decoder-only transformer over the raster-ordered code grid (arch "transformer"), with the KV cache
+of its incremental state for the cached sampler.
+
+The grid is read as one sequence of h*w positions in raster order, as ImageGPT reads pixels (Chen et
+al. 2020, sec. 2.1) and the VQGAN transformer reads codes (Esser et al. 2021, sec. 3.2). The features
+at position p may see only codes before p, so the sequence is shifted by one: token p's input is the
+code at p - 1, and token 0's input is a prefix, the class embedding (the VQGAN prior's class token in
+front of the sequence; the null class of classifier-free guidance is one more row of it) or a learned
+start vector. Causal self-attention lets token p read tokens <= p, that is codes < p: the receptive
+field is the whole past, with no blind spot. Learned position embeddings (row + column, or one table
+over raster positions) are indexed by the position a token predicts.
+
+Blocks are pre-norm, as in GPT-2 and ImageGPT (Chen et al. 2020, sec. 2.2): x + attention(LN(x)),
+then x + MLP(LN(x)), and one LN after the last block. A conditioning code map is known in full before
+sampling, so it needs no shift: each block adds its own linear projection of the map's features at p
+to token p's residual stream (location-dependent conditioning, Gated PixelCNN paper sec. 2.3).
+
+Cached sampling keeps, per block, the keys and values of the tokens seen so far, preallocated for the
+whole grid. Each position runs one token through the blocks, writes its key and value at p and
+attends over 0..p: the same arithmetic as the full forward, up to rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from stage2_prior.config import PriorConfig
+from stage2_prior.prior import Prior
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block over a sequence (B, n, C): x + attention(LN(x)), then x + MLP(LN(x)) (4x width, GELU).
+    With a conditioning map, x first gets a linear projection of the map's features at each token."""
+
+    def __init__(self, channels: int, heads: int, dropout: float, conditioned: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.condition_projection = nn.Linear(channels, channels) if conditioned else None
+        self.attention_norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.attention_out = nn.Linear(channels, channels)
+        self.mlp_norm = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+
+    def queries_keys_values(self, x: torch.Tensor, condition: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, n, C) and the condition features there (B, n, C) or None -> the residual stream with
+        the condition added (B, n, C), and q, k, v (B, heads, n, d)."""
+        if self.condition_projection is not None:
+            x = x + self.condition_projection(condition)
+        q, k, v = self.qkv(self.attention_norm(x)).chunk(3, dim=-1)
+        q, k, v = (rearrange(t, "b n (heads d) -> b heads n d", heads=self.heads) for t in (q, k, v))
+        return x, q, k, v
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The residual stream x (B, n, C) and the attention output (B, heads, n, d) -> the block's output (B, n, C)."""
+        update = self.attention_out(rearrange(attended, "b heads n d -> b n (heads d)"))
+        x = x + F.dropout(update, self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """x (B, n, C) -> (B, n, C); token t reads tokens <= t."""
+        x, q, k, v = self.queries_keys_values(x, condition)
+        return self.finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # (B, heads, n, d)
+
+    def step(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+             position: int) -> torch.Tensor:
+        """One token x (B, 1, C) at `position`; keys and values (B, heads, N, d) hold the tokens before it
+        and receive this one's."""
+        x, q, k, v = self.queries_keys_values(x, condition)
+        keys[:, :, position:position + 1] = k
+        values[:, :, position:position + 1] = v
+        # one query over the cached tokens 0..position: every one is allowed, so no mask (is_causal would
+        # align its triangle to the top left and let the query see only token 0)
+        attended = F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1])
+        return self.finish(x, attended)  # (B, 1, C)
+
+
+class TransformerPrior(Prior):
+    """Decoder-only transformer (arch="transformer") over codes in raster order.
+
+    `forward(codes (B, h, w[, D]), labels (B,) or None, condition)` -> logits (B, vocab_size, h, w[, D]);
+    the logits at raster position p depend only on codes at positions < p (and the label, and the
+    condition map); a position's stack is ordered by the base class's depth head.
+    """
+
+    archs: ClassVar[tuple[str, ...]] = ("transformer",)
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__(config)
+        channels = config.hidden_channels
+        height, width = config.latent_shape
+        # Token 0's input. The prefix has the scale of a code token (nn.Embedding's N(0, 1), like self.embedding).
+        self.label_embedding = nn.Embedding(self.label_rows, channels) if self.label_rows else None
+        self.start_token = None if self.label_rows else nn.Parameter(torch.randn(channels))
+        if config.position_embedding == "2d":
+            self.row_embedding = nn.Parameter(torch.zeros(height, channels))
+            self.column_embedding = nn.Parameter(torch.zeros(width, channels))
+        else:
+            self.position_table = nn.Parameter(torch.zeros(config.max_positions or config.num_positions, channels))
+        conditioned = config.condition_vocab_size is not None
+        self.blocks = nn.ModuleList(TransformerBlock(channels, config.num_heads, config.dropout, conditioned)
+                                    for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The GPT initialisation, as ImageGPT uses it, for this arch's own layers: weights and position
+        tables N(0, 0.02), zero biases (GPT, Radford et al. 2018, sec. 4.1), and the projections into the
+        residual stream scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth
+        (GPT-2, Radford et al. 2019, sec. 2.3). The base class's embedding, head and condition network
+        keep their own initialisation."""
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for projection in (block.attention_out, block.mlp[2]):
+                nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+        two_d = self.config.position_embedding == "2d"
+        for table in (self.row_embedding, self.column_embedding) if two_d else (self.position_table,):
+            nn.init.normal_(table, std=0.02)
+
+    # ------------------------------------------------------------------------------------------
+    # The full forward
+    # ------------------------------------------------------------------------------------------
+
+    def prefix(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Token 0's input (B, C): the class embedding (incl. the null class), or the start vector."""
+        if self.label_embedding is not None:
+            return self.label_embedding(labels)
+        return self.start_token.expand(batch_size, -1)
+
+    def positions(self, rows: int) -> torch.Tensor:
+        """Position embeddings of the first `rows` rows in raster order: (rows * w, C)."""
+        if self.config.position_embedding == "2d":
+            return rearrange(self.row_embedding[:rows, None] + self.column_embedding[None], "h w c -> (h w) c")
+        return self.position_table[:rows * self.config.latent_shape[1]]
+
+    def position_at(self, position: int) -> torch.Tensor:
+        """The embedding of one raster position: (C,), the same sum as `positions`."""
+        if self.config.position_embedding == "2d":
+            row, column = divmod(position, self.config.latent_shape[1])
+            return self.row_embedding[row] + self.column_embedding[column]
+        return self.position_table[position]
+
+    def network(self, x: torch.Tensor, labels: torch.Tensor | None,
+                condition: torch.Tensor | None) -> torch.Tensor:
+        rows = x.shape[2]
+        codes = rearrange(x, "b c h w -> b (h w) c")  # (B, N', C)
+        # shift by one: token p reads the code at p - 1, token 0 the prefix (ImageGPT sec. 2.1; VQGAN sec. 3.2)
+        tokens = torch.cat([self.prefix(labels, x.shape[0])[:, None], codes[:, :-1]], dim=1)  # (B, N', C)
+        tokens = tokens + self.positions(rows)
+        if condition is not None:
+            condition = rearrange(condition, "b c h w -> b (h w) c")  # (B, N', C): known in full, no shift
+        for block in self.blocks:
+            tokens = block(tokens, condition)
+        return rearrange(self.final_norm(tokens), "b (h w) c -> b c h w", h=rows)  # (B, C, h', w)
+
+    # ------------------------------------------------------------------------------------------
+    # The cached state
+    # ------------------------------------------------------------------------------------------
+
+    def start(self, batch_size: int, labels: torch.Tensor | None, condition: torch.Tensor | None) -> "KVCache":
+        return KVCache(self, batch_size, labels, condition)
+
+    def step_features(self, state: "KVCache", codes: torch.Tensor, row: int, column: int,
+                      depth: int) -> torch.Tensor:
+        """Features (B, C) at (row, column) from the codes before it. They do not depend on `depth`:
+        a call for depth > 0 recomputes the same token and rewrites the same cache entries."""
+        width = self.config.latent_shape[1]
+        position = row * width + column
+        if position == 0:
+            token = state.prefix  # (B, C)
+        else:
+            previous_row, previous_column = divmod(position - 1, width)
+            here = codes[:, previous_row:previous_row + 1, previous_column:previous_column + 1]  # (B, 1, 1, D)
+            token = self.embed(here)[:, :, 0, 0]  # (B, C)
+        token = (token + self.position_at(position))[:, None]  # (B, 1, C)
+        condition = None if state.condition is None else state.condition[:, position:position + 1]  # (B, 1, C)
+        for block, keys, values in zip(self.blocks, state.keys, state.values):
+            token = block.step(token, condition, keys, values, position)
+        return self.final_norm(token)[:, 0]  # (B, C)
+
+
+class KVCache:
+    """Incremental state of the transformer: per block, keys and values (B, heads, N, d) of the tokens
+    seen so far, plus what every step reads (the prefix, the condition features). Tensors keep the
+    batch on their first dimension, which `reorder` indexes."""
+
+    def __init__(self, model: TransformerPrior, batch: int, labels: torch.Tensor | None,
+                 condition: torch.Tensor | None) -> None:
+        config = model.config
+        heads = config.num_heads
+        shape = (batch, heads, config.num_positions, config.hidden_channels // heads)
+        dtype = model.embedding.weight.dtype
+        self.keys = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
+        self.values = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
+        self.prefix = model.prefix(labels, batch)  # (B, C)
+        self.condition = None  # (B, N, C): the condition network's features in raster order
+        if condition is not None:
+            self.condition = rearrange(model.condition_network(condition), "b c h w -> b (h w) c")
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search)."""
+        self.keys = [tensor[index] for tensor in self.keys]
+        self.values = [tensor[index] for tensor in self.values]
+        self.prefix = self.prefix[index]
+        self.condition = None if self.condition is None else self.condition[index]

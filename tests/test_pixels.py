@@ -1,0 +1,195 @@
+"""Autoregression inside a position: stacks of codes (RGB subpixels, residual-quantizer depths),
+pixel mode with the softmax and PixelCNN++ heads, and residual quantization end to end."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import write_image_folder
+from pipelines import Pipeline
+from shared.codes import open_codes
+from stage1_vqvae import PixelTokenizer, VQVAE, VQVAEConfig, load_tokenizer
+from stage1_vqvae.export import export, main as export_main
+from stage2_prior import Prior, PriorConfig
+from stage2_prior.train import train as train_prior
+
+PRIOR = ["--hidden-channels", "12", "--num-layers", "3", "--batch-size", "16", "--warmup-steps", "2", "--max-steps",
+         "8", "--eval-every", "4", "--save-every", "8", "--sample-every", "8", "--no-progress"]
+ARCHS = ["gated", "pixelcnn", "pixelsnail", "transformer", "row_lstm", "diagonal_bilstm"]
+
+
+def tiny(arch: str, depth: int = 3, head: str = "softmax", vocab: int = 16, seed: int = 0,
+         latent_shape: tuple[int, int] = (4, 5), **extra) -> Prior:
+    torch.manual_seed(seed)
+    model = Prior.from_config(PriorConfig(vocab_size=vocab, latent_shape=latent_shape, depth=depth, hidden_channels=24,
+                                          num_layers=3, arch=arch, head=head, mixtures=2, num_heads=2,
+                                          attention_every=1, dropout=0.0, **extra)).eval()
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.4)
+    return model
+
+
+def one_hot_gradient(model: Prior, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
+    """|d logits[(row, column, depth)] / d code (p, d')| for every position and stack entry: (h * w, D)."""
+    config = model.config
+    onehot = torch.nn.functional.one_hot(codes, config.vocab_size).float().requires_grad_(True)  # (1, h, w, D, V)
+    table = model.embedding.weight.view(config.depth, config.vocab_size, -1)
+    vectors = torch.einsum("bhwdv,dvc->bhwdc", onehot, table)
+    x = vectors.flatten(3) if config.channel_groups > 1 else vectors.sum(3)
+    model.embed = lambda _: x.permute(0, 3, 1, 2)
+    if config.depth > 1 and config.channel_groups == 1 and config.head == "softmax":
+        original = model.depth_inputs
+        depth_table = model.depth_embedding.weight.view(config.depth, config.vocab_size, -1)
+        exclusive = torch.einsum("bhwdv,dvc->bhwdc", onehot, depth_table)
+        model.depth_inputs = lambda _: exclusive.cumsum(3) - exclusive
+    try:
+        logits = model.head_logits(model.features(codes, None, None), codes)  # codes for the mixture's coupling
+    finally:
+        del model.embed
+        if "depth_inputs" in model.__dict__:
+            del model.depth_inputs
+    logits[0, :, row, column, depth].sum().backward()
+    return onehot.grad[0].abs().sum(-1).flatten(0, 1)  # (h*w, D)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stack_entries_depend_only_on_what_comes_before(arch):
+    model = tiny(arch)
+    codes = torch.randint(0, 16, (1, 4, 5, 3))
+    for position, depth in [(0, 0), (0, 2), (7, 1), (19, 2), (12, 0)]:
+        row, column = divmod(position, 5)
+        grads = one_hot_gradient(model, codes, row, column, depth)
+        assert grads[position + 1:].sum() == 0, f"{arch}: ({position}, {depth}) sees a later position"
+        assert grads[position, depth:].sum() == 0, f"{arch}: ({position}, {depth}) sees its own or a later entry"
+        if depth > 0:
+            assert grads[position, :depth].min() > 0, f"{arch}: ({position}, {depth}) ignores the entries before it"
+
+
+@pytest.mark.parametrize("arch", ["gated", "pixelsnail", "transformer", "row_lstm"])
+@pytest.mark.parametrize("head", ["softmax", "logistic_mixture"])
+def test_cached_sampling_of_stacks_is_exact(arch, head):
+    model = tiny(arch, head=head)
+    sampled = model.sample(4, seed=3)
+    assert sampled.shape == (4, 4, 5, 3)
+    assert torch.equal(sampled, model.sample(4, seed=3, method="naive"))
+    assert torch.equal(sampled[2:], model.sample(2, seed=3, sample_offset=2))
+
+
+def test_mixture_head_is_a_normalised_distribution():
+    """The per-entry categoricals multiply to the mixture's joint, which sums to 1 over all stacks."""
+    model = tiny("gated", depth=3, head="logistic_mixture", vocab=4, latent_shape=(1, 1))  # every stack enumerable
+    stacks = torch.tensor(list(itertools.product(range(4), repeat=3))).view(64, 1, 1, 3)  # all 4^3 pixels
+    with torch.no_grad():
+        total = torch.logsumexp(model.log_prob(stacks), dim=0)
+        nll = model.nll(stacks)
+        logits = model(stacks)
+        chain = torch.nn.functional.cross_entropy(logits, stacks)
+    assert total.item() == pytest.approx(0.0, abs=1e-6)
+    assert nll.item() == pytest.approx(chain.item(), abs=1e-5)  # direct mixture NLL == the chain rule's
+
+
+def test_pixel_tokenizer_round_trip_and_levels():
+    for levels in (2, 4, 16, 256):
+        tokenizer = PixelTokenizer(levels=levels, channels=3, image_size=8)
+        codes = tokenizer.encode(torch.rand(2, 3, 8, 8) * 2 - 1)
+        assert codes.shape == (2, 8, 8, 3) and int(codes.max()) < levels
+        assert torch.equal(tokenizer.encode(tokenizer.decode(codes)), codes)
+    grey = PixelTokenizer(levels=256, channels=1, image_size=8)
+    images = torch.randint(0, 256, (2, 1, 8, 8)).float() / 127.5 - 1
+    assert grey.encode(images).shape == (2, 8, 8) and torch.allclose(grey.decode(grey.encode(images)), images, atol=1e-6)
+    with pytest.raises(ValueError, match="pixel levels must be one of 2, 4, 16, 256"):
+        PixelTokenizer(levels=3)
+    with pytest.raises(ValueError, match="logistic mixture head models pixel levels 4, 16 or 256"):
+        PriorConfig(vocab_size=2, head="logistic_mixture")
+
+
+@pytest.fixture(scope="module")
+def rgb_pixels(tmp_path_factory):
+    """48 solid-colour 8x8 RGB images in two classes: every pixel repeats its neighbours, easy to learn."""
+    from PIL import Image
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("rgb")
+    folder = root / "photos"
+    rng = np.random.default_rng(0)
+    for index in range(48):
+        (folder / "ab"[index % 2]).mkdir(parents=True, exist_ok=True)
+        colour = rng.integers(0, 256, 3, dtype=np.uint8)
+        Image.fromarray(np.broadcast_to(colour, (8, 8, 3)).copy()).save(folder / "ab"[index % 2] / f"{index}.png")
+    export(["--tokenizer", "pixels:16", "--dataset", str(folder), "--image-size", "8", "--output",
+            str(root / "codes"), "--no-progress"])
+    return root
+
+
+def test_pixel_mode_end_to_end_with_the_mixture_head(rgb_pixels, tmp_path):
+    codes, metadata = open_codes(rgb_pixels / "codes")
+    assert metadata.tokenizer_class == "PixelTokenizer" and metadata.level().grid_shape == (8, 8, 3)
+    assert codes[:2][0].shape == (2, 8, 8, 3)
+    metrics = train_prior(["--codes", str(rgb_pixels / "codes"), "--output-dir", str(tmp_path / "prior"),
+                           "--head", "logistic_mixture", "--mixtures", "3", "--learning-rate", "0.003",
+                           "--no-keep-best", *PRIOR, "--max-steps", "40", "--eval-every", "40", "--save-every", "40"])
+    prior = Prior.from_pretrained(tmp_path / "prior")
+    from stage2_prior.train import prior_metrics
+
+    assert metrics["bits_per_dim"] == metrics["bits_per_code"]
+    # the mixture head learns: on the rows it trained on, far below the untrained model (48 solid colours are
+    # too few to generalise to new colour combinations, which the held-out rows need)
+    torch.manual_seed(0)
+    rows = codes.level_view(None)
+    before = prior_metrics(Prior.from_config(prior.config), rows, True, torch.device("cpu"))["bits_per_code"]
+    assert prior_metrics(prior, rows, True, torch.device("cpu"))["bits_per_code"] < before - 0.5
+    assert prior.config.depth == 3 and prior.config.head == "logistic_mixture"
+    tokenizer = load_tokenizer("pixels:16", channels=3, image_size=8)
+    pipeline = Pipeline(tokenizer, prior)
+    out = pipeline.generate(3, seed=0, output_type="pt", progress=False)
+    assert out.images.shape == (3, 3, 8, 8) and out.codes.shape == (3, 8, 8, 3)
+    assert torch.equal(pipeline.generate(3, seed=0, batch_size=2, output_type="pt", progress=False).images, out.images)
+    # completion in pixel mode keeps the known pixels exactly
+    images = out.images * 2 - 1
+    known = torch.zeros(3, 8, 8, dtype=torch.bool)
+    known[:, :4] = True
+    completed = pipeline.complete(images, known, seed=1)
+    assert torch.equal(completed.codes[:, :4], out.codes[:, :4])
+
+
+def test_pixel_mode_bad_input(rgb_pixels, tmp_path, capsys):
+    grey = PixelTokenizer(levels=16, channels=1, image_size=8)
+    grey.save_pretrained(tmp_path / "grey_pixels")
+    folder = rgb_pixels / "photos"
+    for tokenizer, message in [(str(tmp_path / "grey_pixels"), "this tokenizer takes 1-channel images"),
+                               ("pixels:3", "pixel levels must be one of 2, 4, 16, 256"),
+                               ("pixels:x", "write pixels:K")]:
+        assert export_main(["--tokenizer", tokenizer, "--dataset", str(folder), "--image-size", "8", "--output",
+                            str(tmp_path / "codes"), "--no-progress"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "codes").exists()
+    # a prior whose stack depth disagrees with the tokenizer's
+    prior = Prior.from_config(PriorConfig(vocab_size=16, latent_shape=(8, 8), depth=2, hidden_channels=4, num_layers=1))
+    with pytest.raises(ValueError, match=r"latent_shape \(8, 8, 2\) differs from the tokenizer's \(8, 8, 3\)"):
+        Pipeline(load_tokenizer("pixels:16", channels=3, image_size=8), prior)
+
+
+def test_residual_quantization_end_to_end(tmp_path):
+    from stage1_vqvae.train import train
+
+    flags = ["--image-size", "16", "--hidden-channels", "16", "--latent-channels", "8", "--num-res-blocks", "1",
+             "--codebook-size", "16", "--batch-size", "32", "--warmup-steps", "2", "--no-progress"]
+    metrics = train(["--output-dir", str(tmp_path / "rvq"), "--quantizer", "rvq", "--num-quantizers", "3",
+                     "--max-steps", "30", "--eval-every", "30", "--save-every", "30", *flags])
+    assert 0 < metrics["codebook_usage"] <= 100
+    tokenizer = VQVAE.from_pretrained(tmp_path / "rvq")
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    codes = tokenizer.encode(images)
+    assert codes.shape == (2, 4, 4, 3)
+    # decode sums the depths: dropping the last depth's contribution changes the image
+    vectors = tokenizer.quantizer.get_codes_from_indices(codes.flatten(1, 2))  # (Q, B, N, d)
+    assert vectors.shape[0] == 3
+    export(["--tokenizer", str(tmp_path / "rvq"), "--output", str(tmp_path / "codes"), "--no-progress"])
+    assert open_codes(tmp_path / "codes")[1].level().grid_shape == (4, 4, 3)
+    train_prior(["--codes", str(tmp_path / "codes"), "--output-dir", str(tmp_path / "prior"), *PRIOR])
+    pipeline = Pipeline(tokenizer, Prior.from_pretrained(tmp_path / "prior"))
+    out = pipeline.generate(2, labels=1, seed=0, output_type="pt", progress=False)
+    assert out.codes.shape == (2, 4, 4, 3) and out.images.shape == (2, 1, 16, 16)
