@@ -452,6 +452,11 @@ class Prior(PretrainedModel):
         """A fresh incremental state for `batch_size` samples (arch hook; see `step_features`)."""
         raise UserError(f"arch {self.config.arch!r} has no cached sampler; use method='naive'")
 
+    def compile_steps(self, state: Any, method: str) -> None:
+        """Make `state` run its per-position step compiled ("compiled") or in CUDA graphs ("graph") (arch hook)."""
+        raise UserError(f"method={method!r} compiles the per-position step of arch 'gated'; arch "
+                        f"{self.config.arch!r} has none yet: use method='cached'")
+
     def step_features(self, state: Any, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
         """Features (B, C) at (row, column) for stack entry `depth`, from `state` and the stacked codes
         (B, h, w, D), which hold every code before (row, column, depth) (arch hook)."""

@@ -36,7 +36,7 @@ from shared.errors import UserError
 
 SEED_STRIDE = 0x9E3779B97F4A7C15 % (2 ** 61)  # spreads (seed, index) pairs over generator seeds
 SAFETY = 8.0  # the tolerance is this many times the largest float32 error measured on probe grids
-METHODS = ("cached", "naive", "graph")
+METHODS = ("cached", "naive", "compiled", "graph")
 PRECISIONS = ("float64", "float32")
 
 
@@ -170,11 +170,15 @@ class NaiveSteps:
 
 
 class CachedSteps:
-    """The arch's incremental state: features at one position from what earlier positions left behind."""
+    """The arch's incremental state: features at one position from what earlier positions left behind.
+    Methods "compiled" and "graph" run the arch's per-position step compiled (CUDA graphs for "graph")."""
 
-    def __init__(self, model, labels: torch.Tensor | None, condition: torch.Tensor | None, batch: int) -> None:
+    def __init__(self, model, labels: torch.Tensor | None, condition: torch.Tensor | None, batch: int,
+                 method: str = "cached") -> None:
         self.model = model
         self.state = model.start(batch, labels, condition)
+        if method in ("compiled", "graph"):
+            model.compile_steps(self.state, method)
         self.features: torch.Tensor | None = None
 
     def logits(self, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
@@ -189,7 +193,9 @@ class CachedSteps:
 
 
 def make_steps(model, method: str, labels, condition, batch: int):
-    return NaiveSteps(model, labels, condition) if method == "naive" else CachedSteps(model, labels, condition, batch)
+    if method == "naive":
+        return NaiveSteps(model, labels, condition)
+    return CachedSteps(model, labels, condition, batch, method)
 
 
 class Exact:
@@ -280,7 +286,7 @@ def _logit_tolerance(model, method: str) -> float:
     full = model.head_logits(model.features(codes, labels, condition), codes).double()
     error = (full - reference).abs().max().item()
     if method != "naive" and model.cached_sampling:
-        steps = CachedSteps(model, labels, condition, 2)
+        steps = CachedSteps(model, labels, condition, 2, method)
         positions = min(height * width, max(2 * width, 16))
         for position in range(positions):
             row, column = divmod(position, width)
@@ -380,8 +386,7 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
     if guidance:  # the conditional and unconditional branches share one cached state of 2B rows
         net_labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
         net_condition = None if condition is None else torch.cat([condition, condition])
-    steps = make_steps(model, "naive" if method == "naive" else "cached", net_labels, net_condition,
-                       batch * (2 if guidance else 1))
+    steps = make_steps(model, method, net_labels, net_condition, batch * (2 if guidance else 1))
     exact = Exact(model)
     tolerance = logit_tolerance(model, method) * (1 + 2 * options.guidance_scale)
     codes = known.clone()
@@ -435,8 +440,7 @@ def beam_search(model, num_samples: int, labels, condition, num_beams: int, guid
         if guidance:
             net_labels = torch.cat([beam_labels, torch.full_like(beam_labels, config.null_class)])
             net_condition = None if beam_condition is None else torch.cat([beam_condition, beam_condition])
-        steps = make_steps(compute, "naive" if method == "naive" else "cached", net_labels, net_condition,
-                           rows * (2 if guidance else 1))
+        steps = make_steps(compute, method, net_labels, net_condition, rows * (2 if guidance else 1))
         codes = torch.zeros(rows, height, width, config.depth, dtype=torch.long, device=device)
         scores = torch.full((num_samples, num_beams), float("-inf"), dtype=torch.float64, device=device)
         scores[:, 0] = 0.0  # one live beam at first, so the beams never duplicate each other

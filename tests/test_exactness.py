@@ -166,3 +166,14 @@ def test_decoding_bad_input(call, message):
 def test_guidance_needs_label_dropout():
     with pytest.raises(ValueError, match="trained without label dropout.*--label-dropout"):
         tiny_exhaustive_prior(num_classes=2).sample(1, labels=0, guidance_scale=1.0)
+
+
+@pytest.mark.slow
+def test_compiled_step_draws_the_same_codes():
+    """method="compiled": the gated per-position chain through torch.compile (on a GPU, method="graph"
+    adds CUDA graphs to it). Minutes of compilation on a CPU, hence slow."""
+    prior = trained_scale_prior(6, num_layers=4)
+    assert torch.equal(prior.sample(8, seed=4, method="compiled"), prior.sample(8, seed=4))
+    with pytest.raises(ValueError, match="compiles the per-position step of arch 'gated'"):
+        Prior.from_config(PriorConfig(vocab_size=8, latent_shape=(2, 2), arch="pixelsnail", hidden_channels=8,
+                                      num_layers=2, num_heads=2)).sample(1, method="compiled")

@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.errors import UserError
 from stage2_prior.layers import GatedBlock, MaskedConv2d, MaskedResidualBlock, gate
 from stage2_prior.prior import Prior
+
+COMPILED_CHAINS: dict = {}  # torch.compile mode -> the compiled gated_chain (compiled once per process)
 
 
 class GatedPixelCNN(Prior):
@@ -83,6 +86,17 @@ class GatedPixelCNN(Prior):
     def start(self, batch_size: int, labels: torch.Tensor | None, condition: torch.Tensor | None) -> "GatedState":
         return GatedState(self, batch_size, labels, condition)
 
+    def compile_steps(self, state: "GatedState", method: str) -> None:
+        """Run the per-position chain compiled: torch.compile ("compiled"), or with CUDA graphs ("graph",
+        torch.compile's reduce-overhead mode), both of `gated_chain`, whose tensors keep fixed shapes."""
+        if self.config.arch != "gated":
+            raise UserError(f"method={method!r} compiles the per-position step of arch 'gated'; arch "
+                            f"{self.config.arch!r} has none yet: use method='cached'")
+        mode = "reduce-overhead" if method == "graph" else "default"
+        if mode not in COMPILED_CHAINS:
+            COMPILED_CHAINS[mode] = torch.compile(gated_chain, mode=mode, dynamic=False)
+        state.compiled_chain = COMPILED_CHAINS[mode]
+
     def step_features(self, state: "GatedState", codes: torch.Tensor, row: int, column: int,
                       depth: int) -> torch.Tensor:
         if column == 0 and depth == 0 and row != state.row:
@@ -90,6 +104,36 @@ class GatedPixelCNN(Prior):
         if depth == 0:
             state.start_position(codes, row, column)
         return state.features_here(codes, row, column)
+
+
+def gated_chain(base: torch.Tensor, here: torch.Tensor | None, centres: list, residual_weights: list,
+                residual_biases: list, skip_weights: torch.Tensor, skip_bias: torch.Tensor,
+                after_block=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position through every gated layer, as a function of tensors of fixed shapes (so that it
+    can be compiled, or captured in a CUDA graph): base (L, B, 2C) holds each layer's row terms and
+    drawn columns, `here` (B, C) the position's own embedding (channel groups only). Returns the
+    horizontal outputs (L - 1, B, C) that later positions read and the skip sum (B, C)."""
+    channels = skip_bias.shape[0]
+    previous, outputs, gated_all = None, [], []
+    for index, centre in enumerate(centres):
+        if index == 0:
+            pre = base[0] if centre is None else torch.addmm(base[0], here, centre)
+        else:
+            pre = torch.addmm(base[index], previous, centre)
+        squashed = torch.tanh(pre)  # the sigmoid half's weights are halved: sigmoid(b) = (1 + tanh(b / 2)) / 2
+        tanh_a, tanh_b = squashed[:, :channels], squashed[:, channels:]
+        gated = torch.addcmul(tanh_a, tanh_a, tanh_b)  # 2 * gate(pre)
+        gated_all.append(gated)
+        residual = torch.addmm(residual_biases[index], gated, residual_weights[index])
+        horizontal = residual if previous is None else previous + residual
+        if after_block is not None:
+            horizontal = after_block(index, horizontal)
+        if index + 1 < len(centres):
+            outputs.append(horizontal)
+        previous = horizontal
+    skips = torch.addmm(skip_bias, torch.cat(gated_all, dim=1), skip_weights)  # (B, C)
+    empty = base.new_zeros(0, *base.shape[1:2], channels)
+    return (torch.stack(outputs) if outputs else empty), skips
 
 
 class GatedState:
@@ -118,8 +162,8 @@ class GatedState:
         self.row_base = torch.zeros(layers, width, batch, 2 * channels, device=device, dtype=dtype)
         # Inputs of each layer's horizontal conv on the current row; index c + half + 1 holds column c.
         self.horizontal = torch.zeros(layers, width + half + 1, batch, channels, device=device, dtype=dtype)
-        self.gated = torch.zeros(batch, layers, channels, device=device, dtype=dtype)  # 2 * gate, per layer
         self.base: torch.Tensor | None = None  # (L, B, 2C): row terms + the drawn columns, per layer
+        self.compiled_chain = None  # gated_chain compiled (methods "compiled" and "graph")
         self.attention_keys: list[torch.Tensor] = []  # used by archs that add attention (PixelSNAIL)
         self.attention_values: list[torch.Tensor] = []
         self._prepare_weights(blocks)
@@ -187,35 +231,27 @@ class GatedState:
 
     def features_here(self, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
         """The chain through the layers at the current column: skips (B, C)."""
-        model, channels, half = self.model, self.channels, self.half
-        layers = len(model.blocks)
-        slot = column + half + 1
-        previous = None
-        for index in range(layers):
-            centre = self.centres[index]
-            if index == 0:
-                pre = self.base[0]
-                if centre is not None:  # the position's own lower groups (channel groups only)
-                    pre = torch.addmm(pre, model.embed(codes[:, row:row + 1, column:column + 1])[:, :, 0, 0], centre)
-            else:
-                pre = torch.addmm(self.base[index], previous, centre)
-            squashed = torch.tanh(pre)
-            tanh_a, tanh_b = squashed[:, :channels], squashed[:, channels:]
-            gated = torch.addcmul(tanh_a, tanh_a, tanh_b, out=self.gated[:, index])  # 2 * gate(pre)
-            residual = torch.addmm(self.residual_biases[index], gated, self.residual_weights[index])
-            horizontal = residual if previous is None else previous + residual
-            horizontal = model.after_block_step(self, index, horizontal, row * self.width + column)
-            if index + 1 < layers:
-                self.horizontal[index + 1, slot] = horizontal
-            previous = horizontal
-        return torch.addmm(self.skip_bias, self.gated.flatten(1), self.skip_weights)  # (B, C)
+        model = self.model
+        here = None
+        if self.centres[0] is not None:  # the position's own lower groups (channel groups only)
+            here = model.embed(codes[:, row:row + 1, column:column + 1])[:, :, 0, 0]  # (B, C)
+        if self.compiled_chain is not None:
+            outputs, skips = self.compiled_chain(self.base, here, self.centres, self.residual_weights,
+                                                 self.residual_biases, self.skip_weights, self.skip_bias)
+        else:
+            position = row * self.width + column
+            outputs, skips = gated_chain(self.base, here, self.centres, self.residual_weights, self.residual_biases,
+                                         self.skip_weights, self.skip_bias,
+                                         lambda index, horizontal: model.after_block_step(self, index, horizontal,
+                                                                                          position))
+        self.horizontal[1:, column + self.half + 1] = outputs  # what later positions' windows read
+        return skips
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` of the batch (beam search)."""
         self.vertical_inputs = [tensor[index] for tensor in self.vertical_inputs]
         self.row_base = self.row_base[:, :, index]
         self.horizontal = self.horizontal[:, :, index]
-        self.gated = self.gated[index]
         self.base = None if self.base is None else self.base[:, index]
         self.class_terms = [None if term is None else term[index] for term in self.class_terms]
         self.condition_terms = [None if term is None else term[index] for term in self.condition_terms]
