@@ -311,8 +311,10 @@ def _holds_class_ids(feature: Any) -> bool:
 
 def _open_folder(root: Path, labels: bool) -> Source:
     """An image folder. Top-level `train/`, `test/`, ... folders are splits; below a split, first-level
-    subfolders are classes. Only the top level is read here; a split is listed when it is used."""
-    subfolders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    subfolders are classes. Only the top levels are read here; a split is listed when it is used, and
+    no folder is ever listed twice (`Listing`)."""
+    listing = Listing()
+    subfolders = listing(root)[0]
     split_folders = [name for name in subfolders if name.lower() in SPLIT_FOLDERS]
     if split_folders and len(split_folders) < len(subfolders):
         others = [name for name in subfolders if name not in split_folders]
@@ -320,14 +322,14 @@ def _open_folder(root: Path, labels: bool) -> Source:
                         f"({', '.join(others[:3])}); put every class folder inside a split folder")
     split_roots = {name.lower(): root / name for name in split_folders} if split_folders else {"train": root}
     # Class names come from every split, so a class id means the same in train and test.
-    class_names = sorted({entry.name for split_root in split_roots.values() for entry in os.scandir(split_root)
-                          if entry.is_dir() and not entry.name.startswith(".")}) if labels else []
+    class_names = sorted({name for split_root in split_roots.values() for name in listing(split_root)[0]}) \
+        if labels else []
 
     def list_split(split: str) -> FolderRows:
         paths, found_labels = [], []
         class_ids = {name: index for index, name in enumerate(class_names)}
         split_root = split_roots[split]
-        for relative in _walk_images(split_root):
+        for relative in _walk_images(split_root, listing):
             paths.append(relative)
             top = relative.split(os.sep, 1)
             found_labels.append(class_ids[top[0]] if len(top) == 2 and top[0] in class_ids else NO_LABEL)
@@ -337,7 +339,7 @@ def _open_folder(root: Path, labels: bool) -> Source:
         return FolderRows(split_root, paths, np.asarray(found_labels, dtype=np.int64))
 
     def first_value(split: str) -> tuple[Any, str]:
-        first = next(_walk_images(split_roots[split]), None)
+        first = next(_walk_images(split_roots[split], listing), None)
         if first is None:
             raise UserError(f"image folder {split_roots[split]} holds no images "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))}); point --dataset at a folder of images")
@@ -348,24 +350,36 @@ def _open_folder(root: Path, labels: bool) -> Source:
                   list_split, first_value)
 
 
-def _walk_images(root: Path) -> Iterator[str]:
-    """Image files below `root` as relative paths, in sorted order, listing each folder once."""
+class Listing:
+    """Folder contents read once with `os.scandir` and remembered: (sorted subfolders, sorted image files)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Path, tuple[list[str], list[str]]] = {}
+
+    def __call__(self, folder: Path) -> tuple[list[str], list[str]]:
+        if folder not in self.seen:
+            folders, files = [], []
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir():
+                        folders.append(entry.name)
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                        files.append(entry.name)
+            self.seen[folder] = (sorted(folders), sorted(files))
+        return self.seen[folder]
+
+
+def _walk_images(root: Path, listing: Listing) -> Iterator[str]:
+    """Image files below `root` as relative paths, in sorted order (depth first)."""
     pending = [""]
     while pending:
         relative = pending.pop()
-        folder = root / relative if relative else root
-        files, folders = [], []
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    folders.append(entry.name)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-                    files.append(entry.name)
-        for name in sorted(files):
+        folders, files = listing(root / relative if relative else root)
+        for name in files:
             yield os.path.join(relative, name) if relative else name
-        pending.extend(os.path.join(relative, name) if relative else name for name in sorted(folders, reverse=True))
+        pending.extend(os.path.join(relative, name) if relative else name for name in reversed(folders))
 
 
 @functools.lru_cache(maxsize=1)

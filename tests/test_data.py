@@ -241,3 +241,21 @@ def test_generate_over_an_earlier_larger_run_leaves_no_stale_images(tmp_path):
     generate([*common, "--num-images", "2", "--overwrite"])
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["codes.npy", "grid.png", "image_00000.png",
                                                                           "image_00001.png"]
+
+
+def test_an_image_folder_is_listed_once(tmp_path, monkeypatch):
+    import os
+
+    root = tmp_path / "tree"
+    write_image_folder(root / "train", {"a": 3, "b": 2}, mode="L")
+    write_image_folder(root / "test", {"a": 1, "b": 1}, mode="L")
+    listed = []
+    original = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listed.append(str(path)) or original(path))
+    from shared.data import open_source
+
+    source = open_source(DataConfig(dataset=str(root)))
+    source.first_image_value("train")
+    rows = source.rows("train"), source.rows("test")
+    assert [len(split) for split in rows] == [5, 2] and source.label_names == ["a", "b"]
+    assert sorted(listed) == sorted(set(listed)) and len(listed) == 7  # root, 2 splits, 4 class folders: once each

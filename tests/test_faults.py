@@ -74,22 +74,29 @@ def test_sigkill_and_resume_is_bitwise_identical(kill_point, straight_run, tmp_p
     assert same_weights(straight_run, output)
 
 
-def test_sigkill_with_discriminator_resumes_bitwise(tmp_path):
-    """VQGAN training: the discriminator, its optimizer and the RNG resume with the tokenizer."""
-    command = [*STAGE1, "--discriminator-weight", "0.1", "--discriminator-start", "4", "--discriminator-layers", "2"]
-    straight = run_module(*command, "--output-dir", str(tmp_path / "straight"))
+def killed_and_resumed(command: list[str], root: Path, kill_after_step: int) -> tuple[Path, Path]:
+    """Run `command` straight, and again SIGKILLed after the checkpoint of `kill_after_step` then resumed;
+    return both output folders, after checking that both runs succeeded."""
+    straight = run_module(*command, "--output-dir", str(root / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    output = tmp_path / "killed"
-    kill_when([sys.executable, "-m", *command, "--output-dir", str(output)], checkpoint_exists(output, 6))
+    output = root / "killed"
+    kill_when([sys.executable, "-m", *command, "--output-dir", str(output)], checkpoint_exists(output, kill_after_step))
     assert not (output / "model.safetensors").exists(), "killed before the end"
     resumed = run_module(*command, "--output-dir", str(output), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
-    assert same_weights(tmp_path / "straight", output)
+    return root / "straight", output
+
+
+def test_sigkill_with_discriminator_resumes_bitwise(tmp_path):
+    """VQGAN training: the discriminator, its optimizer and the RNG resume with the tokenizer."""
+    command = [*STAGE1, "--discriminator-weight", "0.1", "--discriminator-start", "4", "--discriminator-layers", "2"]
+    straight, output = killed_and_resumed(command, tmp_path, kill_after_step=6)
+    assert same_weights(straight, output)
     final = Path("checkpoints") / "step_00000012" / "model_1.safetensors"  # the discriminator
-    left, right = load_weights(tmp_path / "straight" / final), load_weights(output / final)
+    left, right = load_weights(straight / final), load_weights(output / final)
     assert left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
-    earlier = load_weights(tmp_path / "straight" / "checkpoints" / "step_00000008" / "model_1.safetensors")
+    earlier = load_weights(straight / "checkpoints" / "step_00000008" / "model_1.safetensors")
     assert any(not earlier[k].equal(left[k]) for k in left), "the discriminator kept training"
 
 
@@ -100,14 +107,7 @@ def test_sigkill_with_workers_and_augmentation_resumes_bitwise(tmp_path):
     folder = write_image_folder(tmp_path / "photos", {"a": 40, "b": 40}, size=(20, 24))
     command = [*STAGE1, "--dataset", str(folder), "--cache-images", "never", "--num-workers", "2", "--random-flip",
                "--random-crop"]
-    straight = run_module(*command, "--output-dir", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    output = tmp_path / "killed"
-    kill_when([sys.executable, "-m", *command, "--output-dir", str(output)], checkpoint_exists(output, 6))
-    assert not (output / "model.safetensors").exists(), "killed before the end"
-    resumed = run_module(*command, "--output-dir", str(output), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert same_weights(tmp_path / "straight", output)
+    assert same_weights(*killed_and_resumed(command, tmp_path, kill_after_step=6))
 
 
 @pytest.mark.parametrize("damage", ["truncated_weights", "missing_optimizer", "flipped_byte"])
