@@ -42,8 +42,10 @@ RECIPES = {
     (1, "full"): (["--max-steps", "1000", "--codebook-size", "256"], [("prior", PRIOR_FULL)]),
     (1, "fast"): (TOKENIZER_FAST, [("prior", PRIOR_FAST)]),
     (2, "full"): (["--levels", "2", "--max-steps", "1000", "--codebook-size", "256"],
-                  [("prior_top", ["--level", "top", "--arch", "pixelsnail", "--attention-every", "2",
-                                  "--num-layers", "6", *PRIOR_FULL[2:4], *PRIOR_FULL[6:]]),
+                  # the top grid has 16 positions: a smaller PixelSNAIL, fewer steps, more dropout
+                  [("prior_top", ["--level", "top", "--arch", "pixelsnail", "--num-layers", "6", "--attention-every",
+                                  "2", "--max-steps", "400", "--dropout", "0.3", "--warmup-steps", "50",
+                                  "--eval-every", "100", "--save-every", "400", "--sample-every", "400"]),
                    ("prior_bottom", ["--level", "bottom", "--condition-level", "top", *PRIOR_FULL])]),
     (2, "fast"): (["--levels", "2", *TOKENIZER_FAST],
                   [("prior_top", ["--level", "top", "--arch", "pixelsnail", "--attention-every", "2", *PRIOR_FAST]),

@@ -48,12 +48,17 @@ def parser():
                         skip=frozenset({"in_channels"}))
 
 
-def train(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse flags, train, save; returns the final validation metrics."""
-    args = parse_args(parser(), argv)
+def apply_preset(args):
+    """Fill in the --preset's values for the flags the command line left out (explicit flags win)."""
     for name, value in PRESETS.get(getattr(args, "preset", "none"), {}).items():
         if not hasattr(args, name):  # absent flags are absent from the namespace
             setattr(args, name, value)
+    return args
+
+
+def train(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Parse flags, train, save; returns the final validation metrics."""
+    args = apply_preset(parse_args(parser(), argv))
     train_config = config_from_args(Stage1TrainConfig, args)
     # Every check that can refuse the run comes before the dataset is listed or decoded: flags, the
     # output folder, the first image, the model config and the --resume settings. Nothing is written yet.

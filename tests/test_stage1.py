@@ -170,3 +170,14 @@ def _scalars(path, tag):
     accumulator = EventAccumulator(str(path))
     accumulator.Reload()
     return accumulator.Scalars(tag) if tag in accumulator.Tags()["scalars"] else []
+
+
+def test_preset_fills_in_what_the_command_line_leaves_out():
+    from shared.config import parse_args
+    from stage1_vqvae.train import PRESETS, apply_preset, parser
+
+    args = apply_preset(parse_args(parser(), ["--output-dir", "x", "--preset", "photos", "--codebook-size", "2048"]))
+    assert args.codebook_size == 2048  # given explicitly: it wins
+    assert all(getattr(args, name) == value for name, value in PRESETS["photos"].items() if name != "codebook_size")
+    plain = apply_preset(parse_args(parser(), ["--output-dir", "x"]))
+    assert not hasattr(plain, "arch")  # no preset: the config's own defaults apply
