@@ -90,7 +90,7 @@ class LoopConfig:
         positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every",
                     "keep_checkpoints", "log_every")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: the command picks
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")

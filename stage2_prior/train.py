@@ -12,6 +12,7 @@ decoded sample grid is written to samples/ every --sample-every steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 
 from shared.codes import CodesDataset, CodesMetadata, find_tokenizer, open_codes
 from shared.config import build_parser, config_from_args, parse_args, values_from_args
@@ -28,7 +30,7 @@ from shared.errors import UserError, run_cli
 from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
 from stage1_vqvae.metrics import codebook_statistics
 from stage1_vqvae.pixels import load_tokenizer
-from stage2_prior.config import PriorConfig, Stage2TrainConfig
+from stage2_prior.config import PriorConfig, Stage2TrainConfig, default_max_steps
 from stage2_prior.prior import Prior
 
 # PriorConfig fields that come from the codes, not from flags (the run's --level and --condition-level pick them)
@@ -111,6 +113,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise UserError(f"--sample-every must be at least 1, got {train_config.sample_every}")
     check_output_dir(train_config)
     train_codes, validation_codes, metadata = load_codes(train_config)
+    if train_config.max_steps is None:
+        global_batch = train_config.batch_size * train_config.gradient_accumulation_steps * PartialState().num_processes
+        train_config = dataclasses.replace(train_config, max_steps=default_max_steps(len(train_codes), global_batch))
     model_config = prior_config_for(args, train_config, metadata, train_codes)
     tokenizer = load_tokenizer(train_config.tokenizer) if train_config.tokenizer else find_tokenizer(metadata)
     if tokenizer is not None and train_config.tokenizer and tokenizer.weights_sha256() != metadata.tokenizer_sha256:

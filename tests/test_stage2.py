@@ -1,6 +1,7 @@
 """Stage 2: causal layers, the prior, its samplers, and the train command."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -221,3 +222,23 @@ def test_train_and_resume(tiny_codes, tmp_path):
         (tmp_path / "resumed" / "model.safetensors").read_bytes()
 
 
+
+
+def test_default_run_length_follows_the_data():
+    from stage2_prior.config import AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, default_max_steps
+
+    assert default_max_steps(1455, 64) == AUTO_EPOCHS * 23  # the digits export: 23 batches per pass
+    assert default_max_steps(1455, 128) == AUTO_EPOCHS * 12  # two processes: the same passes, half the steps
+    assert default_max_steps(10, 64) == AUTO_MIN_STEPS
+    assert default_max_steps(1_281_167, 64) == AUTO_MAX_STEPS
+
+
+def test_train_without_max_steps_records_the_chosen_length(tiny_codes, tmp_path, monkeypatch):
+    import stage2_prior.train as stage2_train
+
+    seen = []
+    monkeypatch.setattr(stage2_train, "default_max_steps", lambda rows, batch: seen.append((rows, batch)) or 3)
+    train(["--codes", str(tiny_codes), "--output-dir", str(tmp_path / "run"), *PRIOR_FLAGS])
+    assert seen == [(len(stage2_train.load_codes(stage2_train.Stage2TrainConfig(codes=str(tiny_codes)))[0]), 32)]
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["max_steps"] == 3 and (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
