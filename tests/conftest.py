@@ -66,3 +66,23 @@ def tree_digest(root: Path) -> dict[str, bytes]:
     if not root.exists():
         return {}
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def cached_logit_error(model, labels, condition, batch: int = 3) -> tuple[float, float]:
+    """Sample `batch` grids with the cached sampler, recording every position's logits, and return
+    (the largest difference from the full forward on the drawn codes, the largest full logit)."""
+    from stage2_prior.sampling import SamplingOptions, run, sample_uniforms
+
+    height, width = model.config.latent_shape
+    depth = model.config.depth
+    seen = {}
+    with torch.inference_mode():
+        codes = run(model, "cached", labels, condition, sample_uniforms(5, 0, batch, height * width * depth),
+                    torch.zeros(batch, height, width, depth, dtype=torch.long),
+                    torch.zeros(batch, height, width, depth, dtype=torch.bool), SamplingOptions(),
+                    on_logits=lambda row, column, entry, logits: seen.update({(row, column, entry): logits}))
+        full = model.head_logits(model.features(codes, labels, condition), codes)  # (B, V, h, w, D)
+    assert len(seen) == height * width * depth, "the cached sampler skipped positions"
+    error = max((logits - full[:, :, row, column, entry]).abs().max().item()
+                for (row, column, entry), logits in seen.items())
+    return error, full.abs().max().item()

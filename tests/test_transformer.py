@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import cached_logit_error
 from stage2_prior import Prior, PriorConfig, TransformerPrior
 from stage2_prior.sampling import SamplingOptions, run, sample_uniforms
 
@@ -95,18 +96,8 @@ def test_kv_cache_equals_full_forward(depth, conditional, position_embedding):
                              condition=conditional, depth=depth, position_embedding=position_embedding, **extra)
     labels = torch.tensor([0, 2, model.config.null_class]) if conditional else None
     condition = random_condition(3) if conditional else None
-    height, width = GRID
-    seen = {}
-    with torch.inference_mode():
-        codes = run(model, "cached", labels, condition, sample_uniforms(5, 0, 3, height * width * depth),
-                    torch.zeros(3, height, width, depth, dtype=torch.long),
-                    torch.zeros(3, height, width, depth, dtype=torch.bool), SamplingOptions(),
-                    on_logits=lambda row, column, entry, logits: seen.update({(row, column, entry): logits}))
-        full = model.head_logits(model.features(codes, labels, condition), codes)  # (B, V, h, w, D)
-    assert len(seen) == height * width * depth
-    error = max((logits - full[:, :, row, column, entry]).abs().max().item()
-                for (row, column, entry), logits in seen.items())
-    assert error <= 1e-5
+    error, _ = cached_logit_error(model, labels, condition)
+    assert error <= 1e-5, f"cached logits differ from the full forward by {error:.3g}"
 
 
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.7, top_k=4), dict(top_p=0.8),
