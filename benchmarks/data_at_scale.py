@@ -150,7 +150,7 @@ def loader_throughput(folder: Path, num_batches: int) -> None:
 def codes(args: argparse.Namespace) -> None:
     import datasets
 
-    from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata
+    from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata, LevelInfo
     from shared.config import write_json_atomic
 
     output = Path(args.output_dir)
@@ -170,9 +170,11 @@ def codes(args: argparse.Namespace) -> None:
                                       "label": datasets.ClassLabel(names=[str(k) for k in range(10)])})
         table = datasets.Dataset.from_generator(rows, features=features, cache_dir=str(output / "cache"))
         table.save_to_disk(str(folder))
-        metadata = CodesMetadata(format_version=CODES_FORMAT_VERSION, format="arrow", vocab_size=vocab,
-                                 latent_shape=(side, side), dtype="int16", num_rows=args.rows, has_labels=True,
-                                 label_names=[str(k) for k in range(10)], tokenizer_config={}, tokenizer_sha256="0" * 64,
+        level = LevelInfo(name="codes", column="codes", vocab_size=vocab, latent_shape=(side, side), depth=1,
+                          dtype="int16")
+        metadata = CodesMetadata(format_version=CODES_FORMAT_VERSION, format="arrow", levels=(level,),
+                                 num_rows=args.rows, has_labels=True, label_names=[str(k) for k in range(10)],
+                                 tokenizer_class="VQVAE", tokenizer_config={}, tokenizer_sha256="0" * 64,
                                  tokenizer_path="", source={"dataset": "generated"})
         write_json_atomic(folder / CODES_META_NAME, metadata.to_json())
     size_mib = sum(path.stat().st_size for path in folder.glob("*.arrow")) / 2 ** 20

@@ -159,9 +159,11 @@ class GatedState:
         # Layer 0's input is the embedded codes shifted one row down, so its row i holds code row i - 1.
         self.vertical_inputs = [torch.zeros(batch, channels, half + height, width + 2 * half, device=device,
                                             dtype=dtype) for _ in blocks]
-        self.row_base = torch.zeros(layers, width, batch, 2 * channels, device=device, dtype=dtype)
+        # Column-major, so that one column's (L, B, ...) slice is contiguous: batched products over a
+        # strided slice run several times slower on CPU (float64 baddbmm: 240 us against 41 us).
+        self.row_base = torch.zeros(width, layers, batch, 2 * channels, device=device, dtype=dtype)
         # Inputs of each layer's horizontal conv on the current row; index c + half + 1 holds column c.
-        self.horizontal = torch.zeros(layers, width + half + 1, batch, channels, device=device, dtype=dtype)
+        self.horizontal = torch.zeros(width + half + 1, layers, batch, channels, device=device, dtype=dtype)
         self.base: torch.Tensor | None = None  # (L, B, 2C): row terms + the drawn columns, per layer
         self.compiled_chain = None  # gated_chain compiled (methods "compiled" and "graph")
         self.attention_keys: list[torch.Tensor] = []  # used by archs that add attention (PixelSNAIL)
@@ -214,7 +216,7 @@ class GatedState:
                 bias = bias + self.class_terms[index][:, :, None]
             if self.condition_terms[index] is not None:
                 bias = bias + self.condition_terms[index][:, :, row]
-            self.row_base[index] = ((term + bias) * self.scale[:, None]).permute(2, 0, 1)  # (w, B, 2C)
+            self.row_base[:, index] = ((term + bias) * self.scale[:, None]).permute(2, 0, 1)  # (w, B, 2C)
             if index + 1 < len(model.blocks):
                 self.vertical_inputs[index + 1][:, :, half + row, half:half + width] = gate(vertical_pre + bias)
         self.horizontal.zero_()
@@ -223,10 +225,10 @@ class GatedState:
     def start_position(self, codes: torch.Tensor, row: int, column: int) -> None:
         """Take in the code just left of `column`, then every layer's product with the drawn columns."""
         if column > 0:  # layer 0's horizontal input is the embedded codes shifted one column right
-            self.horizontal[0, column + self.half] = self.model.embed(codes[:, row:row + 1, column - 1:column])[:, :, 0, 0]
-        base = self.row_base[:, column]  # (L, B, 2C)
+            self.horizontal[column + self.half, 0] = self.model.embed(codes[:, row:row + 1, column - 1:column])[:, :, 0, 0]
+        base = self.row_base[column]  # (L, B, 2C)
         for t, tap in enumerate(self.taps):
-            base = torch.baddbmm(base, self.horizontal[:, column + t], tap)
+            base = torch.baddbmm(base, self.horizontal[column + t], tap)
         self.base = base
 
     def features_here(self, codes: torch.Tensor, row: int, column: int) -> torch.Tensor:
@@ -244,7 +246,7 @@ class GatedState:
                                          self.skip_weights, self.skip_bias,
                                          lambda index, horizontal: model.after_block_step(self, index, horizontal,
                                                                                           position))
-        self.horizontal[1:, column + self.half + 1] = outputs  # what later positions' windows read
+        self.horizontal[column + self.half + 1, 1:] = outputs  # what later positions' windows read
         return skips
 
     def reorder(self, index: torch.Tensor) -> None:
