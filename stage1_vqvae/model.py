@@ -73,9 +73,10 @@ class VQVAE(PretrainedModel):
 
     @property
     def level_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per level, the shape of one image's codes: (h, w), or (h, w, Q) with residual VQ."""
+        """Per level, the shape of one image's codes: (h, w), or (h, w, Q) with residual VQ of depth Q > 1
+        (depth 1 is one code per position, as everywhere else)."""
         height, width = self.latent_shape
-        stack = (self.config.num_quantizers,) if self.config.quantizer == "rvq" else ()
+        stack = (self.config.num_quantizers,) if self.config.codes_per_position > 1 else ()
         if self.config.levels == 1:
             return {SINGLE_LEVEL: (height, width, *stack)}
         return {"top": (height // 2, width // 2, *stack), "bottom": (height, width, *stack)}
@@ -123,11 +124,15 @@ class VQVAE(PretrainedModel):
         quantized, codes, loss = quantize(quantizer or self.quantizer, self.config.quantizer, flat)
         quantized = rearrange(quantized, "b (h w) d -> b d h w", h=height, w=width)
         codes = rearrange(codes.long(), "b (h w) ... -> b h w ...", h=height, w=width)
+        if self.config.quantizer == "rvq" and self.config.num_quantizers == 1:
+            codes = codes[..., 0]  # (B, h, w): a stack of one is one code per position
         return quantized, codes, loss
 
     def _vectors(self, codes: torch.Tensor, quantizer) -> torch.Tensor:
         """Codes (B, h, w[, Q]) -> quantized latents (B, D, h, w)."""
         height, width = codes.shape[1:3]
+        if self.config.quantizer == "rvq" and codes.ndim == 3:
+            codes = codes[..., None]  # ResidualVQ reads (B, N, Q) even at depth 1
         flat = rearrange(codes.long(), "b h w ... -> b (h w) ...")
         vectors = codes_to_vectors(quantizer, self.config.quantizer, flat)  # (B, h*w, D)
         return rearrange(vectors, "b (h w) d -> b d h w", h=height, w=width)

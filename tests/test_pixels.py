@@ -193,3 +193,21 @@ def test_residual_quantization_end_to_end(tmp_path):
     pipeline = Pipeline(tokenizer, Prior.from_pretrained(tmp_path / "prior"))
     out = pipeline.generate(2, labels=1, seed=0, output_type="pt", progress=False)
     assert out.codes.shape == (2, 4, 4, 3) and out.images.shape == (2, 1, 16, 16)
+
+
+def test_residual_quantization_of_depth_one_is_one_code_per_position(tmp_path):
+    from stage1_vqvae import VQVAEConfig
+
+    torch.manual_seed(0)
+    tokenizer = VQVAE(VQVAEConfig(image_size=16, hidden_channels=16, latent_channels=8, num_res_blocks=1,
+                                  codebook_size=16, quantizer="rvq", num_quantizers=1))
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    tokenizer.train()(images)  # initialise the codebook
+    codes = tokenizer.eval().encode(images)
+    assert codes.shape == (2, 4, 4) and tokenizer.level_shapes == {"codes": (4, 4)}
+    with torch.no_grad():
+        assert torch.allclose(tokenizer.decode(codes), tokenizer(images).reconstruction, atol=1e-5)
+    tokenizer.save_pretrained(tmp_path / "rvq1")
+    export(["--tokenizer", str(tmp_path / "rvq1"), "--output", str(tmp_path / "codes"), "--dataset", "digits",
+            "--image-size", "16", "--no-progress"])  # the stack of one once failed to write
+    assert open_codes(tmp_path / "codes")[1].level().grid_shape == (4, 4)
