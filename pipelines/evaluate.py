@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 from pipelines.pipeline import Pipeline
 from shared.config import parse_args
-from shared.data import default_num_workers, first_image_channels, load_split, open_source, sequential_batches
+from shared.data import (first_image_channels, load_split, open_source, resolve_num_workers, sequential_batches,
+                         warn_substituted)
 from shared.errors import UserError, run_cli
 from stage1_vqvae.evaluate import add_fid_arguments, add_source_arguments, data_config_for
 from stage1_vqvae.fid import FrechetDistance
@@ -63,7 +64,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     dataset = load_split(data_config, source=source, channels=channels)
     started = time.perf_counter()
     problems: list[str] = []
-    num_workers = args.num_workers if args.num_workers is not None else default_num_workers()
+    num_workers = resolve_num_workers(args.num_workers)
     for batch in sequential_batches(dataset, range(len(dataset)), args.batch_size, num_workers):
         problems.extend(batch.problems)
         fid.add(batch.images(pipeline.device), real=True)
@@ -72,8 +73,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
                                             batch_size=args.batch_size, progress=args.progress,
                                             guidance_scale=args.guidance_scale):
         fid.add(images.mul(2).sub(1), real=False)  # (b, C, H, W) [0, 1] -> [-1, 1]
-    for problem in problems:
-        print(f"warning: {problem}; it was replaced by the next readable row", file=sys.stderr)
+    warn_substituted(problems)
     result = {"pipeline": str(args.pipeline), "dataset": args.dataset, "split": args.split, "fid": fid.compute(),
               "num_images": args.num_images, "num_reference_images": fid.num_real, "corrupt_images": len(problems),
               "seed": args.seed, "seconds": time.perf_counter() - started}

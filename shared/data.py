@@ -27,6 +27,7 @@ import functools
 import io
 import math
 import os
+import sys
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -657,13 +658,22 @@ class _Examples(torch.utils.data.Dataset):
         return [self[key] for key in keys]
 
 
+def warn_substituted(problems: list[str]) -> None:
+    """One warning per unreadable image that a command replaced by the next readable row."""
+    for problem in problems:
+        print(f"warning: {problem}; it was replaced by the next readable row", file=sys.stderr)
+
+
 def _collate_or_problem(items: list[Example | ImageProblem]) -> Batch | ImageProblem:
     problem = next((item for item in items if isinstance(item, ImageProblem)), None)
     return problem if problem is not None else collate_examples(items)
 
 
-def default_num_workers(local_processes: int = 1) -> int:
-    """Loader workers per process: the CPUs this process may use, shared with its siblings, at most 8."""
+def resolve_num_workers(requested: int | None, local_processes: int = 1) -> int:
+    """Loader workers per process: `requested` (--num-workers) when given, else the CPUs this process
+    may use, shared with its siblings, at most 8."""
+    if requested is not None:
+        return requested
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from shared.config import parse_args
-from shared.data import (DataConfig, check_num_workers, default_num_workers, first_image_channels, load_split,
-                         open_source)
+from shared.data import (DataConfig, check_num_workers, first_image_channels, load_split, open_source,
+                         resolve_num_workers, warn_substituted)
 from shared.errors import UserError, run_cli
 from stage1_vqvae.fid import FrechetDistance, inception_weights_file
 from stage1_vqvae.losses import PerceptualLoss
@@ -99,12 +99,11 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, float]:
     if perceptual is not None:
         perceptual.to(device)
     problems: list[str] = []
-    num_workers = args.num_workers if args.num_workers is not None else default_num_workers()
+    num_workers = resolve_num_workers(args.num_workers)
     metrics = reconstruction_metrics(tokenizer, dataset, args.batch_size, device, perceptual=perceptual,
                                      with_ssim=with_ssim, num_workers=num_workers, report_problems=problems.extend,
                                      fid=fid)
-    for problem in problems:
-        print(f"warning: {problem}; it was replaced by the next readable row", file=sys.stderr)
+    warn_substituted(problems)
     result = {"tokenizer": str(args.tokenizer), "dataset": args.dataset, "split": args.split,
               "num_images": len(dataset), "corrupt_images": len(problems), **metrics}
     print(json.dumps(result))

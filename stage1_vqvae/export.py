@@ -23,8 +23,8 @@ import torch
 
 from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, SINGLE_LEVEL, CodesMetadata, LevelInfo, codes_dtype
 from shared.config import config_to_dict, parse_args, write_json_atomic
-from shared.data import (DataConfig, ImageDataset, default_num_workers, first_image_channels, load_split,
-                         open_source, sequential_batches)
+from shared.data import (DataConfig, ImageDataset, first_image_channels, load_split, open_source,
+                         resolve_num_workers, sequential_batches)
 from shared.errors import UserError, run_cli
 from shared.runtime import local_process_count, make_accelerator
 from stage1_vqvae.evaluate import add_source_arguments, data_config_for
@@ -69,7 +69,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
     dataset = load_split(data_config, source=source, channels=channels)
     if source.label_column is not None and not dataset.has_labels:
         print(f"note: no row of [{args.split}] has a label; the codes are written without labels", file=sys.stderr)
-    num_workers = args.num_workers if args.num_workers is not None else default_num_workers(local_process_count())
+    num_workers = resolve_num_workers(args.num_workers, local_process_count())
 
     accelerator = make_accelerator()
     tokenizer.to(accelerator.device)

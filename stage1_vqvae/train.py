@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from shared.config import build_parser, config_from_args, parse_args, values_from_args
-from shared.data import (Augmentation, CachedImages, StepOrder, default_num_workers, first_image_channels,
-                         load_train_and_validation, open_source, save_image_grid, sequential_batches, should_cache,
+from shared.data import (Augmentation, CachedImages, StepOrder, first_image_channels, load_train_and_validation,
+                         open_source, resolve_num_workers, save_image_grid, sequential_batches, should_cache,
                          training_batches)
 from shared.errors import run_cli
 from shared.runtime import local_process_count
@@ -77,8 +77,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     augmentation = Augmentation(train_config.seed, train_config.random_flip, train_config.random_crop)
     train_set, validation_set = load_train_and_validation(train_config, source, channels, augmentation)
-    num_workers = (train_config.num_workers if train_config.num_workers is not None
-                   else default_num_workers(local_process_count()))
+    num_workers = resolve_num_workers(train_config.num_workers, local_process_count())
     show = session.is_main and train_config.progress
     train_data = (CachedImages(train_set, num_workers, progress=show)
                   if should_cache(train_set, train_config.cache_images) else train_set)
