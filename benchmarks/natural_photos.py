@@ -2,11 +2,13 @@
 
     python benchmarks/natural_photos.py --output-dir runs/photos --cpu-seconds 600
 
-scikit-image ships a dozen photographs (no download). 32x32 crops (stride 16) of six of them form
-train/ (astronaut, coffee, chelsea, rocket, hubble deep field, immunohistochemistry, each with its
-mirror image), and crops of two others form test/ (the stereo motorcycle, the retina): held-out PSNR
-and SSIM measure generalisation to unseen photographs. Each recipe trains for `--cpu-seconds` of
-CPU time (a short run measures the cost of a step), then `vqvae-evaluate` scores it on test/.
+scikit-image ships a dozen photographs (no download). 32x32 crops of six of them form train/
+(astronaut, coffee, chelsea, rocket, hubble deep field, immunohistochemistry, stride 16, each with
+its mirror image); every tenth crop position of those goes to validation/ instead (model selection
+and the training curve), and non-overlapping crops of two other photographs form test/ (the stereo
+motorcycle, the retina): held-out PSNR and SSIM measure generalisation to unseen photographs. Each
+recipe trains for `--cpu-seconds` of CPU time (two short runs measure the cost of a step), then
+`vqvae-evaluate` scores it on test/.
 LPIPS needs the AlexNet trunk weights, which cannot be downloaded here; with them in
 $TORCH_HOME/hub/checkpoints it is reported too.
 """
@@ -25,7 +27,8 @@ from common import run_module, steps_for_cpu_seconds  # noqa: E402
 
 TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 TEST_PHOTOS = ("stereo_motorcycle", "retina")
-CROP, STRIDE = 32, 16
+CROP, TRAIN_STRIDE, TEST_STRIDE = 32, 16, 32
+VALIDATION_EVERY = 10  # every tenth crop position of the training photos validates
 # name -> tokenizer flags; "default" is today's `vqvae-train` with a photo-sized codebook
 RECIPES = {
     "vqvae (default)": ["--codebook-size", "512"],
@@ -49,19 +52,30 @@ def photo(name: str) -> np.ndarray:
 
 
 def write_crops(root: Path) -> None:
-    for split, names in (("train", TRAIN_PHOTOS), ("test", TEST_PHOTOS)):
+    counts = {"train": 0, "validation": 0, "test": 0}
+
+    def save(split: str, crop: Image.Image) -> None:
         folder = root / split / "photo"
         folder.mkdir(parents=True, exist_ok=True)
-        count = 0
+        crop.save(folder / f"{counts[split]:06d}.png")
+        counts[split] += 1
+
+    for names, stride in ((TRAIN_PHOTOS, TRAIN_STRIDE), (TEST_PHOTOS, TEST_STRIDE)):
         for name in names:
-            pixels = photo(name)
-            for image in ([pixels, pixels[:, ::-1]] if split == "train" else [pixels]):
-                source = Image.fromarray(np.ascontiguousarray(image))
-                for top in range(0, source.height - CROP + 1, STRIDE):
-                    for left in range(0, source.width - CROP + 1, STRIDE):
-                        source.crop((left, top, left + CROP, top + CROP)).save(folder / f"{count:06d}.png")
-                        count += 1
-        print(f"{split}: {count} crops of {', '.join(names)}", flush=True)
+            pixels = photo(name)  # (H, W, 3) uint8
+            source = Image.fromarray(pixels)
+            positions = [(top, left) for top in range(0, pixels.shape[0] - CROP + 1, stride)
+                         for left in range(0, pixels.shape[1] - CROP + 1, stride)]
+            for index, (top, left) in enumerate(positions):
+                crop = source.crop((left, top, left + CROP, top + CROP))
+                if names is TEST_PHOTOS:
+                    save("test", crop)
+                    continue
+                # a crop and its mirror image go to the same split, so validation never saw either
+                split = "validation" if index % VALIDATION_EVERY == VALIDATION_EVERY - 1 else "train"
+                save(split, crop)
+                save(split, crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    print(", ".join(f"{split}: {count} crops" for split, count in counts.items()), flush=True)
 
 
 def main() -> None:
@@ -72,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     output = Path(args.output_dir)
     crops = output / "crops"
-    if not (crops / "test").exists():
+    if not (crops / "validation").exists():
         write_crops(crops)
     rows = []
     for name in args.recipes:

@@ -46,7 +46,7 @@ def pixel_prior(output: Path, name: str, train: Path, test: Path, steps: int, he
 def pixels(args: argparse.Namespace) -> None:
     output = Path(args.output_dir)
     rows = []
-    for side in (8, 16):
+    for side in (8, 16) if args.digits else ():
         for levels in (2, 4, 256):
             train = export(output, f"pixels:{levels}", "digits", "train", side)
             test = export(output, f"pixels:{levels}", "digits", "test", side)
@@ -57,12 +57,13 @@ def pixels(args: argparse.Namespace) -> None:
                 rows.append((f"digits {side}x{side}", levels, head, metrics["bits_per_dim"], cpu))
                 print(rows[-1], flush=True)
     if args.photos:
+        # validation/ (crops of the training photographs) picks the best step; test/ (other photographs) scores it
         crops = Path(args.photos)
-        train = export(output, "pixels:256", str(crops), "train", 32)
-        test = export(output, "pixels:256", str(crops), "test", 32)
+        train, validation, test = (export(output, "pixels:256", str(crops), split, 32)
+                                   for split in ("train", "validation", "test"))
         for head, flags in (("softmax", []), ("mixture", ["--head", "logistic_mixture", "--mixtures", "10"])):
-            metrics, cpu = pixel_prior(output, f"photos_{head}", train, test, args.steps, flags)
-            rows.append(("photo crops 32x32 RGB", 256, head, metrics["bits_per_dim"], cpu))
+            _, cpu = pixel_prior(output, f"photos_{head}", train, validation, args.steps, ["--no-conditional", *flags])
+            rows.append(("photo crops 32x32 RGB", 256, head, test_bits_per_dim(output / f"photos_{head}", test), cpu))
             print(rows[-1], flush=True)
         sampling_speed(output / "photos_mixture")
     print("\n| data | levels | head | bits/dim (test) | CPU s |")
@@ -70,6 +71,18 @@ def pixels(args: argparse.Namespace) -> None:
     for data, levels, head, bits, cpu in rows:
         print(f"| {data} | {levels} | {'softmax' if head == 'softmax' else 'logistic mixture (10)'} | {bits:.3f} | "
               f"{cpu:.0f} |")
+
+
+def test_bits_per_dim(prior_dir: Path, codes_dir: Path) -> float:
+    import torch
+
+    from shared.codes import open_codes
+    from stage2_prior import Prior
+    from stage2_prior.train import prior_metrics
+
+    prior = Prior.from_pretrained(prior_dir)
+    codes, _ = open_codes(codes_dir)
+    return prior_metrics(prior, codes, prior.config.num_classes is not None, torch.device("cpu"))["bits_per_code"]
 
 
 def sampling_speed(prior_dir: Path) -> None:
@@ -124,7 +137,10 @@ def main() -> None:
     pixel_parser = commands.add_parser("pixels")
     pixel_parser.add_argument("--output-dir", required=True)
     pixel_parser.add_argument("--steps", type=int, default=1500)
-    pixel_parser.add_argument("--photos", default=None, help="the crops folder of natural_photos.py (train/, test/)")
+    pixel_parser.add_argument("--photos", default=None,
+                              help="the crops folder of natural_photos.py (train/, validation/, test/)")
+    pixel_parser.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True,
+                              help="the digits rows (--no-digits: the photo rows only)")
     rvq_parser = commands.add_parser("rvq")
     rvq_parser.add_argument("--output-dir", required=True)
     rvq_parser.add_argument("--steps", type=int, default=1000)
