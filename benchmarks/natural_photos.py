@@ -40,8 +40,10 @@ RECIPES = {
                               "--channel-mult", "1", "2", "2", "--codebook-size", "1024", "--codebook-dim", "8",
                               "--use-cosine-sim", "--discriminator-weight", "0.1", "--discriminator-layers", "2",
                               "--discriminator-start", "{half}"],  # {half}: half the steps
-    "preset photos": ["--preset", "photos"],
-}
+    "vqgan, wider (64 channels)": ["--arch", "vqgan", "--hidden-channels", "64", "--num-res-blocks", "1",
+                                   "--channel-mult", "1", "2", "2", "--codebook-size", "1024", "--codebook-dim", "8",
+                                   "--use-cosine-sim"],
+}  # `--preset photos` is the best of these (stage1_vqvae/train.py PRESETS)
 
 
 def photo(name: str) -> np.ndarray:

@@ -61,11 +61,14 @@ def pixels(args: argparse.Namespace) -> None:
         crops = Path(args.photos)
         train, validation, test = (export(output, "pixels:256", str(crops), split, 32)
                                    for split in ("train", "validation", "test"))
-        for head, flags in (("softmax", []), ("mixture", ["--head", "logistic_mixture", "--mixtures", "10"])):
-            _, cpu = pixel_prior(output, f"photos_{head}", train, validation, args.steps, ["--no-conditional", *flags])
+        heads = {"softmax": [], "mixture": ["--head", "logistic_mixture", "--mixtures", "10"]}
+        for head in args.photo_heads:
+            _, cpu = pixel_prior(output, f"photos_{head}", train, validation, args.steps,
+                                 ["--no-conditional", *heads[head]])
             rows.append(("photo crops 32x32 RGB", 256, head, test_bits_per_dim(output / f"photos_{head}", test), cpu))
             print(rows[-1], flush=True)
-        sampling_speed(output / "photos_mixture")
+        if "mixture" in args.photo_heads:
+            sampling_speed(output / "photos_mixture")
     print("\n| data | levels | head | bits/dim (test) | CPU s |")
     print("| --- | --- | --- | --- | --- |")
     for data, levels, head, bits, cpu in rows:
@@ -139,6 +142,7 @@ def main() -> None:
     pixel_parser.add_argument("--steps", type=int, default=1500)
     pixel_parser.add_argument("--photos", default=None,
                               help="the crops folder of natural_photos.py (train/, validation/, test/)")
+    pixel_parser.add_argument("--photo-heads", nargs="+", default=["softmax", "mixture"], choices=["softmax", "mixture"])
     pixel_parser.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True,
                               help="the digits rows (--no-digits: the photo rows only)")
     rvq_parser = commands.add_parser("rvq")

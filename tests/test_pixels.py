@@ -3,6 +3,7 @@ pixel mode with the softmax and PixelCNN++ heads, and residual quantization end 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -88,6 +89,27 @@ def test_mixture_head_is_a_normalised_distribution():
         chain = torch.nn.functional.cross_entropy(logits, stacks)
     assert total.item() == pytest.approx(0.0, abs=1e-6)
     assert nll.item() == pytest.approx(chain.item(), abs=1e-5)  # direct mixture NLL == the chain rule's
+
+
+def test_validation_scores_the_mixture_by_its_own_likelihood():
+    """prior_metrics skips the per-level table for the mixture head; its bits agree with the chain rule's."""
+    from stage2_prior.train import prior_metrics
+
+    model = tiny("gated", depth=3, head="logistic_mixture", vocab=16, latent_shape=(3, 3))
+    grids = torch.randint(0, 16, (5, 3, 3, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+
+    class Rows:  # the part of CodesDataset that prior_metrics reads
+        def __len__(self):
+            return len(grids)
+
+        def __getitem__(self, index):
+            return grids[index], torch.zeros(len(index), dtype=torch.long)
+
+    metrics = prior_metrics(model, Rows(), conditional=False, device=torch.device("cpu"))
+    with torch.no_grad():
+        chain = torch.nn.functional.cross_entropy(model(grids), grids.long()).item() / math.log(2)
+    assert metrics["bits_per_code"] == pytest.approx(chain, rel=1e-5)
+    assert "top1_accuracy" not in metrics
 
 
 def test_pixel_tokenizer_round_trip_and_levels():
