@@ -57,8 +57,11 @@ def reconstructions(args: argparse.Namespace) -> None:
     from stage1_vqvae import load_tokenizer
 
     test = load_split(DataConfig(dataset=args.dataset, image_size=32), "test")
-    step = max(1, len(test) // args.columns)
-    originals = torch.stack([test[i * step][0] for i in range(args.columns)])
+    images = torch.stack([test[i][0] for i in range(len(test))])  # (N, C, H, W)
+    # columns spread over the crops ranked by contrast, from flat to busy (evenly spaced crops of a
+    # large flat photograph would all look alike)
+    ranked = images.flatten(1).std(1).argsort()
+    originals = images[ranked[torch.linspace(0, len(test) - 1, args.columns).long()]]
     rows = [originals]
     with torch.no_grad():
         for folder in args.tokenizers:

@@ -33,6 +33,7 @@ VALIDATION_EVERY = 10  # every tenth crop position of the training photos valida
 RECIPES = {
     "vqvae (default)": ["--codebook-size", "512"],
     "vqvae, 1024 l2 codes of dim 8": ["--codebook-size", "1024", "--codebook-dim", "8", "--use-cosine-sim"],
+    "vqvae, 1024 simvq codes": ["--quantizer", "simvq", "--codebook-size", "1024"],
     "vqgan, 1024 l2 codes of dim 8": ["--arch", "vqgan", "--hidden-channels", "32", "--num-res-blocks", "1",
                                       "--channel-mult", "1", "2", "2", "--codebook-size", "1024", "--codebook-dim", "8",
                                       "--use-cosine-sim"],
