@@ -112,7 +112,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
                       "perplexity": tokenizer_metrics["perplexity"]},
         "priors": {folder: {"bits_per_code": metrics["bits_per_code"],
                             "unigram_entropy_bits": metrics["unigram_entropy_bits"],
-                            "top1_accuracy": metrics["top1_accuracy"], "best_step": metrics.get("best_step")}
+                            "top1_accuracy": metrics.get("top1_accuracy"), "best_step": metrics.get("best_step")}
                    for folder, metrics in prior_metrics.items()},
         "files": {part: str(output / part) for part in PARTS if (output / part).exists()},
     }
