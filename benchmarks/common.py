@@ -27,13 +27,15 @@ def run_module(module: str, *args: str) -> tuple[dict, float]:
 
 def steps_for_cpu_seconds(module: str, args: list[str], output: Path, cpu_seconds: float,
                           calibration_steps: int = 20) -> int:
-    """The number of training steps that `cpu_seconds` buys. Two short runs, of N and 2N steps, each
-    with one validation at its end: their difference is the CPU cost of N steps, without the start-up,
-    the data loading and the validation, which would dominate a short run."""
+    """The number of training steps that `cpu_seconds` buys. Two short runs, of N and 6N steps, each
+    with one validation at its end: their difference is the CPU cost of 5N steps, without the start-up,
+    the data loading and the validation, which would dominate a short run. The start-up itself varies
+    by a few CPU seconds between identical runs; with runs of N and 2N that noise was as large as the
+    difference (the same photo recipe got 843 steps once and 2,566 another time)."""
     used = []
-    for steps in (calibration_steps, 2 * calibration_steps):
+    for steps in (calibration_steps, 6 * calibration_steps):
         _, seconds = run_module(module, *args, "--output-dir", str(output), "--overwrite", "--max-steps", str(steps),
                                 "--eval-every", str(steps), "--save-every", str(steps), "--no-progress")
         used.append(seconds)
-    per_step = max(used[1] - used[0], 1e-3) / calibration_steps
+    per_step = max(used[1] - used[0], 1e-3) / (5 * calibration_steps)
     return max(10, int(cpu_seconds / per_step))
