@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,10 +42,7 @@ RECIPES = {
                               "--channel-mult", "1", "2", "2", "--codebook-size", "1024", "--codebook-dim", "8",
                               "--use-cosine-sim", "--discriminator-weight", "0.1", "--discriminator-layers", "2",
                               "--discriminator-start", "{half}"],  # {half}: half the steps
-    "vqgan, wider (64 channels)": ["--arch", "vqgan", "--hidden-channels", "64", "--num-res-blocks", "1",
-                                   "--channel-mult", "1", "2", "2", "--codebook-size", "1024", "--codebook-dim", "8",
-                                   "--use-cosine-sim"],
-}  # `--preset photos` is the best of these (stage1_vqvae/train.py PRESETS)
+}  # `--preset photos` is "vqvae, 1024 l2 codes of dim 8" (stage1_vqvae/train.py PRESETS; docs/benchmarks.md says why)
 
 
 def photo(name: str) -> np.ndarray:
@@ -55,6 +53,8 @@ def photo(name: str) -> np.ndarray:
 
 
 def write_crops(root: Path) -> None:
+    """train/, validation/ and test/ crops under `root`, replacing whatever an earlier layout left there."""
+    shutil.rmtree(root, ignore_errors=True)
     counts = {"train": 0, "validation": 0, "test": 0}
 
     def save(split: str, crop: Image.Image) -> None:
@@ -63,7 +63,7 @@ def write_crops(root: Path) -> None:
         crop.save(folder / f"{counts[split]:06d}.png")
         counts[split] += 1
 
-    for names, stride in ((TRAIN_PHOTOS, TRAIN_STRIDE), (TEST_PHOTOS, TEST_STRIDE)):
+    for names, stride, held_out in ((TRAIN_PHOTOS, TRAIN_STRIDE, False), (TEST_PHOTOS, TEST_STRIDE, True)):
         for name in names:
             pixels = photo(name)  # (H, W, 3) uint8
             source = Image.fromarray(pixels)
@@ -71,10 +71,10 @@ def write_crops(root: Path) -> None:
                          for left in range(0, pixels.shape[1] - CROP + 1, stride)]
             for index, (top, left) in enumerate(positions):
                 crop = source.crop((left, top, left + CROP, top + CROP))
-                if names is TEST_PHOTOS:
+                if held_out:
                     save("test", crop)
                     continue
-                # a crop and its mirror image go to the same split, so validation never saw either
+                # a crop and its mirror image share a split: neither orientation of a validation crop is trained on
                 split = "validation" if index % VALIDATION_EVERY == VALIDATION_EVERY - 1 else "train"
                 save(split, crop)
                 save(split, crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT))

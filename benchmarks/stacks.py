@@ -65,7 +65,7 @@ def pixels(args: argparse.Namespace) -> None:
         for head in args.photo_heads:
             _, cpu = pixel_prior(output, f"photos_{head}", train, validation, args.steps,
                                  ["--no-conditional", *heads[head]])
-            rows.append(("photo crops 32x32 RGB", 256, head, test_bits_per_dim(output / f"photos_{head}", test), cpu))
+            rows.append(("photo crops 32x32 RGB", 256, head, held_out_bits_per_dim(output / f"photos_{head}", test), cpu))
             print(rows[-1], flush=True)
         if "mixture" in args.photo_heads:
             sampling_speed(output / "photos_mixture")
@@ -76,7 +76,7 @@ def pixels(args: argparse.Namespace) -> None:
               f"{cpu:.0f} |")
 
 
-def test_bits_per_dim(prior_dir: Path, codes_dir: Path) -> float:
+def held_out_bits_per_dim(prior_dir: Path, codes_dir: Path) -> float:
     import torch
 
     from shared.codes import open_codes
@@ -142,7 +142,8 @@ def main() -> None:
     pixel_parser.add_argument("--steps", type=int, default=1500)
     pixel_parser.add_argument("--photos", default=None,
                               help="the crops folder of natural_photos.py (train/, validation/, test/)")
-    pixel_parser.add_argument("--photo-heads", nargs="+", default=["softmax", "mixture"], choices=["softmax", "mixture"])
+    pixel_parser.add_argument("--photo-heads", nargs="+", default=["softmax", "mixture"], choices=["softmax", "mixture"],
+                              help="the output heads of the photo rows (the mixture run also times sampling)")
     pixel_parser.add_argument("--digits", action=argparse.BooleanOptionalAction, default=True,
                               help="the digits rows (--no-digits: the photo rows only)")
     rvq_parser = commands.add_parser("rvq")

@@ -183,15 +183,15 @@ def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: 
         grids = grids.to(device)  # the stored int type; the model widens it in its embedding
         condition = condition[0].to(device) if condition else None
         labels = labels.to(device) if conditional else None
+        targets = grids.long()
         if mixture:
-            totals[1] += model.nll(grids, labels, condition).double() * grids.numel()  # nll: the mean per code
+            totals[1] += model.nll(grids, labels, condition).double() * targets.numel()  # nll: the mean per code
         else:
             logits = model(grids, labels, condition).float()
-            totals[1] += F.cross_entropy(logits, grids.long(), reduction="sum").double()
-            totals[2] += (logits.argmax(1) == grids.long()).sum().double()
-        grids = grids.long()
-        totals[0] += grids.numel()
-        counts += torch.bincount(grids.flatten(), minlength=config.vocab_size).double()
+            totals[1] += F.cross_entropy(logits, targets, reduction="sum").double()
+            totals[2] += (logits.argmax(1) == targets).sum().double()
+        totals[0] += targets.numel()
+        counts += torch.bincount(targets.flatten(), minlength=config.vocab_size).double()
     model.train(was_training)
     totals, counts = reduce_sum(totals), reduce_sum(counts)
     unigram_bits = math.log2(codebook_statistics(counts)["perplexity"])
