@@ -316,12 +316,22 @@ class Prior(PretrainedModel):
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """Stacked codes (B, h, w, D) -> (B, C, h, w): channel group d holds entry d (channel-group archs),
         else the entries' embeddings are summed (the network then never sees a position's own stack)."""
+        return rearrange(self.embed_stack(codes), "b h w c -> b c h w")
+
+    def embed_stack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Stacks of codes (..., D) -> their embeddings (..., C), as `embed` (channels last, any leading shape:
+        the cached samplers embed one row or one position at a time)."""
         depth, vocab = self.config.depth, self.config.vocab_size
+        if depth == 1:  # one entry: no offsets to add, nothing to sum (the same values, fewer ops per position)
+            indices = codes[..., 0].long()
+            if indices.is_inference() and not torch.is_inference_mode_enabled():
+                indices = indices.clone()  # codes from `sample` are inference tensors, which autograd cannot save
+            return self.embedding(indices)  # (..., C)
         offsets = torch.arange(depth, device=codes.device) * vocab
-        vectors = self.embedding(codes.long() + offsets)  # (B, h, w, D, C / groups)
+        vectors = self.embedding(codes.long() + offsets)  # (..., D, C / groups)
         if self.config.channel_groups > 1:
-            return rearrange(vectors, "b h w d c -> b (d c) h w")
-        return rearrange(vectors.sum(3), "b h w c -> b c h w")
+            return vectors.flatten(-2)  # (..., D * C / groups): group d holds entry d
+        return vectors.sum(-2)
 
     def model_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """Labels as the network sees them: in training with label dropout, some become the null class."""

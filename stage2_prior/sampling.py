@@ -37,6 +37,8 @@ from shared.errors import UserError
 SEED_STRIDE = 0x9E3779B97F4A7C15 % (2 ** 61)  # spreads (seed, index) pairs over generator seeds
 SAFETY = 8.0  # the tolerance is this many times the largest float32 error measured on probe grids
 METHODS = ("cached", "naive", "compiled", "graph")
+EDGE_OFFSETS = torch.tensor([0, 1])  # a drawn code's lower and upper CDF edge in the zero-padded CDF
+EDGE_SIGNS = torch.tensor([-1.0, 1.0])  # the target lies above the lower edge and below the upper one
 PRECISIONS = ("float64", "float32")
 
 
@@ -110,7 +112,8 @@ def decide(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOption
             best_two = scores.topk(2, dim=-1).values
             unsure |= best_two[:, 0] - best_two[:, 1] <= 2 * tolerance
         return codes, unsure
-    scores = scores / options.temperature
+    if options.temperature != 1:
+        scores = scores / options.temperature
     error = (tolerance or 0.0) / options.temperature  # bound on the error of each scaled logit
     relative = 2.0 * math.expm1(2.0 * error)  # bound on the relative error of a probability (with a margin)
     if options.top_k is not None and options.top_k < vocab:
@@ -139,13 +142,12 @@ def decide(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOption
     targets = uniforms.to(cumulative) * total
     codes = torch.searchsorted(cumulative, targets[:, None], right=True).squeeze(1).clamp_max(vocab - 1)
     if check:
-        upper = cumulative.gather(-1, codes[:, None])[:, 0]
-        lower = torch.where(codes > 0, cumulative.gather(-1, (codes - 1).clamp_min(0)[:, None])[:, 0],
-                            torch.zeros_like(upper))
+        # the CDF just below and at the drawn code, (B, 2); a column of zeros in front gives code 0's lower edge
+        edges = F.pad(cumulative, (1, 0)).gather(-1, codes[:, None] + EDGE_OFFSETS.to(codes.device))
+        distances = (edges - targets[:, None]) * EDGE_SIGNS.to(edges)  # (B, 2): how far inside each edge
         # a CDF value F moves by at most relative * min(F, total - F) when every logit moves by `error`
-        def bound(value: torch.Tensor) -> torch.Tensor:
-            return relative * torch.minimum(value, total - value) + 1e-12
-        unsure |= (targets - lower <= bound(lower)) | (upper - targets <= bound(upper))
+        bounds = relative * torch.minimum(edges, total[:, None] - edges) + 1e-12
+        unsure |= (distances <= bounds).any(-1)
     return codes, unsure
 
 
@@ -392,6 +394,7 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
     codes = known.clone()
     net_codes = torch.cat([codes, codes]) if guidance else codes
     uniforms = uniforms.to(known.device)
+    any_known = bool(known_mask.any())
     for row in range(height):
         for column in range(width):
             for depth in range(depth_count):
@@ -406,7 +409,9 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
                                                 labels[sample:sample + 1], None if condition is None else
                                                 condition[sample:sample + 1], row, column, depth, options)
                     drawn[sample] = decide(exact_logits, uniforms[sample:sample + 1, draw_index], options, None)[0][0]
-                chosen = torch.where(known_mask[:, row, column, depth], codes[:, row, column, depth], drawn)
+                chosen = drawn
+                if any_known:
+                    chosen = torch.where(known_mask[:, row, column, depth], codes[:, row, column, depth], drawn)
                 codes[:, row, column, depth] = chosen
                 if guidance:
                     net_codes[:, row, column, depth] = torch.cat([chosen, chosen])
