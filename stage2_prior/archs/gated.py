@@ -18,11 +18,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared.errors import UserError
-from stage2_prior.layers import GatedBlock, MaskedConv2d, MaskedResidualBlock, gate
+from stage2_prior.layers import GatedBlock, MaskedConv2d, MaskedResidualBlock
 from stage2_prior.prior import Prior
 
 COMPILED_CHAINS: dict = {}  # torch.compile mode -> the compiled gated_chain (compiled once per process)
