@@ -115,8 +115,8 @@ def gated_chain(base: torch.Tensor, here: torch.Tensor | None, centres: list, re
     can be compiled, or captured in a CUDA graph): base (L, B, 2C) holds each layer's row terms and
     drawn columns, `here` (B, C) the position's own embedding (channel groups only). Returns the
     horizontal outputs (L - 1, B, C) that later positions read and the skip sum (B, C).
-    `residual_biases` None: the stream carries no biases (`GatedState.fold_biases`: the state adds
-    their products to `base`), so each layer's update is one product added to the stream."""
+    `residual_biases` None: the stream carries no biases (`GatedState.column_constants` adds their
+    products to `base`), so each layer's update is one product added to the stream."""
     previous, outputs, gated_all = None, [], []
     for index, centre in enumerate(centres):
         if index == 0:
@@ -205,7 +205,7 @@ class GatedState:
             self.centres.append(None if centre is None else (centre * scale[:, None]).t().contiguous())
         out = [block.horizontal_out.matrix for block in blocks]  # (2C, C): residual rows, then skip rows
         self.residual_weights = [(0.5 * matrix[:channels]).t().contiguous() for matrix in out]  # (C, C)
-        self.residual_biases = [block.horizontal_out.bias[:channels] for block in blocks]
+        residual_biases = [block.horizontal_out.bias[:channels] for block in blocks]
         self.skip_weights = torch.cat([0.5 * matrix[channels:] for matrix in out], dim=1).t().contiguous()  # (L*C, C)
         self.skip_bias = torch.stack([block.horizontal_out.bias[channels:] for block in blocks]).sum(0)
         # The row start: each layer's vertical conv as one product over the row's unfolded windows (a float64
@@ -213,7 +213,6 @@ class GatedState:
         # and the vertical-to-horizontal 1x1 with the horizontal conv's bias, scaled as the taps are.
         self.vertical_matrices = [block.vertical.weight.permute(2, 3, 1, 0).flatten(0, 2).contiguous()
                                   for block in blocks]  # ((half + 1) k C, 2C)
-        self.vertical_biases = [block.vertical.bias for block in blocks]
         self.link_matrices = [(block.vertical_to_horizontal.weight[:, :, 0, 0] * scale[:, None]).t().contiguous()
                               for block in blocks]  # (2C, 2C)
         self.link_biases = [(block.vertical_to_horizontal.bias + block.horizontal.bias) * scale for block in blocks]
@@ -221,9 +220,10 @@ class GatedState:
         # what the biases would add to the next layers' products (the centre every column, a tap only at
         # columns inside the row, where the full forward does not read zero padding) is a constant per
         # column and layer, added to the row terms once per row. One op fewer per layer and position.
-        self.fold_biases = not self.has_after_block
-        if self.fold_biases:
-            stream_biases = torch.stack(self.residual_biases).cumsum(0)  # (L, C): b_0 + ... + b_i
+        self.chain_biases = residual_biases if self.has_after_block else None  # what gated_chain adds
+        self.column_constants = None  # (w, L, 1, 2C) when the biases are folded
+        if not self.has_after_block:
+            stream_biases = torch.stack(residual_biases).cumsum(0)  # (L, C): b_0 + ... + b_i
             constants = torch.zeros(self.width, len(blocks), 2 * channels, device=scale.device, dtype=scale.dtype)
             for index in range(1, len(blocks)):  # layer `index` reads the stream of layer index - 1
                 carried = stream_biases[index - 1]  # (C,)
@@ -238,10 +238,10 @@ class GatedState:
         batch, kernel = codes.shape[0], 2 * half + 1
         if row > 0:
             self.vertical_inputs[0][:, half + row, half:half + width] = model.embed_stack(codes[:, row - 1])  # (B, w, C)
-        for index in range(len(model.blocks)):
+        for index, block in enumerate(model.blocks):
             windows = self.vertical_inputs[index][:, row:row + half + 1].unfold(2, kernel, 1)  # (B, half + 1, w, C, k)
             windows = windows.permute(0, 2, 1, 4, 3).reshape(batch * width, -1)  # (B w, (half + 1) k C)
-            vertical_pre = torch.addmm(self.vertical_biases[index], windows, self.vertical_matrices[index])  # (B w, 2C)
+            vertical_pre = torch.addmm(block.vertical.bias, windows, self.vertical_matrices[index])  # (B w, 2C)
             term = torch.addmm(self.link_biases[index], vertical_pre, self.link_matrices[index]).view(batch, width, -1)
             vertical_pre = vertical_pre.view(batch, width, 2 * channels)
             bias = None  # (B, 1 or w, 2C): class and condition terms, which the full forward adds after the link
@@ -257,7 +257,7 @@ class GatedState:
             if index + 1 < len(model.blocks):
                 a, b = vertical_pre.chunk(2, dim=-1)
                 self.vertical_inputs[index + 1][:, half + row, half:half + width] = torch.tanh(a) * torch.sigmoid(b)
-        if self.fold_biases:
+        if self.column_constants is not None:
             self.row_base += self.column_constants
         self.horizontal.zero_()
         self.row = row
@@ -280,16 +280,14 @@ class GatedState:
             here = model.embed_stack(codes[:, row, column])  # (B, C)
         if self.compiled_chain is not None:
             outputs, skips = self.compiled_chain(self.base, here, self.centres, self.residual_weights,
-                                                 None if self.fold_biases else self.residual_biases,
-                                                 self.skip_weights, self.skip_bias)
+                                                 self.chain_biases, self.skip_weights, self.skip_bias)
         else:
             after_block = None
             if self.has_after_block:
                 position = row * self.width + column
                 def after_block(index: int, horizontal: torch.Tensor) -> torch.Tensor:
                     return model.after_block_step(self, index, horizontal, position)
-            outputs, skips = gated_chain(self.base, here, self.centres, self.residual_weights,
-                                         None if self.fold_biases else self.residual_biases,
+            outputs, skips = gated_chain(self.base, here, self.centres, self.residual_weights, self.chain_biases,
                                          self.skip_weights, self.skip_bias, after_block)
         self.horizontal[column + self.half + 1, 1:] = outputs  # what later positions' windows read
         return skips
