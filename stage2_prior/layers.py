@@ -59,6 +59,24 @@ def gate(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     position: int | torch.Tensor) -> torch.Tensor:
+    """One query q (B, heads, 1, d) at raster `position`, whose key and value k, v (B, heads, 1, d) go
+    into the preallocated caches keys, values (B, heads, N, d), over the cached positions 0..position
+    -> (B, heads, 1, d). Every one of them is allowed, so no causal mask (`is_causal` would align its
+    triangle to the top left and let the query see only position 0).
+    `position` an int: the caches are sliced to position + 1. A (1,) tensor (a compiled step): the same
+    attention over all N entries with the later ones masked out, so that every shape stays fixed."""
+    if isinstance(position, int):
+        keys[:, :, position:position + 1] = k
+        values[:, :, position:position + 1] = v
+        return F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1])
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    visible = (torch.arange(keys.shape[2], device=keys.device) <= position)[None]  # (1, N): the rest get weight 0
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+
+
 class GatedBlock(nn.Module):
     """One Gated PixelCNN layer: (vertical, horizontal) -> (vertical, horizontal, skip).
 

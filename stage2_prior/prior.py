@@ -32,6 +32,46 @@ from shared.pretrained import CONFIG_NAME, PretrainedModel
 from stage2_prior.config import PriorConfig
 
 
+COMPILED_CHAINS: dict = {}  # (function, method) -> torch.compile of it, compiled once per process
+
+
+def compiled_chain(function, method: str):
+    """`function` (a cached state's per-position step) through torch.compile; method "graph" adds CUDA
+    graphs (mode reduce-overhead). dynamic=False: its shapes are fixed, so nothing is recompiled."""
+    key = (function, method)
+    if key not in COMPILED_CHAINS:
+        mode = "reduce-overhead" if method == "graph" else "default"
+        COMPILED_CHAINS[key] = torch.compile(function, mode=mode, dynamic=False, fullgraph=True)
+    return COMPILED_CHAINS[key]
+
+
+class CachedState:
+    """What the sampler needs of every arch's incremental state, besides the arch's own tensors:
+    `chain`, the per-position step as a function of tensors (`Prior.compile_steps` compiles it), and
+    `reorder` (beam search)."""
+
+    chain: ClassVar[Any]  # staticmethod(the arch's per-position function)
+    fixed_shapes = False  # set by `Prior.compile_steps`: the chain then takes the position as a tensor
+
+    def __init__(self, device: torch.device) -> None:
+        self.position_tensor = torch.zeros(1, dtype=torch.long, device=device)
+
+    def position_input(self, position: int) -> int | torch.Tensor:
+        """The raster position as the chain takes it: the int, or with fixed shapes the (1,) tensor
+        holding it (a compiled chain specialises on ints, and would recompile at every position)."""
+        if not self.fixed_shapes:
+            return position
+        return self.position_tensor.fill_(position)
+
+    def written_in_place(self) -> list[torch.Tensor]:
+        """Tensors the chain writes into (their addresses must not change under CUDA graphs)."""
+        return []
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search)."""
+        raise NotImplementedError
+
+
 # ------------------------------------------------------------------------------------------------
 # Channel groups: how a network orders the stack of codes at one position (PixelRNN paper, sec. 3.4)
 # ------------------------------------------------------------------------------------------------
@@ -463,9 +503,16 @@ class Prior(PretrainedModel):
         raise UserError(f"arch {self.config.arch!r} has no cached sampler; use method='naive'")
 
     def compile_steps(self, state: Any, method: str) -> None:
-        """Make `state` run its per-position step compiled ("compiled") or in CUDA graphs ("graph") (arch hook)."""
-        raise UserError(f"method={method!r} compiles the per-position step of arch 'gated'; arch "
-                        f"{self.config.arch!r} has none yet: use method='cached'")
+        """Make `state` run its per-position step through torch.compile ("compiled") or in CUDA graphs
+        ("graph": torch.compile's reduce-overhead mode). Every cached state names that step `chain`: a
+        function of tensors whose shapes do not change over the grid (the position, where it reads one,
+        is a tensor too, with `fixed_shapes` set), so it compiles once for a whole sample. Tensors it
+        writes in place (`written_in_place`, the attention caches) keep fixed addresses for CUDA graphs."""
+        state.chain = compiled_chain(state.chain, method)
+        state.fixed_shapes = True
+        if method == "graph":
+            for tensor in state.written_in_place():
+                torch._dynamo.mark_static_address(tensor)
 
     def step_features(self, state: Any, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
         """Features (B, C) at (row, column) for stack entry `depth`, from `state` and the stacked codes

@@ -129,7 +129,13 @@ def test_cached_sampler_equals_naive(config):
 def test_cached_logits_are_the_full_forward_in_float64(config):
     """Every incremental shortcut (unfolded row start, biases folded out of the stream, tap 0 of layer 0
     alone) computes the full forward's logits: in float64 they agree to rounding."""
-    settings = dict(vocab_size=11, latent_shape=(5, 6), hidden_channels=12, num_layers=4)
+    assert max(step_errors_in_float64(config, "cached")) < 1e-9
+
+
+def step_errors_in_float64(config: dict, method: str) -> list[float]:
+    """The largest difference from the full forward of the `method` logits at every draw of two samples
+    of a float64 prior with weights N(0, 0.5) (logits that spread like a trained model's, or wider)."""
+    settings = dict(vocab_size=11, latent_shape=(5, 6), hidden_channels=12, num_layers=4, num_heads=2)
     settings.update(config)
     torch.manual_seed(0)
     model = Prior.from_config(PriorConfig(**settings)).double().eval()
@@ -141,10 +147,27 @@ def test_cached_logits_are_the_full_forward_in_float64(config):
     full = model.head_logits(model.features(codes, labels, condition), codes)  # (2, V, h, w, D)
     errors = []
     with torch.inference_mode():
-        run(model, "cached", labels, condition, sample_uniforms(3, 0, 2, codes[0].numel()), codes,
+        run(model, method, labels, condition, sample_uniforms(3, 0, 2, codes[0].numel()), codes,
             torch.ones_like(codes, dtype=torch.bool), SamplingOptions(), on_logits=lambda row, column, depth, logits:
             errors.append((logits - full[:, :, row, column, depth]).abs().max().item()))
-    assert len(errors) == codes[0].numel() and max(errors) < 1e-9
+    assert len(errors) == codes[0].numel()
+    return errors
+
+
+@pytest.mark.parametrize("config", [
+    dict(num_classes=2),
+    dict(depth=2, arch="pixelsnail", attention_every=1),
+    dict(arch="transformer", latent_shape=(4, 6), condition_shape=(2, 3), condition_vocab_size=5),
+    dict(arch="row_lstm", num_classes=2),
+    dict(arch="diagonal_bilstm", depth=3),
+])
+def test_every_cached_arch_compiles_its_step_once(config):
+    """method="compiled": torch.compile of each arch's per-position chain (method "graph" adds CUDA
+    graphs on a GPU). Its float64 logits are the full forward's, and no position recompiles it: the
+    shapes stay fixed and the position is a tensor (a recompile raises here)."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert max(step_errors_in_float64(config, "compiled")) < 1e-9
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

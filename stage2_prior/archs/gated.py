@@ -20,11 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from shared.errors import UserError
 from stage2_prior.layers import GatedBlock, MaskedConv2d, MaskedResidualBlock
-from stage2_prior.prior import Prior
-
-COMPILED_CHAINS: dict = {}  # torch.compile mode -> the compiled gated_chain (compiled once per process)
+from stage2_prior.prior import CachedState, Prior
 
 
 class GatedPixelCNN(Prior):
@@ -77,9 +74,11 @@ class GatedPixelCNN(Prior):
         """What follows gated block `index` on the horizontal stream (B, C, h, w) (PixelSNAIL: attention)."""
         return horizontal
 
-    def after_block_step(self, state: "GatedState", index: int, horizontal: torch.Tensor, position: int) -> torch.Tensor:
-        """The same for one position (B, C), incrementally."""
-        return horizontal
+    def after_block_hook(self, state: "GatedState", position: int | torch.Tensor) -> tuple | None:
+        """The same for one position, incrementally: None, or (function, arguments) that `gated_chain`
+        calls as function(index, horizontal (B, C), *arguments). A module-level function and its
+        arguments, not a closure, so that a compiled chain sees the same function at every position."""
+        return None
 
     # ------------------------------------------------------------------------------------------
     # The cached state
@@ -87,17 +86,6 @@ class GatedPixelCNN(Prior):
 
     def start(self, batch_size: int, labels: torch.Tensor | None, condition: torch.Tensor | None) -> "GatedState":
         return GatedState(self, batch_size, labels, condition)
-
-    def compile_steps(self, state: "GatedState", method: str) -> None:
-        """Run the per-position chain compiled: torch.compile ("compiled"), or with CUDA graphs ("graph",
-        torch.compile's reduce-overhead mode), both of `gated_chain`, whose tensors keep fixed shapes."""
-        if self.config.arch != "gated":
-            raise UserError(f"method={method!r} compiles the per-position step of arch 'gated'; arch "
-                            f"{self.config.arch!r} has none yet: use method='cached'")
-        mode = "reduce-overhead" if method == "graph" else "default"
-        if mode not in COMPILED_CHAINS:
-            COMPILED_CHAINS[mode] = torch.compile(gated_chain, mode=mode, dynamic=False)
-        state.compiled_chain = COMPILED_CHAINS[mode]
 
     def step_features(self, state: "GatedState", codes: torch.Tensor, row: int, column: int,
                       depth: int) -> torch.Tensor:
@@ -110,7 +98,7 @@ class GatedPixelCNN(Prior):
 
 def gated_chain(base: torch.Tensor, here: torch.Tensor | None, centres: list, residual_weights: list,
                 residual_biases: list | None, skip_weights: torch.Tensor, skip_bias: torch.Tensor,
-                after_block=None) -> tuple[torch.Tensor, torch.Tensor]:
+                after_block: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One position through every gated layer, as a function of tensors of fixed shapes (so that it
     can be compiled, or captured in a CUDA graph): base (L, B, 2C) holds each layer's row terms and
     drawn columns, `here` (B, C) the position's own embedding (channel groups only). Returns the
@@ -133,8 +121,9 @@ def gated_chain(base: torch.Tensor, here: torch.Tensor | None, centres: list, re
         else:
             residual = torch.addmm(residual_biases[index], gated, residual_weights[index])
             horizontal = residual if previous is None else previous + residual
-        if after_block is not None:
-            horizontal = after_block(index, horizontal)
+        if after_block is not None:  # the arch's hook (PixelSNAIL: attention), see `after_block_hook`
+            function, arguments = after_block
+            horizontal = function(index, horizontal, *arguments)
         if index + 1 < len(centres):
             outputs.append(horizontal)
         previous = horizontal
@@ -144,12 +133,15 @@ def gated_chain(base: torch.Tensor, here: torch.Tensor | None, centres: list, re
     return torch.stack(outputs), skips
 
 
-class GatedState:
+class GatedState(CachedState):
     """Incremental state of a gated stack (see the module docstring). Tensors keep the batch on the
     dimension `reorder` names."""
 
+    chain = staticmethod(gated_chain)
+
     def __init__(self, model: GatedPixelCNN, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:
+        super().__init__(model.device)
         config = model.config
         self.model = model
         blocks = model.blocks
@@ -174,11 +166,10 @@ class GatedState:
         # Inputs of each layer's horizontal conv on the current row; index c + half + 1 holds column c.
         self.horizontal = torch.zeros(width + half + 1, layers, batch, channels, device=device, dtype=dtype)
         self.base: torch.Tensor | None = None  # (L, B, 2C): row terms + the drawn columns, per layer
-        self.compiled_chain = None  # gated_chain compiled (methods "compiled" and "graph")
         self.attention_keys: list[torch.Tensor] = []  # used by archs that add attention (PixelSNAIL)
         self.attention_values: list[torch.Tensor] = []
         # the arch's per-position hook after each layer (PixelSNAIL's attention); the plain stack has none
-        self.has_after_block = type(model).after_block_step is not GatedPixelCNN.after_block_step
+        self.has_after_block = type(model).after_block_hook is not GatedPixelCNN.after_block_hook
         self._prepare_weights(blocks)
 
     def _prepare_weights(self, blocks) -> None:
@@ -278,27 +269,23 @@ class GatedState:
         here = None
         if self.centres[0] is not None:  # the position's own lower groups (channel groups only)
             here = model.embed_stack(codes[:, row, column])  # (B, C)
-        if self.compiled_chain is not None:
-            outputs, skips = self.compiled_chain(self.base, here, self.centres, self.residual_weights,
-                                                 self.chain_biases, self.skip_weights, self.skip_bias)
-        else:
-            after_block = None
-            if self.has_after_block:
-                position = row * self.width + column
-                def after_block(index: int, horizontal: torch.Tensor) -> torch.Tensor:
-                    return model.after_block_step(self, index, horizontal, position)
-            outputs, skips = gated_chain(self.base, here, self.centres, self.residual_weights, self.chain_biases,
-                                         self.skip_weights, self.skip_bias, after_block)
+        after_block = None
+        if self.has_after_block:
+            after_block = model.after_block_hook(self, self.position_input(row * self.width + column))
+        outputs, skips = self.chain(self.base, here, self.centres, self.residual_weights, self.chain_biases,
+                                    self.skip_weights, self.skip_bias, after_block)
         self.horizontal[column + self.half + 1, 1:] = outputs  # what later positions' windows read
         return skips
 
+    def written_in_place(self) -> list[torch.Tensor]:
+        return self.attention_keys + self.attention_values
+
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search)."""
         self.vertical_inputs = [tensor[index] for tensor in self.vertical_inputs]
         self.row_base = self.row_base[:, :, index]
         self.horizontal = self.horizontal[:, :, index]
         self.base = None if self.base is None else self.base[:, index]
         self.class_terms = [None if term is None else term[index] for term in self.class_terms]
         self.condition_terms = [None if term is None else term[index] for term in self.condition_terms]
-        self.attention_keys = [tensor[index] for tensor in self.attention_keys]
-        self.attention_values = [tensor[index] for tensor in self.attention_values]
+        for tensor in self.written_in_place():
+            tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses

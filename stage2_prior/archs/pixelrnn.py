@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from stage2_prior.layers import MaskedConv2d, shift_down
-from stage2_prior.prior import Prior
+from stage2_prior.prior import CachedState, Prior
 
 
 def lstm_cell(gates: torch.Tensor, cell: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +51,46 @@ def unskew(x: torch.Tensor, width: int) -> torch.Tensor:
     height = x.shape[2]
     flat = F.pad(rearrange(x, "b k h t -> b k (h t)"), (0, height))  # row i now starts at i * (w + h)
     return rearrange(flat, "b k (h t) -> b k h t", h=height)[..., :width]
+
+
+def row_lstm_chain(features: torch.Tensor, left_inputs: torch.Tensor, row_terms: torch.Tensor,
+                   cells_above: torch.Tensor, input_weights: torch.Tensor, out_weights: list[torch.Tensor],
+                   out_biases: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The Row LSTM state's per-position step: the first convolution's features (B, C) at (i, j) through
+    every layer. Per layer (stacked on a first dimension L): its inputs at columns j - r .. j - 1
+    (L, B, r, C), its row terms (L, B, 4C) and the cell above (L, B, C). Returns the features (B, C)
+    and, per layer, its input, h and c at (i, j) (3 x (L, B, C))."""
+    layer_inputs, hiddens, cells = [], [], []
+    for index, (weight, bias) in enumerate(zip(out_weights, out_biases)):
+        layer_inputs.append(features)
+        window = torch.cat([left_inputs[index].flatten(1), features], dim=1)  # (B, (r + 1) C): columns j - r .. j
+        gates = torch.addmm(row_terms[index], window, input_weights[index])  # (B, 4C)
+        hidden, cell = lstm_cell(gates, cells_above[index])  # 2 x (B, C)
+        hiddens.append(hidden)
+        cells.append(cell)
+        features = features + F.linear(hidden, weight, bias)  # sec. 3.3
+    return features, torch.stack(layer_inputs), torch.stack(hiddens), torch.stack(cells)
+
+
+def diagonal_bilstm_chain(features: torch.Tensor, row_terms: torch.Tensor, hidden_before: torch.Tensor,
+                          cells_before: torch.Tensor, backward_above: torch.Tensor, input_weights: torch.Tensor,
+                          before_weights: torch.Tensor, out_weights: list[torch.Tensor],
+                          out_biases: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The Diagonal BiLSTM state's per-position step: the first convolution's features (B, C) at (i, j)
+    through every layer. Per layer (stacked on L): its row terms (L, B, 4C), the left-to-right h and c
+    at (i, j - 1) and the right-to-left h of the row above at j (3 x (L, B, C)). Returns the features
+    (B, C) and, per layer, its input, left-to-right h and c at (i, j) (3 x (L, B, C))."""
+    layer_inputs, hiddens, cells = [], [], []
+    for index, (weight, bias) in enumerate(zip(out_weights, out_biases)):
+        layer_inputs.append(features)
+        gates = torch.addmm(row_terms[index], features, input_weights[index])  # (B, 4C)
+        gates = torch.addmm(gates, hidden_before[index], before_weights[index])  # from (i, j - 1)
+        hidden, cell = lstm_cell(gates, cells_before[index], dim=-1)  # 2 x (B, C)
+        hiddens.append(hidden)
+        cells.append(cell)
+        both = hidden + backward_above[index]  # sec. 3.2: right-to-left shifted down a row
+        features = features + F.linear(both, weight, bias)  # sec. 3.3
+    return features, torch.stack(layer_inputs), torch.stack(hiddens), torch.stack(cells)
 
 
 class GateBiases(nn.Module):
@@ -230,12 +270,13 @@ class PixelRNN(Prior):
         return state.features
 
 
-class PixelRNNState:
+class PixelRNNState(CachedState):
     """What both cached states share: the embedded codes drawn so far and the first convolution,
     whose rows above are computed once per row and whose current-row taps once per position."""
 
     def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:
+        super().__init__(model.device)
         config = model.config
         channels, half = config.hidden_channels, config.kernel_size // 2
         height, width = config.latent_shape
@@ -250,6 +291,8 @@ class PixelRNNState:
         self.first_row = self.zeros(batch, channels, width)  # the rows-above part of the current row, with bias
         self.condition_features = model.condition_network(condition) if condition is not None else None
         self.features: torch.Tensor | None = None
+        self.out_weights = [layer.out.weight[:, :, 0, 0] for layer in model.layers]  # (C, C) each
+        self.out_biases = [layer.out.bias for layer in model.layers]  # (C,) each
 
     def zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -290,7 +333,6 @@ class PixelRNNState:
         raise NotImplementedError
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search)."""
         self.embedded = self.embedded[index]
         self.first_row = self.first_row[index]
         self.condition_features = None if self.condition_features is None else self.condition_features[index]
@@ -301,6 +343,8 @@ class RowLSTMState(PixelRNNState):
     """Row LSTM: per layer, h and c of the row above, the state-to-state term they give the current
     row (computed once per row), and the layer's inputs on the current row (its 1 x k window).
     Per-layer tensors are stacked on a first dimension L; the batch is the second."""
+
+    chain = staticmethod(row_lstm_chain)
 
     def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:
@@ -313,7 +357,6 @@ class RowLSTMState(PixelRNNState):
         self.input_weights = torch.stack([rearrange(layer.input_weight()[:, :, 0, :half + 1], "g c t -> (t c) g")
                                           for layer in model.layers])
         self.input_biases = torch.stack([layer.input_to_state.bias for layer in model.layers])  # (L, 4C)
-        self.out_weights = [layer.out.weight[:, :, 0, 0] for layer in model.layers]  # (C, C) each
         self.inputs = self.zeros(layers, batch, half + width, channels)  # column j at j + r; left padding zero
         self.hidden_above = self.zeros(layers, batch, width, channels)  # row i - 1
         self.cells_above = self.zeros(layers, batch, width, channels)
@@ -337,16 +380,13 @@ class RowLSTMState(PixelRNNState):
 
     def position(self, row: int, column: int) -> torch.Tensor:
         half = self.half
-        features = self.first_features(row, column)  # (B, C)
-        for index, layer in enumerate(self.model.layers):
-            self.inputs[index, :, column + half] = features
-            window = self.inputs[index, :, column:column + half + 1].flatten(1)  # (B, (r + 1) C): columns j - r .. j
-            gates = torch.addmm(self.row_terms[index, :, column], window, self.input_weights[index])  # (B, 4C)
-            hidden, cell = lstm_cell(gates, self.cells_above[index, :, column])  # 2 x (B, C)
-            self.hidden_row[index, :, column] = hidden
-            self.cells_row[index, :, column] = cell
-            features = features + F.linear(hidden, self.out_weights[index], layer.out.bias)  # sec. 3.3
-        return features
+        features, inputs, hidden, cell = self.chain(
+            self.first_features(row, column), self.inputs[:, :, column:column + half], self.row_terms[:, :, column],
+            self.cells_above[:, :, column], self.input_weights, self.out_weights, self.out_biases)
+        self.inputs[:, :, column + half] = inputs  # (L, B, C)
+        self.hidden_row[:, :, column] = hidden
+        self.cells_row[:, :, column] = cell
+        return features  # (B, C)
 
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)
@@ -362,6 +402,8 @@ class DiagonalBiLSTMState(PixelRNNState):
     right-to-left states of the row above, which (shifted down) position (i, j) adds; and the layer's
     inputs on the current row, which the right-to-left pass reads when the row completes.
     Per-layer tensors are stacked on a first dimension L; the batch is the second."""
+
+    chain = staticmethod(diagonal_bilstm_chain)
 
     def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:
@@ -384,7 +426,6 @@ class DiagonalBiLSTMState(PixelRNNState):
         self.backward_classes = self.class_terms([d.biases for d in backward], labels)
         self.forward_conditions = self.condition_terms([d.biases for d in forward])  # (L, B, h, w, 4C) or None
         self.backward_conditions = self.condition_terms([d.biases for d in backward])
-        self.out_weights = [layer.out.weight[:, :, 0, 0] for layer in model.layers]  # (C, C) each
         self.inputs = self.zeros(layers, batch, width, channels)  # the layers' inputs on the current row
         self.forward_above = self.zeros(layers, batch, width, channels)  # left-to-right h of row i - 1
         self.forward_row = self.zeros(layers, batch, width + 1, channels)  # of row i: column j at j + 1, zero at 0
@@ -426,17 +467,13 @@ class DiagonalBiLSTMState(PixelRNNState):
 
     def position(self, row: int, column: int) -> torch.Tensor:
         inputs, _, before, _ = self.forward_weights
-        features = self.first_features(row, column)  # (B, C)
-        for index, layer in enumerate(self.model.layers):
-            self.inputs[index, :, column] = features
-            gates = torch.addmm(self.row_terms[index, :, column], features, inputs[index])  # (B, 4C)
-            gates = torch.addmm(gates, self.forward_row[index, :, column], before[index])  # from (i, j - 1)
-            hidden, cell = lstm_cell(gates, self.forward_cell[index], dim=-1)  # 2 x (B, C)
-            self.forward_row[index, :, column + 1] = hidden
-            self.forward_cell[index] = cell
-            both = hidden + self.backward_above[index, :, column]  # sec. 3.2: right-to-left shifted down a row
-            features = features + F.linear(both, self.out_weights[index], layer.out.bias)  # sec. 3.3
-        return features
+        features, layer_inputs, hidden, cell = self.chain(
+            self.first_features(row, column), self.row_terms[:, :, column], self.forward_row[:, :, column],
+            self.forward_cell, self.backward_above[:, :, column], inputs, before, self.out_weights, self.out_biases)
+        self.inputs[:, :, column] = layer_inputs  # (L, B, C)
+        self.forward_row[:, :, column + 1] = hidden
+        self.forward_cell.copy_(cell)
+        return features  # (B, C)
 
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)

@@ -21,6 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from stage2_prior.archs.gated import GatedPixelCNN, GatedState
+from stage2_prior.layers import cached_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -50,17 +51,27 @@ class CausalSelfAttention(nn.Module):
         update = F.dropout(self.out(rearrange(attended, "b heads n d -> b n (heads d)")), self.dropout, self.training)
         return x + rearrange(update, "b (h w) c -> b c h w", h=rows)
 
-    def step(self, x: torch.Tensor, position: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One position: x (B, C); keys and values (B, heads, N, d) are filled for positions < `position`
-        and receive this one's."""
-        row, column = divmod(position, self.column_embedding.shape[0])
-        query_input = self.norm(x) + self.row_embedding[row] + self.column_embedding[column]
+    def step(self, x: torch.Tensor, position: int | torch.Tensor, keys: torch.Tensor,
+             values: torch.Tensor) -> torch.Tensor:
+        """One position (an int, or a (1,) tensor in a compiled step): x (B, C); keys and values
+        (B, heads, N, d) are filled for positions < `position` and receive this one's."""
+        width = self.column_embedding.shape[0]
+        row, column = position // width, position % width
+        query_input = self.norm(x) + self.row_embedding[row] + self.column_embedding[column]  # (B, C)
         q, k, v = (rearrange(t, "b (heads d) -> b heads 1 d", heads=self.heads)
                    for t in self.qkv(query_input).chunk(3, dim=-1))
-        keys[:, :, position:position + 1] = k
-        values[:, :, position:position + 1] = v
-        attended = F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1])
+        attended = cached_attention(q, k, v, keys, values, position)  # (B, heads, 1, d)
         return x + self.out(rearrange(attended, "b heads 1 d -> b (heads d)"))
+
+
+def attend_after(index: int, horizontal: torch.Tensor, attentions: nn.ModuleList, after: tuple[int, ...],
+                 keys: list[torch.Tensor], values: list[torch.Tensor], position: int | torch.Tensor) -> torch.Tensor:
+    """PixelSNAIL's hook in the gated chain: gated layer `index`'s horizontal output (B, C) at
+    `position`, through the attention layer that follows it, if one does."""
+    if index not in after:
+        return horizontal
+    layer = after.index(index)
+    return attentions[layer].step(horizontal, position, keys[layer], values[layer])
 
 
 class PixelSNAIL(GatedPixelCNN):
@@ -95,10 +106,6 @@ class PixelSNAIL(GatedPixelCNN):
         state.attention_values = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in self.attentions]
         return state
 
-    def after_block_step(self, state: GatedState, index: int, horizontal: torch.Tensor, position: int) -> torch.Tensor:
-        after = self.attention_after
-        if index not in after:
-            return horizontal
-        layer = after.index(index)
-        return self.attentions[layer].step(horizontal, position, state.attention_keys[layer],
-                                           state.attention_values[layer])
+    def after_block_hook(self, state: GatedState, position: int | torch.Tensor) -> tuple:
+        return attend_after, (self.attentions, tuple(self.attention_after), state.attention_keys,
+                              state.attention_values, position)

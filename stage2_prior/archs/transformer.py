@@ -30,7 +30,8 @@ from einops import rearrange
 from torch import nn
 
 from stage2_prior.config import PriorConfig
-from stage2_prior.prior import Prior
+from stage2_prior.layers import cached_attention
+from stage2_prior.prior import CachedState, Prior
 
 
 class TransformerBlock(nn.Module):
@@ -70,16 +71,21 @@ class TransformerBlock(nn.Module):
         return self.finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # (B, heads, n, d)
 
     def step(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
-             position: int) -> torch.Tensor:
-        """One token x (B, 1, C) at `position`; keys and values (B, heads, N, d) hold the tokens before it
-        and receive this one's."""
+             position: int | torch.Tensor) -> torch.Tensor:
+        """One token x (B, 1, C) at `position` (an int, or a (1,) tensor in a compiled step); keys and
+        values (B, heads, N, d) hold the tokens before it and receive this one's."""
         x, q, k, v = self.queries_keys_values(x, condition)
-        keys[:, :, position:position + 1] = k
-        values[:, :, position:position + 1] = v
-        # one query over the cached tokens 0..position: every one is allowed, so no mask (is_causal would
-        # align its triangle to the top left and let the query see only token 0)
-        attended = F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1])
-        return self.finish(x, attended)  # (B, 1, C)
+        return self.finish(x, cached_attention(q, k, v, keys, values, position))  # (B, 1, C)
+
+
+def transformer_chain(token: torch.Tensor, condition: torch.Tensor | None, position: int | torch.Tensor,
+                      blocks: nn.ModuleList, keys: list[torch.Tensor], values: list[torch.Tensor],
+                      final_norm: nn.LayerNorm) -> torch.Tensor:
+    """The cached state's per-position step: one token (B, 1, C), input and position embedding added,
+    with the condition features there (B, 1, C) or None, through every block -> features (B, C)."""
+    for block, block_keys, block_values in zip(blocks, keys, values):
+        token = block.step(token, condition, block_keys, block_values, position)
+    return final_norm(token)[:, 0]
 
 
 class TransformerPrior(Prior):
@@ -184,18 +190,20 @@ class TransformerPrior(Prior):
             token = self.embed(here)[:, :, 0, 0]  # (B, C)
         token = (token + self.position_at(position))[:, None]  # (B, 1, C)
         condition = None if state.condition is None else state.condition[:, position:position + 1]  # (B, 1, C)
-        for block, keys, values in zip(self.blocks, state.keys, state.values):
-            token = block.step(token, condition, keys, values, position)
-        return self.final_norm(token)[:, 0]  # (B, C)
+        return state.chain(token, condition, state.position_input(position), self.blocks, state.keys, state.values,
+                           self.final_norm)  # (B, C)
 
 
-class KVCache:
+class KVCache(CachedState):
     """Incremental state of the transformer: per block, keys and values (B, heads, N, d) of the tokens
     seen so far, plus what every step reads (the prefix, the condition features). Tensors keep the
     batch on their first dimension, which `reorder` indexes."""
 
+    chain = staticmethod(transformer_chain)
+
     def __init__(self, model: TransformerPrior, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:
+        super().__init__(model.device)
         config = model.config
         heads = config.num_heads
         shape = (batch, heads, config.num_positions, config.hidden_channels // heads)
@@ -207,9 +215,11 @@ class KVCache:
         if condition is not None:
             self.condition = rearrange(model.condition_network(condition), "b c h w -> b (h w) c")
 
+    def written_in_place(self) -> list[torch.Tensor]:
+        return self.keys + self.values
+
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search)."""
-        self.keys = [tensor[index] for tensor in self.keys]
-        self.values = [tensor[index] for tensor in self.values]
+        for tensor in self.written_in_place():
+            tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses
         self.prefix = self.prefix[index]
         self.condition = None if self.condition is None else self.condition[index]
