@@ -148,10 +148,11 @@ class Pipeline:
         return labels
 
     def _sample_chain(self, count: int, labels: torch.Tensor | None, seed: int, first_index: int,
-                      options: dict[str, Any], known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-                      ) -> dict[str, torch.Tensor]:
+                      options: dict[str, Any], known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      num_beams: int | None = None) -> dict[str, torch.Tensor]:
         """Codes of every level for `count` images, each level's prior conditioned on the earlier ones.
-        Level k draws its uniforms from seed + k * SEED_STRIDE, so levels do not share them."""
+        Level k draws its uniforms from seed + k * SEED_STRIDE, so levels do not share them. With
+        `num_beams`, each level is the beam search's most likely grid instead of a draw."""
         codes: dict[str, torch.Tensor] = {}
         for index, member in enumerate(self.priors):
             config = member.config
@@ -163,6 +164,10 @@ class Pipeline:
             if known is not None:
                 known_codes, known_mask = known[config.level or "codes"]
                 codes[config.level or "codes"] = member.complete(known_codes, known_mask, **common)
+            elif num_beams is not None:  # the most likely grid of this level given the levels before
+                codes[config.level or "codes"] = member.beam_search(
+                    count, member_labels, num_beams, condition=condition, guidance_scale=options["guidance_scale"],
+                    method=options["method"], precision=options["precision"]).codes
             else:
                 codes[config.level or "codes"] = member.sample(count, **common)
         return codes
@@ -170,11 +175,28 @@ class Pipeline:
     def _public(self, codes: dict[str, torch.Tensor]) -> Any:
         return codes if self.is_chain else next(iter(codes.values()))
 
+    def check_options(self, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                      guidance_scale: float = 0.0, strategy: str = "sample", method: str | None = None,
+                      precision: str = "float64", num_beams: int | None = None) -> None:
+        """Raise the one-line error `generate` would give for these options, before anything runs."""
+        from stage2_prior.sampling import SamplingOptions, check_method
+
+        if num_beams is not None:
+            if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+                raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+            if temperature != 1 or top_k is not None or top_p is not None or strategy != "sample":
+                raise UserError("beam search finds the grid of the highest total log-probability under the prior: "
+                                "drop temperature, top_k, top_p and strategy, or sample without num_beams")
+        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy, precision)
+        for member in self.priors:
+            options.check_for(member)
+            check_method(member, method)
+
     def iter_generate(self, num_images: int, *, labels=None, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
                       first_index: int = 0, progress: bool = True, guidance_scale: float = 0.0,
-                      strategy: str = "sample", method: str | None = None, precision: str = "float64"
-                      ) -> Iterator[tuple[torch.Tensor, Any]]:
+                      strategy: str = "sample", method: str | None = None, precision: str = "float64",
+                      num_beams: int | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
         """Yield (images (b, C, H, W) in [0, 1] on the CPU, codes) batch by batch.
 
         Image k is a function of (seed, first_index + k) alone. `labels` covers the num_images
@@ -186,6 +208,8 @@ class Pipeline:
             raise UserError(f"num_images must be at least 1, got {num_images}")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        self.check_options(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                           strategy=strategy, method=method, precision=precision, num_beams=num_beams)
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
         all_labels = self.resolve_labels(num_images, labels, seed)
@@ -197,7 +221,8 @@ class Pipeline:
                 count = min(batch_size, num_images - start)
                 batch_labels = None if all_labels is None else all_labels[start:start + count]
                 with torch.inference_mode():
-                    codes = self._sample_chain(count, batch_labels, seed, first_index + start, options)
+                    codes = self._sample_chain(count, batch_labels, seed, first_index + start, options,
+                                               num_beams=num_beams)
                     images = self.decode_in_fixed_chunks(self._public(codes))
                 bar.update(count)
                 yield images.float().add(1).div(2).clamp(0, 1).cpu(), _to_cpu(self._public(codes))
@@ -205,13 +230,16 @@ class Pipeline:
     def generate(self, num_images: int, *, labels=None, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
                  output_type: str = "pil", progress: bool = True, guidance_scale: float = 0.0,
-                 strategy: str = "sample", method: str | None = None, precision: str = "float64") -> GenerationOutput:
+                 strategy: str = "sample", method: str | None = None, precision: str = "float64",
+                 num_beams: int | None = None) -> GenerationOutput:
         """Sample `num_images` code grids from the prior chain and decode them.
 
         labels: an int (every image), a list of num_images ints, or None: an unconditional prior
         samples freely; a class-conditional one draws each image's class uniformly from the seed.
         The same seed gives the same images whatever `batch_size` is; seed=None draws one.
         guidance_scale, strategy ("sample" or "greedy"), method and precision: see `Prior.sample`.
+        num_beams: decode each level's most likely grid by beam search (`Prior.beam_search`) instead of
+        sampling (given the labels; for a chain, level by level).
         Returns `.images` as `output_type` ("pil": PIL images, "pt": (N, C, H, W) float in [0, 1],
         "np": (N, H, W, C) uint8) and `.codes` (N, h, w[, D]), or a dict per level for a chain.
         """
@@ -220,7 +248,7 @@ class Pipeline:
         batches = list(self.iter_generate(num_images, labels=labels, temperature=temperature, top_k=top_k,
                                           top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
                                           guidance_scale=guidance_scale, strategy=strategy, method=method,
-                                          precision=precision))
+                                          precision=precision, num_beams=num_beams))
         images = torch.cat([images for images, _ in batches])
         return GenerationOutput(convert_images(images, output_type), _concatenate([codes for _, codes in batches]))
 

@@ -85,6 +85,12 @@ def gen(where: Where, *extra: str, pipeline: str | None = None) -> list[str]:
             "--num-images", "2", "--no-progress", *extra]
 
 
+def earlier_images(where: Where) -> None:
+    """An output folder that an earlier generate run filled: a failed run must leave it as it was."""
+    (where.tmp / "images").mkdir()
+    (where.tmp / "images" / "image_00000.png").write_bytes(b"an earlier image")
+
+
 def saved_dataset(where: Where) -> None:
     import datasets
     import numpy as np
@@ -218,6 +224,15 @@ COMMAND_CASES = [
     Case(generate_main, "top-k below one", lambda w: gen(w, "--top-k", "0"), "top_k must be at least 1"),
     Case(generate_main, "temperature negative", lambda w: gen(w, "--temperature", "-1"),
          "temperature must be positive"),
+    Case(generate_main, "zero beams (earlier images kept)", lambda w: gen(w, "--num-beams", "0", "--overwrite"),
+         "num_beams must be an integer >= 1", setup=earlier_images),
+    Case(generate_main, "beam search with top-k", lambda w: gen(w, "--num-beams", "2", "--top-k", "5"),
+         "beam search finds the grid of the highest total log-probability.*drop temperature, top_k"),
+    Case(generate_main, "greedy with top-p (earlier images kept)",
+         lambda w: gen(w, "--temperature", "0", "--top-p", "0.9", "--overwrite"), "greedy decoding.*drop top_k and top_p",
+         setup=earlier_images),
+    Case(generate_main, "CUDA graphs on a CPU", lambda w: gen(w, "--method", "graph"),
+         "method='graph' .* needs the model on a CUDA device"),
     Case(generate_main, "output is a file", lambda w: gen(w), "is a file",
          setup=lambda w: (w.tmp / "images").write_text("not a folder")),
     Case(generate_main, "output not empty", lambda w: gen(w), "is not empty",

@@ -126,6 +126,22 @@ def test_generate_command_single_and_two_processes(pipeline_dir, tmp_path):
     assert np.load(tmp_path / "one" / "codes.npy").shape == (7, 4, 4)
 
 
+def test_beam_search_through_the_pipeline_and_the_command(pipeline_dir, tmp_path):
+    from pipelines.generate import generate
+
+    pipe = Pipeline.from_pretrained(pipeline_dir, device="cpu")
+    labels = torch.tensor([0, 1, 2])
+    best = pipe.prior.beam_search(3, labels=labels, num_beams=3)
+    beams = pipe.generate(3, labels=labels, num_beams=3, batch_size=2, output_type="pt", progress=False)
+    assert torch.equal(beams.codes, best.codes)
+    assert torch.allclose(beams.images, pipe.decode(best.codes).float().add(1).div(2).clamp(0, 1), atol=1e-5)
+    assert best.log_prob.max() > pipe.prior.log_prob(pipe.generate(3, labels=labels, seed=0, progress=False).codes,
+                                                     labels).max()
+    generate(["--pipeline", str(pipeline_dir), "--output-dir", str(tmp_path / "beams"), "--num-images", "3",
+              "--labels", "0", "1", "2", "--num-beams", "3", "--no-progress"])
+    assert np.array_equal(np.load(tmp_path / "beams" / "codes.npy"), best.codes.numpy())
+
+
 def test_quickstart_fast_end_to_end(tmp_path):
     from pipelines.quickstart import quickstart
 
