@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["gated"], choices=list(ARCHS))
     parser.add_argument("--grids", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--precisions", nargs="+", default=["float64"], choices=["float64", "float32"])
+    parser.add_argument("--precisions", nargs="+", default=["float64"], choices=["float64", "float32", "bfloat16"])
     parser.add_argument("--max-naive-seconds", type=float, default=20.0, help="estimate naive above this")
     parser.add_argument("--methods", nargs="+", default=["cached"], choices=["cached", "compiled", "graph"])
     parser.add_argument("--repeats", type=int, default=3, help="each method's time is the fastest of this many runs")

@@ -50,8 +50,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-beams", type=int, default=None,
                         help="decode the most likely grid by beam search with this many beams instead of sampling "
                              "(scored by total log-probability; no --temperature, --top-k or --top-p)")
-    parser.add_argument("--precision", default="float64", choices=["float64", "float32"],
-                        help="the dtype the prior runs in while sampling (the codes are the same)")
+    parser.add_argument("--precision", default="float64", choices=["float64", "float32", "bfloat16"],
+                        help="the dtype the prior runs in while sampling (float64 and float32 draw the same codes; "
+                             "bfloat16 is not exact)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")

@@ -554,7 +554,8 @@ class Prior(PretrainedModel):
         most likely code each time. `guidance_scale` s > 0 (priors trained with label dropout) uses
         the guided logits cond + s * (cond - uncond). `condition`: the code map of a conditioned prior.
         `precision`: the dtype the network runs in while sampling ("float64", or "float32": the same
-        codes, faster only where few draws need the float64 check; see stage2_prior.sampling).
+        codes, faster only where few draws need the float64 check; "bfloat16": fast on GPUs, not
+        exact: codes may differ between methods and batch sizes; see stage2_prior.sampling).
         """
         from stage2_prior.sampling import SamplingOptions, sample_codes
 

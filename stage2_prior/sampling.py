@@ -21,7 +21,9 @@ Precision. By default the network runs in float64 while sampling. In float32 a t
 (logit spread about 6) has logit errors near 5e-4, which puts 1-6% of draws within reach of a
 boundary, each needing the canonical recomputation; in float64 that happens about once per 10^9
 draws. `precision="float32"` gives the same codes, faster where recomputations are rare (small or
-untrained models, large batches on a GPU).
+untrained models, large batches on a GPU). `precision="bfloat16"` is for speed on a GPU and promises
+no exactness: its logit errors (about 1e-2 relative) would send most draws to the recomputation, so
+it draws straight from its own logits, and the codes may differ between methods and batch sizes.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ SAFETY = 8.0  # the tolerance is this many times the largest float32 error measu
 METHODS = ("cached", "naive", "compiled", "graph")
 EDGE_OFFSETS = torch.tensor([0, 1])  # a drawn code's lower and upper CDF edge in the zero-padded CDF
 EDGE_SIGNS = torch.tensor([-1.0, 1.0])  # the target lies above the lower edge and below the upper one
-PRECISIONS = ("float64", "float32")
+PRECISIONS = ("float64", "float32", "bfloat16")
+GUARDED_DTYPES = (torch.float64, torch.float32)  # bfloat16: no exactness promised, no float64 recomputation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +393,9 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
         net_condition = None if condition is None else torch.cat([condition, condition])
     steps = make_steps(model, method, net_labels, net_condition, batch * (2 if guidance else 1))
     exact = Exact(model)
-    tolerance = logit_tolerance(model, method) * (1 + 2 * options.guidance_scale)
+    tolerance = None  # bfloat16: no guard
+    if next(model.parameters()).dtype in GUARDED_DTYPES:
+        tolerance = logit_tolerance(model, method) * (1 + 2 * options.guidance_scale)
     codes = known.clone()
     net_codes = torch.cat([codes, codes]) if guidance else codes
     uniforms = uniforms.to(known.device)
@@ -404,7 +409,7 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
                     on_logits(row, column, depth, logits)
                 draw_index = (row * width + column) * depth_count + depth
                 drawn, unsure = decide(logits, uniforms[:, draw_index], options, tolerance)
-                for sample in unsure.nonzero()[:, 0].tolist():
+                for sample in [] if unsure is None else unsure.nonzero()[:, 0].tolist():
                     exact_logits = exact.logits(codes[sample:sample + 1], None if labels is None else
                                                 labels[sample:sample + 1], None if condition is None else
                                                 condition[sample:sample + 1], row, column, depth, options)

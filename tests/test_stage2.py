@@ -179,6 +179,21 @@ def test_cached_sampler_follows_the_model_dtype(dtype):
         assert torch.equal(cached, model.sample(2, labels=1, seed=2, method="naive"))
 
 
+def test_bfloat16_precision_runs_in_bfloat16_without_the_guard(monkeypatch):
+    """precision="bfloat16" (for GPUs; not exact): the network runs in bfloat16 and nothing measures a
+    tolerance or recomputes a draw in float64; the same call still gives the same codes."""
+    import stage2_prior.sampling as sampling
+
+    model = tiny_prior(num_classes=3)
+    float64 = model.sample(6, labels=1, seed=2)
+    monkeypatch.setattr(sampling, "logit_tolerance", lambda *args: pytest.fail("bfloat16 sampling measured a tolerance"))
+    monkeypatch.setattr(sampling.Exact, "logits", lambda *args: pytest.fail("bfloat16 sampling recomputed a draw"))
+    codes = model.sample(6, labels=1, seed=2, precision="bfloat16")
+    assert next(model.__dict__["_copy_torch.bfloat16"][1].parameters()).dtype == torch.bfloat16  # cast_copy's copy
+    assert torch.equal(codes, model.sample(6, labels=1, seed=2, precision="bfloat16"))
+    assert (codes == float64).float().mean() > 0.5  # the same distribution, rounded: most draws agree
+
+
 def test_sampling_determinism_and_batch_independence():
     model = tiny_prior(num_classes=3)
     labels = torch.tensor([0, 1, 2, 0, 1])
