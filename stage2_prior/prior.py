@@ -37,11 +37,14 @@ COMPILED_CHAINS: dict = {}  # (function, method) -> torch.compile of it, compile
 
 def compiled_chain(function, method: str):
     """`function` (a cached state's per-position step) through torch.compile; method "graph" adds CUDA
-    graphs (mode reduce-overhead). dynamic=False: its shapes are fixed, so nothing is recompiled."""
+    graphs (mode reduce-overhead). Within a sample its shapes never change, so it compiles once; a
+    new batch size or model compiles again, and after one such change the changed sizes are compiled
+    as dynamic (dynamic=None), which keeps a session below dynamo's recompile limit (fullgraph=True
+    would turn reaching that limit into an error; past it dynamo runs the function uncompiled)."""
     key = (function, method)
     if key not in COMPILED_CHAINS:
         mode = "reduce-overhead" if method == "graph" else "default"
-        COMPILED_CHAINS[key] = torch.compile(function, mode=mode, dynamic=False, fullgraph=True)
+        COMPILED_CHAINS[key] = torch.compile(function, mode=mode, dynamic=None)
     return COMPILED_CHAINS[key]
 
 

@@ -163,11 +163,24 @@ def step_errors_in_float64(config: dict, method: str) -> list[float]:
 ])
 def test_every_cached_arch_compiles_its_step_once(config):
     """method="compiled": torch.compile of each arch's per-position chain (method "graph" adds CUDA
-    graphs on a GPU). Its float64 logits are the full forward's, and no position recompiles it: the
-    shapes stay fixed and the position is a tensor (a recompile raises here)."""
+    graphs on a GPU). Its float64 logits are the full forward's, and it is one graph that no position
+    recompiles: the shapes stay fixed and the position is a tensor (a recompile raises here)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert max(step_errors_in_float64(config, "compiled")) < 1e-9
+    assert counters["stats"]["unique_graphs"] == 1  # no graph break splits the chain
+
+
+def test_compiled_step_survives_many_batch_sizes():
+    """A session that samples at more batch sizes than dynamo's recompile limit (8) keeps working: after
+    the first change the batch is compiled as a dynamic size."""
+    model = tiny_prior()
+    torch._dynamo.reset()
+    for batch in range(1, 12):
+        assert torch.equal(model.sample(batch, seed=1, method="compiled"), model.sample(batch, seed=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
