@@ -94,6 +94,27 @@ def test_tolerance_bounds_the_cached_error(prior8):
     assert max(seen) < logit_tolerance(prior8, "cached") / 2
 
 
+@pytest.mark.parametrize("config", [dict(arch="pixelsnail", num_layers=6, num_heads=4),
+                                    dict(arch="transformer", num_layers=4, num_heads=4),
+                                    dict(arch="row_lstm", num_layers=3), dict(arch="diagonal_bilstm", num_layers=3)])
+def test_every_cached_arch_is_exact_at_trained_scale(config, monkeypatch):
+    """The other cached archs at 64 channels and the logit spread of a trained prior: float32 and float64
+    cached sampling draw the naive sampler's codes, and a sample drawn alone is the same. In float32 the
+    guard must have sent draws to the float64 recomputation, or this test checked nothing hard."""
+    import stage2_prior.sampling as sampling
+
+    prior = trained_scale_prior(8, **config)
+    recomputed = []
+    original = sampling.Exact.logits
+    monkeypatch.setattr(sampling.Exact, "logits", lambda *args: recomputed.append(1) or original(*args))
+    cached32 = prior.sample(32, seed=5, sample_offset=109, precision="float32")
+    assert len(recomputed) > 0, "no draw came near a boundary"
+    naive = prior.sample(32, seed=5, sample_offset=109, method="naive")
+    assert torch.equal(cached32, naive)
+    assert torch.equal(prior.sample(32, seed=5, sample_offset=109), naive)
+    assert torch.equal(prior.sample(1, seed=5, sample_offset=116, precision="float32"), naive[7:8])
+
+
 @pytest.mark.slow
 def test_hundreds_of_samples_at_16x16():
     prior = trained_scale_prior(16)
