@@ -53,8 +53,12 @@ class CachedState:
     `chain`, the per-position step as a function of tensors (`Prior.compile_steps` compiles it), and
     `reorder` (beam search)."""
 
-    chain: ClassVar[Any]  # staticmethod(the arch's per-position function)
+    chain: Any  # staticmethod(the arch's per-position function); compile_steps sets a compiled one
     fixed_shapes = False  # set by `Prior.compile_steps`: the chain then takes the position as a tensor
+    # Attributes (tensors, or lists / tuples of them) that the chain reads besides module parameters:
+    # its weights, caches and position. CUDA graphs copy every input at every replay unless its address
+    # is fixed, so method "graph" moves them into tensors kept on the model (`Prior.compile_steps`).
+    graph_inputs: ClassVar[tuple[str, ...]] = ("position_tensor",)
 
     def __init__(self, device: torch.device) -> None:
         self.position_tensor = torch.zeros(1, dtype=torch.long, device=device)
@@ -67,7 +71,8 @@ class CachedState:
         return self.position_tensor.fill_(position)
 
     def written_in_place(self) -> list[torch.Tensor]:
-        """Tensors the chain writes into (their addresses must not change under CUDA graphs)."""
+        """Tensors the chain writes into (attention caches): `reorder` changes them in place, so that
+        they keep their addresses under CUDA graphs."""
         return []
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -509,13 +514,32 @@ class Prior(PretrainedModel):
         """Make `state` run its per-position step through torch.compile ("compiled") or in CUDA graphs
         ("graph": torch.compile's reduce-overhead mode). Every cached state names that step `chain`: a
         function of tensors whose shapes do not change over the grid (the position, where it reads one,
-        is a tensor too, with `fixed_shapes` set), so it compiles once for a whole sample. Tensors it
-        writes in place (`written_in_place`, the attention caches) keep fixed addresses for CUDA graphs."""
+        is a tensor too, with `fixed_shapes` set), so it compiles once per shape.
+        For CUDA graphs, the tensors the chain reads (`graph_inputs`) are copied into tensors kept on
+        the model and marked static: the same addresses for every state of these shapes, so a graph
+        recorded for one sample replays for the next (new addresses would make torch record it again,
+        and stop graphing after 128 such re-records) and no weight or cache is copied per replay."""
         state.chain = compiled_chain(state.chain, method)
         state.fixed_shapes = True
-        if method == "graph":
-            for tensor in state.written_in_place():
-                torch._dynamo.mark_static_address(tensor)
+        if method != "graph":
+            return
+        pool = self.__dict__.setdefault("_graph_inputs", {})  # (name, index, shape, dtype) -> tensor
+
+        def fixed(name: str, index: int, tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            key = (name, index, tuple(tensor.shape), tensor.dtype, tensor.device)
+            if key not in pool:
+                pool[key] = torch.empty_like(tensor)
+                torch._dynamo.mark_static_address(pool[key])
+            return pool[key].copy_(tensor)
+
+        for name in state.graph_inputs:
+            value = getattr(state, name)
+            if isinstance(value, (list, tuple)):
+                setattr(state, name, type(value)(fixed(name, index, tensor) for index, tensor in enumerate(value)))
+            else:
+                setattr(state, name, fixed(name, 0, value))
 
     def step_features(self, state: Any, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
         """Features (B, C) at (row, column) for stack entry `depth`, from `state` and the stacked codes
@@ -553,7 +577,8 @@ class Prior(PretrainedModel):
 
         Sample k is drawn from uniforms seeded by (seed, sample_offset + k): the same codes for any
         batch split, process count, and for `method` "cached" (fast; the default where the arch has
-        one) and "naive" (one full forward per code). `strategy="greedy"` (or temperature=0) takes the
+        one), "naive" (one full forward per code), "compiled" (the cached step through torch.compile)
+        and "graph" (that step in CUDA graphs; a GPU only). `strategy="greedy"` (or temperature=0) takes the
         most likely code each time. `guidance_scale` s > 0 (priors trained with label dropout) uses
         the guided logits cond + s * (cond - uncond). `condition`: the code map of a conditioned prior.
         `precision`: the dtype the network runs in while sampling ("float64", or "float32": the same

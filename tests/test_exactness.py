@@ -195,13 +195,20 @@ def test_compiled_step_draws_the_same_codes(config):
     """At trained scale, method="compiled" (torch.compile of the arch's per-position chain) draws the
     cached sampler's codes: its own logit tolerance sends the draws near a CDF edge to float64. Beam
     search too, whose reorders keep the attention caches in place. Method "graph" (CUDA graphs) needs
-    a GPU; on a CPU `run` still takes its path (mode reduce-overhead, caches marked static)."""
+    a GPU; on a CPU `run` still takes its path (mode reduce-overhead, its inputs moved into tensors
+    kept on the model and marked static), though without graphs."""
     prior = trained_scale_prior(6, **config)
     assert torch.equal(prior.sample(8, seed=4, method="compiled"), prior.sample(8, seed=4))
     assert torch.equal(prior.beam_search(2, num_beams=3, method="compiled").codes,
                        prior.beam_search(2, num_beams=3).codes)
     known = prior.stacked(torch.zeros(2, 6, 6, dtype=torch.long))
-    with torch.inference_mode():
-        graph = run(prior, "graph", None, None, sample_uniforms(4, 0, 2, 36), known,
-                    torch.zeros_like(known, dtype=torch.bool), SamplingOptions())
-    assert torch.equal(prior.public(graph), prior.sample(2, seed=4))
+    for attempt in range(2):  # the second sample reads its weights and caches from the same tensors
+        with torch.inference_mode():
+            graph = run(prior, "graph", None, None, sample_uniforms(4, 0, 2, 36), known,
+                        torch.zeros_like(known, dtype=torch.bool), SamplingOptions())
+        assert torch.equal(prior.public(graph), prior.sample(2, seed=4))
+        fixed_inputs = dict(prior.__dict__["_graph_inputs"])
+        if attempt:
+            assert all(tensor is fixed_inputs[key] for key, tensor in first_inputs.items())
+            assert len(fixed_inputs) == len(first_inputs)
+        first_inputs = fixed_inputs

@@ -138,6 +138,8 @@ class GatedState(CachedState):
     dimension `reorder` names."""
 
     chain = staticmethod(gated_chain)
+    graph_inputs = ("position_tensor", "attention_keys", "attention_values", "centres", "residual_weights",
+                    "chain_biases", "skip_weights", "skip_bias")
 
     def __init__(self, model: GatedPixelCNN, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:

@@ -345,6 +345,7 @@ class RowLSTMState(PixelRNNState):
     Per-layer tensors are stacked on a first dimension L; the batch is the second."""
 
     chain = staticmethod(row_lstm_chain)
+    graph_inputs = ("input_weights", "out_weights", "out_biases")
 
     def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:
@@ -404,6 +405,7 @@ class DiagonalBiLSTMState(PixelRNNState):
     Per-layer tensors are stacked on a first dimension L; the batch is the second."""
 
     chain = staticmethod(diagonal_bilstm_chain)
+    graph_inputs = ("forward_weights", "out_weights", "out_biases")
 
     def __init__(self, model: PixelRNN, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:

@@ -200,6 +200,7 @@ class KVCache(CachedState):
     batch on their first dimension, which `reorder` indexes."""
 
     chain = staticmethod(transformer_chain)
+    graph_inputs = ("position_tensor", "keys", "values")  # the blocks' weights are parameters: static already
 
     def __init__(self, model: TransformerPrior, batch: int, labels: torch.Tensor | None,
                  condition: torch.Tensor | None) -> None:
