@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
                         help="cached (default where the arch has it), naive (one full forward per code), compiled "
                              "(the cached step through torch.compile) or graph (that step in CUDA graphs; needs a GPU)")
     parser.add_argument("--num-beams", type=int, default=None,
-                        help="decode the most likely grid by beam search with this many beams instead of sampling "
+                        help="decode the most likely grid beam search finds with this many beams instead of sampling "
                              "(scored by total log-probability; no --temperature, --top-k or --top-p)")
     parser.add_argument("--precision", default="float64", choices=["float64", "float32", "bfloat16"],
                         help="the dtype the prior runs in while sampling (float64 and float32 draw the same codes; "
@@ -65,6 +65,8 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     output = Path(args.output_dir)
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output-dir {output} is a file; pass a folder")
     if output.exists() and any(output.iterdir()) and not args.overwrite:

@@ -152,7 +152,7 @@ class Pipeline:
                       num_beams: int | None = None) -> dict[str, torch.Tensor]:
         """Codes of every level for `count` images, each level's prior conditioned on the earlier ones.
         Level k draws its uniforms from seed + k * SEED_STRIDE, so levels do not share them. With
-        `num_beams`, each level is the beam search's most likely grid instead of a draw."""
+        `num_beams`, each level is the most likely grid beam search finds instead of a draw."""
         codes: dict[str, torch.Tensor] = {}
         for index, member in enumerate(self.priors):
             config = member.config
@@ -164,7 +164,7 @@ class Pipeline:
             if known is not None:
                 known_codes, known_mask = known[config.level or "codes"]
                 codes[config.level or "codes"] = member.complete(known_codes, known_mask, **common)
-            elif num_beams is not None:  # the most likely grid of this level given the levels before
+            elif num_beams is not None:  # the best grid of this level (given the levels before) beam search finds
                 codes[config.level or "codes"] = member.beam_search(
                     count, member_labels, num_beams, condition=condition, guidance_scale=options["guidance_scale"],
                     method=options["method"], precision=options["precision"]).codes
@@ -185,7 +185,7 @@ class Pipeline:
             if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
                 raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
             if temperature != 1 or top_k is not None or top_p is not None or strategy != "sample":
-                raise UserError("beam search finds the grid of the highest total log-probability under the prior: "
+                raise UserError("beam search looks for the grid of the highest total log-probability under the prior: "
                                 "drop temperature, top_k, top_p and strategy, or sample without num_beams")
         options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy, precision)
         for member in self.priors:
@@ -238,8 +238,8 @@ class Pipeline:
         samples freely; a class-conditional one draws each image's class uniformly from the seed.
         The same seed gives the same images whatever `batch_size` is; seed=None draws one.
         guidance_scale, strategy ("sample" or "greedy"), method and precision: see `Prior.sample`.
-        num_beams: decode each level's most likely grid by beam search (`Prior.beam_search`) instead of
-        sampling (given the labels; for a chain, level by level).
+        num_beams: decode the most likely grid of each level that beam search finds (`Prior.beam_search`)
+        instead of sampling (given the labels; for a chain, level by level).
         Returns `.images` as `output_type` ("pil": PIL images, "pt": (N, C, H, W) float in [0, 1],
         "np": (N, H, W, C) uint8) and `.codes` (N, h, w[, D]), or a dict per level for a chain.
         """
