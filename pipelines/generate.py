@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
                              "--label-dropout)")
     parser.add_argument("--method", default=None, choices=["cached", "naive", "compiled", "graph"],
                         help="cached (default where the arch has it), naive (one full forward per code), compiled "
-                             "(the cached step through torch.compile) or graph (that step in CUDA graphs; needs a GPU)")
+                             "(the cached step through torch.compile; compiling takes seconds at the start) or graph "
+                             "(that step in CUDA graphs; needs a GPU)")
     parser.add_argument("--num-beams", type=int, default=None,
                         help="decode the most likely grid beam search finds with this many beams instead of sampling "
                              "(scored by total log-probability; no --temperature, --top-k or --top-p)")
