@@ -136,7 +136,7 @@ def test_sampling_leaves_every_global_setting_as_it_found_it():
         before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
                   torch.get_float32_matmul_precision(), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         state = torch.get_rng_state()
-        for method in ("cached", "naive"):
+        for method in ("cached", "naive", "compiled"):
             prior.sample(2, seed=0, method=method)
         prior.beam_search(1, num_beams=2)
         after = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
