@@ -179,11 +179,10 @@ class Pipeline:
                       guidance_scale: float = 0.0, strategy: str = "sample", method: str | None = None,
                       precision: str = "float64", num_beams: int | None = None) -> None:
         """Raise the one-line error `generate` would give for these options, before anything runs."""
-        from stage2_prior.sampling import SamplingOptions, check_method
+        from stage2_prior.sampling import SamplingOptions, check_method, check_num_beams
 
         if num_beams is not None:
-            if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-                raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+            check_num_beams(num_beams)
             if temperature != 1 or top_k is not None or top_p is not None or strategy != "sample":
                 raise UserError("beam search looks for the grid of the highest total log-probability under the prior: "
                                 "drop temperature, top_k, top_p and strategy, or sample without num_beams")

@@ -70,11 +70,6 @@ class CachedState:
             return position
         return self.position_tensor.fill_(position)
 
-    def written_in_place(self) -> list[torch.Tensor]:
-        """Tensors the chain writes into (attention caches): `reorder` changes them in place, so that
-        they keep their addresses under CUDA graphs."""
-        return []
-
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` of the batch (beam search)."""
         raise NotImplementedError
@@ -518,12 +513,13 @@ class Prior(PretrainedModel):
         For CUDA graphs, the tensors the chain reads (`graph_inputs`) are copied into tensors kept on
         the model and marked static: the same addresses for every state of these shapes, so a graph
         recorded for one sample replays for the next (new addresses would make torch record it again,
-        and stop graphing after 128 such re-records) and no weight or cache is copied per replay."""
+        and stop graphing after 128 such re-records) and no weight or cache is copied per replay. So
+        one such state per model and shapes is in use at a time (`run` measures its tolerance first)."""
         state.chain = compiled_chain(state.chain, method)
         state.fixed_shapes = True
         if method != "graph":
             return
-        pool = self.__dict__.setdefault("_graph_inputs", {})  # (name, index, shape, dtype) -> tensor
+        pool = self.__dict__.setdefault("_graph_inputs", {})  # (name, index, shape, dtype, device) -> tensor
 
         def fixed(name: str, index: int, tensor: torch.Tensor | None) -> torch.Tensor | None:
             if tensor is None:

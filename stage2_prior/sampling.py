@@ -391,11 +391,12 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
     if guidance:  # the conditional and unconditional branches share one cached state of 2B rows
         net_labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
         net_condition = None if condition is None else torch.cat([condition, condition])
-    steps = make_steps(model, method, net_labels, net_condition, batch * (2 if guidance else 1))
-    exact = Exact(model)
     tolerance = None  # bfloat16: no guard
     if next(model.parameters()).dtype in GUARDED_DTYPES:
+        # before this run's state exists: the probe's state may share its fixed tensors (method "graph")
         tolerance = logit_tolerance(model, method) * (1 + 2 * options.guidance_scale)
+    steps = make_steps(model, method, net_labels, net_condition, batch * (2 if guidance else 1))
+    exact = Exact(model)
     codes = known.clone()
     net_codes = torch.cat([codes, codes]) if guidance else codes
     uniforms = uniforms.to(known.device)
@@ -423,13 +424,17 @@ def run(model, method: str, labels, condition, uniforms: torch.Tensor, known: to
     return codes
 
 
+def check_num_beams(num_beams) -> None:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+
+
 def beam_search(model, num_samples: int, labels, condition, num_beams: int, guidance_scale: float,
                 method: str | None, precision: str = "float64"):
     """See `Prior.beam_search`."""
     from stage2_prior.prior import BeamSearchOutput
 
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    check_num_beams(num_beams)
     if num_samples < 1:
         raise UserError(f"the number of samples must be at least 1, got {num_samples}")
     method = check_method(model, method)

@@ -279,9 +279,6 @@ class GatedState(CachedState):
         self.horizontal[column + self.half + 1, 1:] = outputs  # what later positions' windows read
         return skips
 
-    def written_in_place(self) -> list[torch.Tensor]:
-        return self.attention_keys + self.attention_values
-
     def reorder(self, index: torch.Tensor) -> None:
         self.vertical_inputs = [tensor[index] for tensor in self.vertical_inputs]
         self.row_base = self.row_base[:, :, index]
@@ -289,5 +286,5 @@ class GatedState(CachedState):
         self.base = None if self.base is None else self.base[:, index]
         self.class_terms = [None if term is None else term[index] for term in self.class_terms]
         self.condition_terms = [None if term is None else term[index] for term in self.condition_terms]
-        for tensor in self.written_in_place():
+        for tensor in self.attention_keys + self.attention_values:
             tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses

@@ -216,11 +216,8 @@ class KVCache(CachedState):
         if condition is not None:
             self.condition = rearrange(model.condition_network(condition), "b c h w -> b (h w) c")
 
-    def written_in_place(self) -> list[torch.Tensor]:
-        return self.keys + self.values
-
     def reorder(self, index: torch.Tensor) -> None:
-        for tensor in self.written_in_place():
+        for tensor in self.keys + self.values:
             tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses
         self.prefix = self.prefix[index]
         self.condition = None if self.condition is None else self.condition[index]
