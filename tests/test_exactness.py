@@ -198,7 +198,9 @@ def test_compiled_step_draws_the_same_codes(config):
     a GPU; on a CPU `run` still takes its path (mode reduce-overhead, its inputs moved into tensors
     kept on the model and marked static), though without graphs."""
     prior = trained_scale_prior(6, **config)
-    assert torch.equal(prior.sample(8, seed=4, method="compiled"), prior.sample(8, seed=4))
+    cached = prior.sample(8, seed=4)
+    assert torch.equal(prior.sample(8, seed=4, method="compiled"), cached)
+    assert torch.equal(prior.sample(8, seed=4, method="compiled", precision="float32"), cached)
     assert torch.equal(prior.beam_search(2, num_beams=3, method="compiled").codes,
                        prior.beam_search(2, num_beams=3).codes)
     known = prior.stacked(torch.zeros(2, 6, 6, dtype=torch.long))
