@@ -21,17 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_module, steps_for_cpu_seconds  # noqa: E402
 
-ARCHS = {
-    "gated": ["--arch", "gated", "--num-layers", "15"],
-    "pixelsnail": ["--arch", "pixelsnail", "--num-layers", "12", "--attention-every", "4"],
-    "transformer": ["--arch", "transformer", "--num-layers", "6", "--num-heads", "4"],
-    "row_lstm": ["--arch", "row_lstm", "--num-layers", "4"],
-    "diagonal_bilstm": ["--arch", "diagonal_bilstm", "--num-layers", "4"],
-}
+from stage2_prior import ARCHS, Prior  # noqa: E402
+from stage2_prior.registry import recipe_flags  # noqa: E402
+
 
 
 def train_command(arch: str, args: argparse.Namespace, extra: list[str]) -> list[str]:
-    command = ["--codes", args.codes, "--sample-every", str(10 ** 9), *ARCHS[arch], *args.train_flags, *extra]
+    command = ["--codes", args.codes, "--sample-every", str(10 ** 9), *recipe_flags(arch), *args.train_flags, *extra]
     return command + (["--validation-codes", args.validation_codes] if args.validation_codes else [])
 
 
@@ -61,7 +57,7 @@ def sampling_seconds(prior, method: str, batch: int = 16) -> tuple[float, bool]:
             forward = time.perf_counter() - started
         prior.float()
         return forward * prior.config.num_positions, True  # estimated: one full forward per code
-    prior.sample(1, labels=labels, seed=0)  # warm-up: the float64 copy and the tolerance probe
+    prior.sample(1, labels=labels, seed=0)  # warm-up
     started = time.perf_counter()
     prior.sample(batch, labels=labels, seed=0)
     return time.perf_counter() - started, False
@@ -78,8 +74,6 @@ def main() -> None:
     parser.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
                         help="flags passed to every training run (e.g. --batch-size 32)")
     args = parser.parse_args()
-    from stage2_prior import Prior
-
     output = Path(args.output_dir)
     rows = []
     for arch in args.archs:
@@ -90,7 +84,7 @@ def main() -> None:
             str(max(1, steps // 8)), "--save-every", str(steps), "--no-progress"]))
         prior = Prior.from_pretrained(output / arch)
         parameters = sum(parameter.numel() for parameter in prior.parameters())
-        cached, _ = sampling_seconds(prior, "cached")
+        cached = sampling_seconds(prior, "cached")[0] if "cached" in prior.sampling_methods else None
         naive, _ = sampling_seconds(prior, "naive")
         rows.append((arch, parameters, steps, cpu, metrics["bits_per_code"], metrics["best_step"],
                      metrics.get("last_bits_per_code"), receptive_field(prior), prior.config.num_positions - 1,
@@ -101,7 +95,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for arch, parameters, steps, cpu, bits, best_step, last, field, total, cached, naive in rows:
         print(f"| {arch} | {parameters / 1e6:.2f}M | {steps} | {cpu:.0f} | {bits:.3f} ({best_step}) | "
-              f"{last:.3f} | {field}/{total} | {cached:.2f} | {naive:.0f} |")
+              f"{last:.3f} | {field}/{total} | {'-' if cached is None else f'{cached:.2f}'} | {naive:.0f} |")
 
 
 if __name__ == "__main__":

@@ -17,16 +17,8 @@ import time
 
 import torch
 
-from stage2_prior import Prior, PriorConfig
-
-# The width of every arch is the default prior's (64 channels); depth as each arch's default recipe.
-ARCHS = {
-    "gated": dict(arch="gated", num_layers=15),
-    "pixelsnail": dict(arch="pixelsnail", num_layers=12, attention_every=4),
-    "transformer": dict(arch="transformer", num_layers=6, num_heads=4),
-    "row_lstm": dict(arch="row_lstm", num_layers=4),
-    "diagonal_bilstm": dict(arch="diagonal_bilstm", num_layers=4),
-}
+from stage2_prior import ARCHS, Prior, PriorConfig
+from stage2_prior.decoding import PRECISIONS
 
 
 def synchronize(device: torch.device) -> None:
@@ -50,10 +42,11 @@ def time_call(function, device: torch.device, repeats: int = 1) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--archs", nargs="+", default=["gated"], choices=list(ARCHS))
+    parser.add_argument("--archs", nargs="+", default=["gated"], choices=list(ARCHS),
+                        help="registered archs, each at the default width (64) with its recipe's depth")
     parser.add_argument("--grids", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--precisions", nargs="+", default=["float64"], choices=["float64", "float32", "bfloat16"])
+    parser.add_argument("--precisions", nargs="+", default=["float64"], choices=list(PRECISIONS))
     parser.add_argument("--max-naive-seconds", type=float, default=20.0, help="estimate naive above this")
     parser.add_argument("--methods", nargs="+", default=["cached"], choices=["cached", "compiled", "graph"])
     parser.add_argument("--repeats", type=int, default=3, help="each method's time is the fastest of this many runs")
@@ -67,8 +60,8 @@ def main() -> None:
     for name in args.archs:
         for side in args.grids:
             torch.manual_seed(0)
-            prior = Prior.from_config(PriorConfig(vocab_size=512, latent_shape=(side, side), hidden_channels=64,
-                                                  **ARCHS[name])).to(device).eval()
+            prior = Prior.from_config(PriorConfig(arch=name, vocab_size=512, latent_shape=(side, side),
+                                                  hidden_channels=64, **ARCHS[name].recipe)).to(device).eval()
             for precision in args.precisions:
                 dtype = getattr(torch, precision)
                 for batch in args.batches:

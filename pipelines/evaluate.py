@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="samples and reference images per batch")
     parser.add_argument("--strict-images", action="store_true",
-                        help="stop at an unreadable reference image instead of skipping it (skipped ones are counted)")
+                        help="stop at an unreadable reference image; without it such an image is replaced by the next "
+                             "readable row (which then counts twice) and the replacements are counted")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
 

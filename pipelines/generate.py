@@ -26,6 +26,7 @@ from shared.config import parse_args
 from shared.data import save_image_grid, shard_range
 from shared.errors import UserError, run_cli
 from shared.runtime import make_accelerator
+from stage2_prior.decoding import METHODS, PRECISIONS
 
 GRID_IMAGES = 64
 
@@ -44,14 +45,14 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, default=0.0,
                         help="classifier-free guidance s: logits cond + s * (cond - uncond) (priors trained with "
                              "--label-dropout)")
-    parser.add_argument("--method", default=None, choices=["cached", "naive", "compiled", "graph"],
+    parser.add_argument("--method", default=None, choices=list(METHODS),
                         help="cached (default where the arch has it), naive (one full forward per code), compiled "
                              "(the cached step through torch.compile; compiling takes seconds at the start) or graph "
                              "(that step in CUDA graphs; needs a GPU)")
     parser.add_argument("--num-beams", type=int, default=None,
                         help="decode the most likely grid beam search finds with this many beams instead of sampling "
                              "(scored by total log-probability; no --temperature, --top-k or --top-p)")
-    parser.add_argument("--precision", default="float64", choices=["float64", "float32", "bfloat16"],
+    parser.add_argument("--precision", default="float64", choices=list(PRECISIONS),
                         help="the dtype the prior runs in while sampling (float64 and float32 draw the same codes; "
                              "bfloat16 is not exact)")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,9 +77,9 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     pipeline = Pipeline.from_pretrained(args.pipeline, device=accelerator.device)
     labels = args.labels[0] if args.labels and len(args.labels) == 1 else args.labels
     all_labels = pipeline.resolve_labels(args.num_images, labels, args.seed)  # checks labels on every process
-    pipeline.check_options(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           guidance_scale=args.guidance_scale, method=args.method, precision=args.precision,
-                           num_beams=args.num_beams)  # before the output folder is touched
+    samplers = pipeline.samplers(  # the options made and checked once, before the output folder is touched
+        None, args.num_beams, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        guidance_scale=args.guidance_scale, method=args.method, precision=args.precision)
     mine = shard_range(args.num_images, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -90,11 +91,9 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     parts = []
     if len(mine):
         batches = pipeline.iter_generate(len(mine), labels=None if all_labels is None else all_labels[mine.start:mine.stop],
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                          seed=args.seed, batch_size=args.batch_size, first_index=mine.start,
                                          progress=args.progress and accelerator.is_main_process,
-                                         guidance_scale=args.guidance_scale, method=args.method,
-                                         precision=args.precision, num_beams=args.num_beams)
+                                         samplers=samplers, num_beams=args.num_beams)
         index = mine.start
         for images, codes in batches:
             for image in convert_images(images, "pil"):

@@ -18,14 +18,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from accelerate import PartialState
 
+from pipelines.parts import (check_chain, check_provenance_of, concatenate, convert_images, to_cpu,
+                             to_device)
+from shared.codes import SINGLE_LEVEL
 from shared.config import read_json, write_json_atomic
 from shared.errors import UserError
 from shared.pretrained import staged_folder
-from stage1_vqvae.pixels import load_tokenizer
-from stage2_prior.prior import Prior
-from stage2_prior.sampling import SEED_STRIDE
+from stage1_vqvae.tokenizer import load_tokenizer
+from stage2_prior import Prior, Sampler, SamplingOptions
+from stage2_prior.prior import sampling_options
+from stage2_prior.conditioning import Context, check_labels
+from stage2_prior.decoding import SEED_STRIDE, check_num_beams, check_num_samples, draw
 
 PIPELINE_NAME = "pipeline.json"
 PIPELINE_FORMAT_VERSION = 1  # one prior
@@ -106,7 +111,7 @@ class Pipeline:
                             "re-save it with Pipeline.save_pretrained")
         priors = [Prior.from_pretrained(directory / name) for name in names]
         pipeline = cls(load_tokenizer(directory / values["tokenizer"]), priors, check_provenance)
-        return pipeline.to(device if device is not None else default_device())
+        return pipeline.to(device if device is not None else PartialState().device)
 
     def to(self, device: str | torch.device) -> "Pipeline":
         self.tokenizer.to(device)
@@ -128,7 +133,8 @@ class Pipeline:
 
     def resolve_labels(self, num_images: int, labels: int | list[int] | torch.Tensor | None,
                        seed: int) -> torch.Tensor | None:
-        """Labels (num_images,) for a conditional chain; None for an unconditional one."""
+        """Labels (num_images,) for a conditional chain, checked against every prior; None for an
+        unconditional one."""
         num_classes = self.num_classes
         if labels is None:
             if num_classes is None:
@@ -137,106 +143,95 @@ class Pipeline:
             return torch.randint(0, num_classes, (num_images,), generator=torch.Generator().manual_seed(seed))
         if num_classes is None:
             raise UserError("this pipeline's priors are unconditional: pass labels=None")
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        if labels.ndim == 0:
-            labels = labels.expand(num_images)
-        if labels.shape != (num_images,):
-            raise UserError(f"labels must be an int or {num_images} ints, got {tuple(labels.shape)}")
         for member in self.priors:
             if member.config.num_classes:
-                member.check_labels(labels, num_images)
+                labels = check_labels(member.config, labels, num_images, torch.device("cpu"))
         return labels
 
-    def _sample_chain(self, count: int, labels: torch.Tensor | None, seed: int, first_index: int,
-                      options: dict[str, Any], known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                      num_beams: int | None = None) -> dict[str, torch.Tensor]:
-        """Codes of every level for `count` images, each level's prior conditioned on the earlier ones.
-        Level k draws its uniforms from seed + k * SEED_STRIDE, so levels do not share them. With
-        `num_beams`, each level is the most likely grid beam search finds instead of a draw."""
-        codes: dict[str, torch.Tensor] = {}
-        for index, member in enumerate(self.priors):
-            config = member.config
-            member_labels = None if config.num_classes is None or labels is None else labels.to(member.device)
-            condition = codes[config.condition_level] if config.condition_level else None
-            level_seed = (seed + index * SEED_STRIDE) % 2 ** 62
-            common = dict(labels=member_labels, condition=condition, seed=level_seed, sample_offset=first_index,
-                          **options)
-            if known is not None:
-                known_codes, known_mask = known[config.level or "codes"]
-                codes[config.level or "codes"] = member.complete(known_codes, known_mask, **common)
-            elif num_beams is not None:  # the best grid of this level (given the levels before) beam search finds
-                codes[config.level or "codes"] = member.beam_search(
-                    count, member_labels, num_beams, condition=condition, guidance_scale=options["guidance_scale"],
-                    method=options["method"], precision=options["precision"]).codes
-            else:
-                codes[config.level or "codes"] = member.sample(count, **common)
-        return codes
-
-    def _public(self, codes: dict[str, torch.Tensor]) -> Any:
-        return codes if self.is_chain else next(iter(codes.values()))
-
-    def check_options(self, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                      guidance_scale: float = 0.0, strategy: str = "sample", method: str | None = None,
-                      precision: str = "float64", num_beams: int | None = None) -> None:
-        """Raise the one-line error `generate` would give for these options, before anything runs."""
-        from stage2_prior.sampling import SamplingOptions, check_method, check_num_beams
-
+    def samplers(self, options: SamplingOptions | None = None, num_beams: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 guidance_scale: float = 0.0, strategy: str = "sample", method: str | None = None,
+                 precision: str = "float64") -> list[Sampler]:
+        """One Sampler per prior for a call: the SamplingOptions (`options`, or the keywords) made once and
+        checked against every prior, so that a bad option is the one-line error `generate` gives before
+        anything runs. The samplers hold copies of the weights as they are now."""
         if num_beams is not None:
             check_num_beams(num_beams)
             if temperature != 1 or top_k is not None or top_p is not None or strategy != "sample":
                 raise UserError("beam search looks for the grid of the highest total log-probability under the prior: "
                                 "drop temperature, top_k, top_p and strategy, or sample without num_beams")
-        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy, precision)
-        for member in self.priors:
-            options.check_for(member)
-            check_method(member, method)
+        options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision)
+        return [Sampler(member, options, guarded=num_beams is None) for member in self.priors]
 
-    def iter_generate(self, num_images: int, *, labels=None, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
-                      first_index: int = 0, progress: bool = True, guidance_scale: float = 0.0,
-                      strategy: str = "sample", method: str | None = None, precision: str = "float64",
-                      num_beams: int | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
+    def _sample_chain(self, samplers: list[Sampler], count: int, labels: torch.Tensor | None, seed: int,
+                      first_index: int, known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      num_beams: int | None = None) -> dict[str, torch.Tensor]:
+        """Codes of every level for `count` images, each level's prior conditioned on the earlier ones.
+        Level k draws its uniforms from seed + k * SEED_STRIDE, so levels do not share them. With
+        `num_beams`, each level is the most likely grid beam search finds instead of a draw."""
+        codes: dict[str, torch.Tensor] = {}
+        for index, (member, sampler) in enumerate(zip(self.priors, samplers)):
+            config = member.config
+            member_labels = None if config.num_classes is None or labels is None else labels.to(member.device)
+            code_map = codes[config.condition_level] if config.condition_level else None
+            context = Context(member_labels, code_map)
+            level = config.level or SINGLE_LEVEL
+            if num_beams is not None:  # the best grid of this level (given the levels before) beam search finds
+                codes[level] = member.beam_search_with(sampler, count, context, num_beams).codes
+                continue
+            level_seed = (seed + index * SEED_STRIDE) % 2 ** 62
+            known_codes, known_mask = known[level] if known is not None else (None, None)
+            stacked, _ = draw(sampler, count, context, level_seed, first_index,
+                              None if known_codes is None else member.stacked(known_codes),
+                              None if known_mask is None else member.stacked(known_mask))
+            codes[level] = member.public(stacked)
+        return codes
+
+    def _public(self, codes: dict[str, torch.Tensor]) -> Any:
+        return codes if self.is_chain else next(iter(codes.values()))
+
+    def iter_generate(self, num_images: int, *, labels=None, seed: int | None = None, batch_size: int | None = None,
+                      first_index: int = 0, progress: bool = True, samplers: list[Sampler] | None = None,
+                      num_beams: int | None = None, **keywords: Any) -> Iterator[tuple[torch.Tensor, Any]]:
         """Yield (images (b, C, H, W) in [0, 1] on the CPU, codes) batch by batch.
 
         Image k is a function of (seed, first_index + k) alone. `labels` covers the num_images
-        images of this call.
+        images of this call. `samplers` (from `samplers()`), or the keywords of `generate`.
         """
         from tqdm.auto import tqdm
 
-        if num_images < 1:
-            raise UserError(f"num_images must be at least 1, got {num_images}")
+        check_num_samples(num_images, "num_images")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
-        self.check_options(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                           strategy=strategy, method=method, precision=precision, num_beams=num_beams)
+        samplers = samplers or self.samplers(num_beams=num_beams, **keywords)
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
         all_labels = self.resolve_labels(num_images, labels, seed)
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                       strategy=strategy, method=method, precision=precision)
         batch_size = batch_size or min(num_images, 64)
         with tqdm(total=num_images, desc="generating", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, num_images, batch_size):
                 count = min(batch_size, num_images - start)
                 batch_labels = None if all_labels is None else all_labels[start:start + count]
                 with torch.inference_mode():
-                    codes = self._sample_chain(count, batch_labels, seed, first_index + start, options,
+                    codes = self._sample_chain(samplers, count, batch_labels, seed, first_index + start,
                                                num_beams=num_beams)
                     images = self.decode_in_fixed_chunks(self._public(codes))
                 bar.update(count)
-                yield images.float().add(1).div(2).clamp(0, 1).cpu(), _to_cpu(self._public(codes))
+                yield images.float().add(1).div(2).clamp(0, 1).cpu(), to_cpu(self._public(codes))
 
     def generate(self, num_images: int, *, labels=None, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
                  output_type: str = "pil", progress: bool = True, guidance_scale: float = 0.0,
                  strategy: str = "sample", method: str | None = None, precision: str = "float64",
-                 num_beams: int | None = None) -> GenerationOutput:
+                 num_beams: int | None = None, options: SamplingOptions | None = None) -> GenerationOutput:
         """Sample `num_images` code grids from the prior chain and decode them.
 
         labels: an int (every image), a list of num_images ints, or None: an unconditional prior
         samples freely; a class-conditional one draws each image's class uniformly from the seed.
         The same seed gives the same images whatever `batch_size` is; seed=None draws one.
-        guidance_scale, strategy ("sample" or "greedy"), method and precision: see `Prior.sample`.
+        guidance_scale, strategy ("sample" or "greedy"), method and precision: see `Prior.sample`
+        (or pass them as one SamplingOptions, `options`).
         num_beams: decode the most likely grid of each level that beam search finds (`Prior.beam_search`)
         instead of sampling (given the labels; for a chain, level by level).
         Returns `.images` as `output_type` ("pil": PIL images, "pt": (N, C, H, W) float in [0, 1],
@@ -244,15 +239,15 @@ class Pipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        batches = list(self.iter_generate(num_images, labels=labels, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
-                                          guidance_scale=guidance_scale, strategy=strategy, method=method,
-                                          precision=precision, num_beams=num_beams))
+        samplers = self.samplers(options, num_beams, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision)
+        batches = list(self.iter_generate(num_images, labels=labels, seed=seed, batch_size=batch_size,
+                                          progress=progress, samplers=samplers, num_beams=num_beams))
+        for sampler in samplers:
+            sampler.release()
         images = torch.cat([images for images, _ in batches])
-        return GenerationOutput(convert_images(images, output_type), _concatenate([codes for _, codes in batches]))
+        return GenerationOutput(convert_images(images, output_type), concatenate([codes for _, codes in batches]))
 
-    # ------------------------------------------------------------------------------------------
-    # Encoding, decoding, completion
     # ------------------------------------------------------------------------------------------
 
     def check_images(self, images: torch.Tensor) -> None:
@@ -271,7 +266,7 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, codes: Any) -> torch.Tensor:
         """Codes as `encode` returns them -> images (B, C, H, W) in [-1, 1]."""
-        return self.tokenizer.decode(_to(codes, self.device))
+        return self.tokenizer.decode(to_device(codes, self.device))
 
     @torch.inference_mode()
     def decode_in_fixed_chunks(self, codes: Any) -> torch.Tensor:
@@ -286,7 +281,7 @@ class Pipeline:
                 return torch.cat([chunk, chunk[:1].expand(padding, *chunk.shape[1:])]) if padding else chunk
 
             chunk = {name: chunk_of(grid) for name, grid in codes.items()} if isinstance(codes, dict) else chunk_of(codes)
-            parts.append(self.tokenizer.decode(_to(chunk, self.device))[:DECODE_CHUNK - padding])
+            parts.append(self.tokenizer.decode(to_device(chunk, self.device))[:DECODE_CHUNK - padding])
         return torch.cat(parts)
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -295,8 +290,8 @@ class Pipeline:
 
     def complete(self, images: torch.Tensor, known_mask: torch.Tensor, *, labels=None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 guidance_scale: float = 0.0, method: str | None = None, precision: str = "float64"
-                 ) -> GenerationOutput:
+                 guidance_scale: float = 0.0, method: str | None = None, precision: str = "float64",
+                 options: SamplingOptions | None = None) -> GenerationOutput:
         """Fill in the unknown part of images (B, C, H, W) in [-1, 1].
 
         known_mask (B, H, W) bool marks known pixels. A code keeps its value only when every pixel
@@ -304,12 +299,13 @@ class Pipeline:
         level by level, then everything is decoded. labels as in generate() (drawn from the seed for
         a conditional prior when None). Returns images in [0, 1] (B, C, H, W) and the codes.
         """
-        self.check_images(images)
+        codes = self.encode(images)  # checks the images
         if known_mask.shape != (images.shape[0], *images.shape[2:]):
             raise UserError(f"known_mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, "
                             f"got {tuple(known_mask.shape)}")
-        codes = self.encode(images)
-        levels = codes if isinstance(codes, dict) else {"codes": codes}
+        samplers = self.samplers(options, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 guidance_scale=guidance_scale, method=method, precision=precision)
+        levels = codes if isinstance(codes, dict) else {SINGLE_LEVEL: codes}
         unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
         known = {}
         for name, grid in levels.items():
@@ -320,78 +316,7 @@ class Pipeline:
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
         labels = self.resolve_labels(images.shape[0], labels, seed)
-        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                       method=method, precision=precision)
         with torch.inference_mode():
-            completed = self._sample_chain(images.shape[0], labels, seed, 0, options, known=known)
+            completed = self._sample_chain(samplers, images.shape[0], labels, seed, 0, known=known)
             decoded = self.tokenizer.decode(self._public(completed))
-        return GenerationOutput(decoded.float().add(1).div(2).clamp(0, 1).cpu(), _to_cpu(self._public(completed)))
-
-
-def check_chain(tokenizer, priors: list[Prior]) -> None:
-    """The priors generate the tokenizer's levels in order, each conditioned on what came before it."""
-    names = list(getattr(tokenizer, "level_names", ("codes",)))
-    shapes = tokenizer.level_shapes
-    if len(priors) != len(names):
-        raise UserError(f"the tokenizer has {len(names)} level(s) ({', '.join(names)}) but the pipeline has "
-                        f"{len(priors)} prior(s); pass one prior per level, in order")
-    for index, (name, member) in enumerate(zip(names, priors)):
-        config = member.config
-        level = config.level or "codes"
-        if len(names) > 1 and level != name:
-            raise UserError(f"prior {index + 1} of the chain models level {level!r}, the tokenizer's level {index + 1} "
-                            f"is {name!r}: the chain is out of order; list the priors as {', '.join(names)}")
-        shape = tuple(shapes[name])
-        expected = tuple(config.latent_shape) if config.depth == 1 else (*config.latent_shape, config.depth)
-        if config.vocab_size != tokenizer.codebook_size:
-            raise UserError(f"the prior's vocab_size {config.vocab_size} differs from the tokenizer's "
-                            f"codebook_size {tokenizer.codebook_size}; train the prior on this tokenizer's codes")
-        if expected != shape:
-            raise UserError(f"the prior's latent_shape {expected} differs from the tokenizer's {shape} "
-                            f"(level {name}); train the prior on this tokenizer's codes")
-        if config.condition_level is not None and config.condition_level not in names[:index]:
-            raise UserError(f"prior {level!r} is conditioned on level {config.condition_level!r}, which no earlier "
-                            "prior of the chain generates; put that level's prior first")
-
-
-def check_provenance_of(tokenizer, priors: list[Prior]) -> None:
-    """Refuse a prior trained on another tokenizer's codes (same codebook size, other meaning)."""
-    recorded = [member.config.tokenizer_sha256 for member in priors if member.config.tokenizer_sha256]
-    if not recorded:
-        return  # priors saved before provenance was recorded: nothing to check
-    actual = tokenizer.weights_sha256()
-    for digest in recorded:
-        if digest != actual:
-            raise UserError(f"the prior was trained on codes of another tokenizer (sha256 {digest[:12]}...), not this "
-                            f"one ({actual[:12]}...): its codes would decode to garbage; pass the tokenizer that made "
-                            "its codes (or check_provenance=False if you know better)")
-
-
-def _to(codes: Any, device: torch.device) -> Any:
-    return {name: grid.to(device) for name, grid in codes.items()} if isinstance(codes, dict) else codes.to(device)
-
-
-def _to_cpu(codes: Any) -> Any:
-    return _to(codes, torch.device("cpu"))
-
-
-def _concatenate(parts: list[Any]) -> Any:
-    if isinstance(parts[0], dict):
-        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-    return torch.cat(parts)
-
-
-def default_device() -> torch.device:
-    from accelerate import PartialState
-
-    return PartialState().device
-
-
-def convert_images(images: torch.Tensor, output_type: str) -> Any:
-    """Images (N, C, H, W) float in [0, 1] -> the requested output type."""
-    if output_type == "pt":
-        return images
-    pixels = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
-    if output_type == "np":
-        return pixels
-    return [Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image) for image in pixels]
+        return GenerationOutput(decoded.float().add(1).div(2).clamp(0, 1).cpu(), to_cpu(self._public(completed)))

@@ -25,7 +25,7 @@ from shared.config import parse_args
 from shared.data import DataConfig, load_split, save_image_grid
 from shared.errors import UserError, run_cli
 from stage1_vqvae.export import export
-from stage1_vqvae.pixels import load_tokenizer
+from stage1_vqvae.tokenizer import load_tokenizer
 from stage1_vqvae.train import train as train_tokenizer
 from stage2_prior.prior import Prior
 from stage2_prior.train import train as train_prior

@@ -31,11 +31,17 @@ from shared.pretrained import WEIGHTS_NAME, file_sha256
 CODES_META_NAME = "codes.json"
 CODES_FORMAT_VERSION = 2
 SINGLE_LEVEL = "codes"
+FORMAT1_TOKENIZER_CLASS = "VQVAE"
 
 
 def codes_dtype(vocab_size: int) -> str:
     """int16 when every code fits, else int32."""
     return "int16" if vocab_size <= 32767 else "int32"
+
+
+def level_column(name: str) -> str:
+    """The column of a level in a codes export: "codes" for the single level, "codes_<name>" for the others."""
+    return SINGLE_LEVEL if name == SINGLE_LEVEL else f"{SINGLE_LEVEL}_{name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +65,13 @@ class LevelInfo:
 class CodesMetadata:
     """The contents of codes.json."""
 
-    format_version: int
+    format_version: int  # 1: the first release's (one level of one code per position); 2: levels described
     format: str  # "arrow" or "npy"
     levels: tuple[LevelInfo, ...]  # in generation order (top before bottom)
     num_rows: int
     has_labels: bool
     label_names: list[str] | None
-    tokenizer_class: str  # "VQVAE" or "PixelTokenizer"
+    tokenizer_class: str  # the class name of the tokenizer (stage1_vqvae.tokenizer.Tokenizer.registry)
     tokenizer_config: dict[str, Any]
     tokenizer_sha256: str
     tokenizer_path: str  # where the tokenizer was at export time; trust it only if the hash still matches
@@ -105,16 +111,15 @@ class CodesMetadata:
         return self.level().dtype
 
     @property
-    def is_first_format(self) -> bool:
-        """A single level of one code per position from a VQVAE: written as format 1, as it always was."""
-        return (len(self.levels) == 1 and self.levels[0].depth == 1 and self.levels[0].name == SINGLE_LEVEL
-                and self.tokenizer_class == "VQVAE")
+    def fits_first_format(self) -> bool:
+        """A single level of one code per position: what format 1 can describe."""
+        return len(self.levels) == 1 and self.levels[0].depth == 1 and self.levels[0].name == SINGLE_LEVEL
 
     def to_json(self) -> dict[str, Any]:
         common = {"num_rows": self.num_rows, "has_labels": self.has_labels, "label_names": self.label_names,
                   "tokenizer_config": self.tokenizer_config, "tokenizer_sha256": self.tokenizer_sha256,
                   "tokenizer_path": self.tokenizer_path, "source": self.source}
-        if self.is_first_format:
+        if self.format_version == 1:
             level = self.levels[0]
             return {"format_version": 1, "format": self.format, "vocab_size": level.vocab_size,
                     "latent_shape": list(level.latent_shape), "dtype": level.dtype, **common}
@@ -142,9 +147,10 @@ class CodesMetadata:
         common = {key: values[key] for key in ("format", "num_rows", "has_labels", "label_names", "tokenizer_config",
                                                "tokenizer_sha256", "tokenizer_path", "source")}
         if version == 1:
-            level = LevelInfo(SINGLE_LEVEL, "codes", values["vocab_size"], tuple(values["latent_shape"]), 1,
+            level = LevelInfo(SINGLE_LEVEL, SINGLE_LEVEL, values["vocab_size"], tuple(values["latent_shape"]), 1,
                               values["dtype"])
-            return cls(format_version=1, levels=(level,), tokenizer_class="VQVAE", **common)
+            # format 1 was written for the VQ-VAE tokenizer alone, and so does not name its class
+            return cls(format_version=1, levels=(level,), tokenizer_class=FORMAT1_TOKENIZER_CLASS, **common)
         try:
             levels = tuple(LevelInfo(**{**level, "latent_shape": tuple(level["latent_shape"])})
                            for level in values["levels"])
@@ -273,20 +279,6 @@ def open_codes(path: str | Path, tokenizer_dir: str | Path | None = None) -> tup
     if tokenizer_dir is not None:
         check_tokenizer_matches(metadata, tokenizer_dir, path)
     return CodesDataset(grids, labels, metadata), metadata
-
-
-def find_tokenizer(metadata: CodesMetadata) -> Any:
-    """The tokenizer that made the codes, if it can be had: a pixel tokenizer is rebuilt from its
-    config; a folder is loaded if it is still where it was, with the same weights. Else None."""
-    from stage1_vqvae.pixels import PixelTokenizer, PixelTokenizerConfig
-    from stage1_vqvae.model import VQVAE
-
-    if metadata.tokenizer_class == "PixelTokenizer":
-        return PixelTokenizer(PixelTokenizerConfig(**metadata.tokenizer_config))
-    weights = Path(metadata.tokenizer_path) / WEIGHTS_NAME
-    if weights.is_file() and file_sha256(weights) == metadata.tokenizer_sha256:
-        return VQVAE.from_pretrained(metadata.tokenizer_path)
-    return None
 
 
 def check_tokenizer_matches(metadata: CodesMetadata, tokenizer_dir: str | Path, codes_path: Path) -> None:

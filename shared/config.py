@@ -11,6 +11,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def _to_json_value(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_to_json_value(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)  # a nested options dataclass
     return value
 
 
@@ -41,6 +44,8 @@ def config_from_dict(config_class: type[ConfigT], values: dict[str, Any], source
         )
     hints = typing.get_type_hints(config_class)
     converted = {name: _coerce(hints[name], value, f"{source}: key {name!r}") for name, value in values.items()}
+    for name, value in converted.items():
+        _check_choice(fields[name], value, f"{source}: key {name!r}")
     try:
         return config_class(**converted)
     except TypeError as error:  # a required key is missing
@@ -119,37 +124,55 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 # Command-line flags from dataclass fields: one definition gives the flag, its type, default and help.
 # ---------------------------------------------------------------------------------------------
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with help text for its command-line flag."""
+def option(default: Any, help: str, choices: Callable[[], Sequence[str]] | None = None, flag: bool = True) -> Any:
+    """A dataclass field with help text for its command-line flag. `choices` (a function, so that a registry
+    filled after this module is imported can supply them) lists the values a string field accepts;
+    `flag=False` keeps the field off the command line (a setting that only old folders carry)."""
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple default")
-    return dataclasses.field(default=default, metadata={"help": help})
+    metadata = {"help": help, "flag": flag} if choices is None else {"help": help, "flag": flag, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_choices(field: dataclasses.Field) -> list[str] | None:
+    """The values a field accepts, from its `option(choices=...)`, or None for any."""
+    choices = field.metadata.get("choices")
+    return list(choices()) if choices is not None else None
+
+
+def _check_choice(field: dataclasses.Field, value: Any, where: str) -> None:
+    choices = field_choices(field)
+    if choices is not None and value is not None and value not in choices:
+        raise UserError(f"{where}: unknown value {value!r}; registered: {', '.join(choices)}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: frozenset[str] = frozenset()) -> None:
     """Add one `--flag-name` per field of `config_class` (booleans get `--flag/--no-flag`)."""
-    hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        annotation = hints[field.name]
-        help_text = _field_help(config_class, field.name)
-        default = field.default
-        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
-        shown_default = f" (default: {default})" if default is not dataclasses.MISSING else ""
-        base, optional = _strip_optional(annotation)
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text + shown_default, **kwargs)
-            continue
-        if typing.get_origin(base) is tuple:
-            item_type = typing.get_args(base)[0]
-            parser.add_argument(flag, nargs="+", type=item_type, help=help_text + shown_default, **kwargs)
-            continue
-        if typing.get_origin(base) is typing.Literal:
-            choices = list(typing.get_args(base))
-            parser.add_argument(flag, choices=choices, help=help_text + shown_default, **kwargs)
-            continue
+        if field.name not in skip and field.metadata.get("flag", True):
+            add_field_argument(parser, config_class, field)
+
+
+def add_field_argument(parser: argparse.ArgumentParser, config_class: type, field: dataclasses.Field,
+                       help_suffix: str = "") -> None:
+    """Add the flag of one field of `config_class`; its value lands under the field's name, absent when not given."""
+    hints = typing.get_type_hints(config_class)
+    flag = "--" + field.name.replace("_", "-")
+    annotation = hints[field.name]
+    help_text = _field_help(config_class, field.name) + help_suffix
+    default = field.default
+    kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
+    shown_default = f" (default: {default})" if default is not dataclasses.MISSING else ""
+    base, optional = _strip_optional(annotation)
+    if base is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text + shown_default, **kwargs)
+    elif typing.get_origin(base) is tuple:
+        parser.add_argument(flag, nargs="+", type=typing.get_args(base)[0], help=help_text + shown_default, **kwargs)
+    elif typing.get_origin(base) is typing.Literal:
+        parser.add_argument(flag, choices=list(typing.get_args(base)), help=help_text + shown_default, **kwargs)
+    elif field_choices(field) is not None:
+        parser.add_argument(flag, choices=field_choices(field), help=help_text + shown_default, **kwargs)
+    else:
         parser.add_argument(flag, type=_optional_parser(base) if optional else base, help=help_text + shown_default,
                             **kwargs)
 

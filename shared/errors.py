@@ -35,3 +35,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
 
 def one_line(message: str) -> str:
     return " ".join(message.split())
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from shared.config import config_from_dict, config_to_dict, read_json, write_json_atomic
 from shared.errors import UserError
@@ -30,9 +30,24 @@ ModelT = TypeVar("ModelT", bound="PretrainedModel")
 
 
 class PretrainedModel(torch.nn.Module):
-    """Base class for models built from one frozen config dataclass and saved as a pretrained folder."""
+    """Base class for models built from one frozen config dataclass and saved as a pretrained folder.
+
+    A class whose saved form changes raises `format_version` and says how to read the older forms in
+    `upgrade_config` and `upgrade_weights`, so every folder an earlier release wrote keeps loading."""
 
     config_class: ClassVar[type]
+    format_version: ClassVar[int] = FORMAT_VERSION
+
+    @classmethod
+    def upgrade_config(cls, values: dict[str, Any], version: int, source: str) -> dict[str, Any]:
+        """config.json values written with format `version` (older than `format_version`) as the current
+        format has them. The base class knows no older format."""
+        raise UserError(f"{source} has format_version {version}, this vqprior reads {cls.format_version}")
+
+    @classmethod
+    def upgrade_weights(cls, weights: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """Weights saved with format `version` under the current names (the base class renames nothing)."""
+        return weights
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -43,7 +58,7 @@ class PretrainedModel(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `config.json` + `model.safetensors` into `directory` (created if needed)."""
         directory = Path(directory)
-        config_values = {"_class_name": type(self).__name__, "format_version": FORMAT_VERSION,
+        config_values = {"_class_name": type(self).__name__, "format_version": self.format_version,
                          **config_to_dict(self.config)}
         weights = self.weights_for_saving()
         if directory.exists():
@@ -61,16 +76,16 @@ class PretrainedModel(torch.nn.Module):
 
     def weights_sha256(self) -> str:
         """sha256 of the model.safetensors that save_pretrained writes for these weights (provenance)."""
-        from safetensors.torch import save
-
         return hashlib.sha256(save(self.weights_for_saving(), metadata={"format": "pt"})).hexdigest()
 
     @classmethod
     def from_pretrained(cls: type[ModelT], directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ModelT:
         """Rebuild a model from a folder written by `save_pretrained`, in eval mode."""
-        config = load_pretrained_config(cls, directory)
+        config, version = load_pretrained_config(cls, directory)
         model = cls(config)
         weights = load_weights(Path(directory) / WEIGHTS_NAME, map_location)
+        if version != cls.format_version:
+            weights = cls.upgrade_weights(weights, version)
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as error:  # a tensor of another shape: the files disagree
@@ -98,8 +113,9 @@ def staged_folder(directory: Path) -> Iterator[Path]:
         raise
 
 
-def load_pretrained_config(cls: type[PretrainedModel], directory: str | os.PathLike) -> Any:
-    """Read and check `config.json` of a pretrained folder for model class `cls`."""
+def load_pretrained_config(cls: type[PretrainedModel], directory: str | os.PathLike) -> tuple[Any, int]:
+    """Read and check `config.json` of a pretrained folder for model class `cls`: (its config, the format
+    version it was written with; an older one is upgraded by `cls.upgrade_config`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a folder; pass a folder written by save_pretrained or a training run")
@@ -114,9 +130,12 @@ def load_pretrained_config(cls: type[PretrainedModel], directory: str | os.PathL
     if class_name != cls.__name__:
         raise UserError(f"{directory} holds a {class_name or 'unknown model'}, not a {cls.__name__}; "
                         "pass the right folder")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{config_path} has format_version {version}, this vqprior reads {FORMAT_VERSION}")
-    return config_from_dict(cls.config_class, values, source=str(config_path))
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= cls.format_version:
+        raise UserError(f"{config_path} has format_version {version}, this vqprior reads 1 to {cls.format_version}; "
+                        "was it written by a newer vqprior?")
+    if version != cls.format_version:
+        values = cls.upgrade_config(values, version, str(config_path))
+    return config_from_dict(cls.config_class, values, source=str(config_path)), version
 
 
 def write_weights_atomic(path: Path, weights: dict[str, torch.Tensor]) -> None:

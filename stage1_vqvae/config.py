@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 from shared.config import option
 from shared.data import DataConfig
 from shared.errors import UserError
 from shared.training import LoopConfig
+from stage1_vqvae.quantizers import QUANTIZERS, quantizer_names
 
-QUANTIZERS = ("vq", "fsq", "simvq", "lfq", "rvq")
+MIN_PATCH_GRID = 1  # the patch map must keep at least one output per side
+
+
+def patch_grid_side(image_size: int, layers: int) -> int:
+    """Side of the patch map for images of `image_size`: each 4x4 stride-2 convolution (padding 1)
+    halves the side (rounding down), and the two 4x4 stride-1 convolutions take one pixel off each."""
+    side = image_size
+    for _ in range(layers):
+        side //= 2
+    return side - 2
+
+
+def check_discriminator_depth(image_size: int, layers: int) -> None:
+    """UserError unless `layers` strided blocks leave a patch map on images of `image_size`."""
+    if layers < 1:
+        raise UserError(f"--discriminator-layers must be at least 1, got {layers}")
+    if patch_grid_side(image_size, layers) < MIN_PATCH_GRID:
+        deepest = max((depth for depth in range(1, layers) if patch_grid_side(image_size, depth) >= MIN_PATCH_GRID),
+                      default=None)
+        fix = (f"pass --discriminator-layers {deepest} or a larger --image-size" if deepest is not None
+               else "pass a larger --image-size (at least 6)")
+        raise UserError(f"a {layers}-layer discriminator shrinks {image_size}px images to nothing "
+                        f"(it needs image_size / 2^{layers} >= 3); {fix}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +54,7 @@ class VQVAEConfig:
         None, "vqgan: feature-map sides that get self-attention (default: the latent side)")
     latent_channels: int = option(64, "channels of the encoder output fed to the quantizer")
     levels: int = option(1, "1, or 2 for VQ-VAE-2: a bottom grid at 1/2^n and a top grid at 1/2^(n+1) of the image")
-    quantizer: Literal["vq", "fsq", "simvq", "lfq", "rvq"] = option(
-        "vq", "vq: EMA vector quantization; fsq: finite scalar; simvq: a linearly reparameterised codebook; "
-              "lfq: lookup-free (binary) codes; rvq: residual VQ, num_quantizers codes per position")
+    quantizer: str = option("vq", "the quantizer (see --help for the registered ones)", choices=quantizer_names)
     codebook_size: int = option(512, "number of codes (fsq: the product of --fsq-levels; lfq: a power of 2)")
     codebook_dim: int | None = option(None, "lower codebook dimension (factorised codes); default latent_channels")
     num_quantizers: int = option(1, "rvq: codes per position (residual depth)")
@@ -49,6 +69,8 @@ class VQVAEConfig:
     fsq_levels: tuple[int, ...] = option((8, 8, 8), "levels per FSQ dimension")
 
     def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise UserError(f"unknown quantizer {self.quantizer!r}; registered quantizers: {', '.join(QUANTIZERS)}")
         factor = self.downsample_factor
         if self.num_downsamples < 1:
             raise UserError(f"num_downsamples must be at least 1, got {self.num_downsamples}")
@@ -60,17 +82,13 @@ class VQVAEConfig:
             raise UserError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.levels not in (1, 2):
             raise UserError(f"levels must be 1 or 2, got {self.levels}")
-        if self.quantizer == "fsq" and math.prod(self.fsq_levels) != self.codebook_size:
-            product = math.prod(self.fsq_levels)
-            raise UserError(f"with quantizer fsq the codebook size is the product of --fsq-levels "
-                            f"({'*'.join(map(str, self.fsq_levels))} = {product}), not {self.codebook_size}; "
-                            f"pass --codebook-size {product}")
-        if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
-            raise UserError(f"lfq codes are bit patterns: --codebook-size must be a power of 2, got {self.codebook_size}")
+        QUANTIZERS[self.quantizer].check(self)
         if self.codebook_size < 2:
             raise UserError(f"codebook_size must be at least 2, got {self.codebook_size}")
-        if self.num_quantizers < 1 or (self.num_quantizers > 1 and self.quantizer != "rvq"):
-            raise UserError(f"num_quantizers {self.num_quantizers} needs --quantizer rvq (and must be at least 1)")
+        if self.num_quantizers < 1 or (self.num_quantizers > 1 and not QUANTIZERS[self.quantizer].stacked):
+            stacked = [name for name, kind in QUANTIZERS.items() if kind.stacked]
+            raise UserError(f"num_quantizers {self.num_quantizers} needs a quantizer that stacks codes "
+                            f"(--quantizer {' or '.join(stacked)}) and must be at least 1")
         if self.arch == "vqgan":
             mult = self.widths_multipliers
             if len(mult) != self.num_downsamples + 1:
@@ -108,7 +126,7 @@ class VQVAEConfig:
 
     @property
     def codes_per_position(self) -> int:
-        return self.num_quantizers if self.quantizer == "rvq" else 1
+        return self.num_quantizers if QUANTIZERS[self.quantizer].stacked else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +140,10 @@ class Stage1TrainConfig(LoopConfig, DataConfig):
     discriminator_start: int = option(0, "step at which the discriminator and its loss start")
     discriminator_layers: int = option(3, "PatchGAN discriminator depth (strided convolutions)")
     discriminator_learning_rate: float | None = option(None, "discriminator learning rate (default: --learning-rate)")
+    best_metric: Literal["auto", "mse", "psnr", "lpips", "last"] = option(
+        "auto", "the validation metric that picks the model --keep-best keeps: auto is mse, and for a run with a "
+                "discriminator (which trades MSE for realism) lpips when --perceptual-weight > 0, else the last "
+                "model; last keeps the last model")
     preset: Literal["none", "photos"] = option("none", "photos: the recipe found best for natural photographs "
                                                        "(see docs/benchmarks.md); explicit flags still win")
     # loop defaults for stage 1: a good digits tokenizer in about two CPU minutes
@@ -133,16 +155,28 @@ class Stage1TrainConfig(LoopConfig, DataConfig):
 
     def check(self) -> None:
         """UserError for settings no run can use: the loop's checks, then the discriminator's."""
-        from stage1_vqvae.discriminator import check_discriminator_depth  # it imports this module
-
         super().check()
         if self.discriminator_weight < 0 or self.discriminator_start < 0:
             raise UserError("--discriminator-weight and --discriminator-start must be >= 0")
         if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:
             raise UserError(f"--discriminator-learning-rate must be positive, got {self.discriminator_learning_rate}")
+        if self.best_metric == "lpips" and self.perceptual_weight <= 0:
+            raise UserError("--best-metric lpips needs the LPIPS network: pass --perceptual-weight > 0 (its weights must "
+                            "be on this machine), or pick another --best-metric")
         if self.discriminator_weight > 0:
             if self.discriminator_start >= self.max_steps:
                 raise UserError(f"--discriminator-start {self.discriminator_start} is not below --max-steps "
                                 f"{self.max_steps}, so the discriminator would never train; pass a smaller "
                                 "--discriminator-start, a larger --max-steps, or --discriminator-weight 0")
             check_discriminator_depth(self.image_size, self.discriminator_layers)
+
+
+def best_metric_of(config: Stage1TrainConfig) -> tuple[str | None, bool]:
+    """(the validation metric --keep-best watches, whether higher is better); None keeps the last model."""
+    metric = config.best_metric
+    if metric == "auto":
+        if config.discriminator_weight <= 0:
+            metric = "mse"
+        else:
+            metric = "lpips" if config.perceptual_weight > 0 else "last"
+    return (None, False) if metric == "last" else (metric, metric == "psnr")

@@ -16,34 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.errors import UserError
+from stage1_vqvae.config import check_discriminator_depth, patch_grid_side  # noqa: F401 (re-exported)
 from stage1_vqvae.networks import group_norm
 
 DISCRIMINATOR_CHANNELS = 64  # taming's ndf
 MAX_CHANNEL_MULT = 8
-MIN_PATCH_GRID = 1  # the patch map must keep at least one output per side
-
-
-def patch_grid_side(image_size: int, layers: int) -> int:
-    """Side of the patch map for images of `image_size`: each 4x4 stride-2 convolution (padding 1)
-    halves the side (rounding down), and the two 4x4 stride-1 convolutions take one pixel off each."""
-    side = image_size
-    for _ in range(layers):
-        side //= 2
-    return side - 2
-
-
-def check_discriminator_depth(image_size: int, layers: int) -> None:
-    """UserError unless `layers` strided blocks leave a patch map on images of `image_size`."""
-    if layers < 1:
-        raise UserError(f"--discriminator-layers must be at least 1, got {layers}")
-    if patch_grid_side(image_size, layers) < MIN_PATCH_GRID:
-        deepest = max((depth for depth in range(1, layers) if patch_grid_side(image_size, depth) >= MIN_PATCH_GRID),
-                      default=None)
-        fix = (f"pass --discriminator-layers {deepest} or a larger --image-size" if deepest is not None
-               else "pass a larger --image-size (at least 6)")
-        raise UserError(f"a {layers}-layer discriminator shrinks {image_size}px images to nothing "
-                        f"(it needs image_size / 2^{layers} >= 3); {fix}")
 
 
 class PatchDiscriminator(nn.Module):

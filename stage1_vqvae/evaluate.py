@@ -19,8 +19,7 @@ from shared.errors import UserError, run_cli
 from stage1_vqvae.fid import FrechetDistance, inception_weights_file
 from stage1_vqvae.losses import PerceptualLoss
 from stage1_vqvae.metrics import SSIM_WINDOW, reconstruction_metrics
-from stage1_vqvae.model import VQVAE
-from stage1_vqvae.pixels import load_tokenizer
+from stage1_vqvae.tokenizer import load_tokenizer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     add_source_arguments(parser, default_split="test")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--strict-images", action="store_true",
-                        help="stop at an unreadable image instead of skipping it (skipped images are counted)")
+                        help="stop at an unreadable image; without it such an image is replaced by the next readable "
+                             "row (which then counts twice) and the replacements are counted")
     parser.add_argument("--perceptual-net", default="alex", choices=["alex", "vgg", "squeeze"],
                         help="LPIPS backbone; LPIPS is reported when its weights are on this machine")
     add_fid_arguments(parser)

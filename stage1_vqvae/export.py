@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, SINGLE_LEVEL, CodesMetadata, LevelInfo, codes_dtype
+from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata
 from shared.config import config_to_dict, parse_args, write_json_atomic
 from shared.data import (DataConfig, ImageDataset, first_image_channels, load_split, open_source,
                          resolve_num_workers, sequential_batches)
 from shared.errors import UserError, run_cli
 from shared.runtime import local_process_count, make_accelerator
 from stage1_vqvae.evaluate import add_source_arguments, data_config_for
-from stage1_vqvae.pixels import load_tokenizer
+from stage1_vqvae.tokenizer import load_tokenizer, shortcut_class, tokenizer_path
 
 JOB_NAME = "job.json"
 
@@ -74,13 +74,14 @@ def export(argv: Sequence[str] | None = None) -> dict:
     accelerator = make_accelerator()
     tokenizer.to(accelerator.device)
     staging = output.with_name(f".{output.name}.partial")
+    levels = tokenizer.code_layout(image_size)
     metadata = CodesMetadata(
-        format_version=CODES_FORMAT_VERSION, format=args.format, levels=level_infos(tokenizer, image_size),
+        format_version=1 if tokenizer.first_codes_format and len(levels) == 1 and levels[0].depth == 1
+        else CODES_FORMAT_VERSION,  # the first release's format where it fits, as that release wrote it
+        format=args.format, levels=levels,
         num_rows=len(dataset), has_labels=dataset.has_labels, label_names=dataset.source.label_names,
         tokenizer_class=type(tokenizer).__name__, tokenizer_config=config_to_dict(tokenizer.config),
-        tokenizer_sha256=tokenizer.weights_sha256(),
-        tokenizer_path=str(args.tokenizer) if str(args.tokenizer).startswith("pixels:")
-        else str(Path(args.tokenizer).resolve()),
+        tokenizer_sha256=tokenizer.weights_sha256(), tokenizer_path=tokenizer_path(args.tokenizer),
         source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
                 "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
                 "label_column": dataset.source.label_column})
@@ -129,25 +130,14 @@ def export(argv: Sequence[str] | None = None) -> dict:
 
 
 def tokenizer_for(args: argparse.Namespace):
-    """The --tokenizer folder, or a PixelTokenizer for the shortcut pixels:K (channels from the first image)."""
-    if not str(args.tokenizer).startswith("pixels:"):
+    """The --tokenizer folder, or the tokenizer a shortcut such as pixels:K names (channels from the first image)."""
+    if shortcut_class(args.tokenizer) is None:
         return load_tokenizer(args.tokenizer)
     probe = DataConfig(dataset=args.dataset, split=args.split, image_size=args.image_size or 32,
                        image_column=args.image_column, label_column=args.label_column,
                        dataset_config=args.dataset_config, revision=args.revision)
     channels = first_image_channels(open_source(probe), args.split, None)
     return load_tokenizer(args.tokenizer, channels=channels, image_size=probe.image_size)
-
-
-def level_infos(tokenizer, image_size: int) -> tuple[LevelInfo, ...]:
-    """What each level of the tokenizer writes at `image_size`: read off the codes of one blank image."""
-    with torch.inference_mode():
-        codes = tokenizer.encode(torch.zeros(1, tokenizer.config.in_channels, image_size, image_size))
-    levels = codes if isinstance(codes, dict) else {SINGLE_LEVEL: codes}
-    dtype = codes_dtype(tokenizer.codebook_size)
-    return tuple(LevelInfo(name, SINGLE_LEVEL if name == SINGLE_LEVEL else f"{SINGLE_LEVEL}_{name}",
-                           tokenizer.codebook_size, tuple(grid.shape[1:3]), grid.shape[3] if grid.ndim == 4 else 1,
-                           dtype) for name, grid in levels.items())
 
 
 def _prepare_staging(staging: Path, job: dict) -> None:

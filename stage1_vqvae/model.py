@@ -8,29 +8,20 @@ a prior chain generates them.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
-
 import torch
 from einops import rearrange
 
+from shared.codes import SINGLE_LEVEL, LevelInfo, codes_dtype, level_column
 from shared.errors import UserError
-from shared.pretrained import PretrainedModel
 from stage1_vqvae.config import VQVAEConfig
 from stage1_vqvae.networks import Decoder, Encoder, TopLevel, build_decoder, build_encoder  # noqa: F401 (re-exported)
-from stage1_vqvae.quantizers import build_quantizer, codes_to_vectors, quantize
+from stage1_vqvae.quantizers import QUANTIZERS, build_quantizer, codes_to_vectors, quantize
+from stage1_vqvae.tokenizer import Codes, Tokenizer, TokenizerOutput
 
-Codes = Union[torch.Tensor, dict[str, torch.Tensor]]
-SINGLE_LEVEL = "codes"
-TWO_LEVELS = ("top", "bottom")
-
-
-class VQVAEOutput(NamedTuple):
-    reconstruction: torch.Tensor  # (B, C, H, W) in [-1, 1]
-    codes: Codes  # (B, h, w[, Q]) int64, or {"top": ..., "bottom": ...} with levels=2
-    quantizer_loss: torch.Tensor  # scalar: commitment (and entropy) losses of every level
+VQVAEOutput = TokenizerOutput  # the name the first releases gave it
 
 
-class VQVAE(PretrainedModel):
+class VQVAE(Tokenizer):
     """Images (B, C, H, W) in [-1, 1] <-> codes in [0, codebook_size).
 
     Build it after `Accelerator()` in multi-process runs: the quantizer decides at construction
@@ -38,6 +29,7 @@ class VQVAE(PretrainedModel):
     """
 
     config_class = VQVAEConfig
+    first_codes_format = True
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__(config)
@@ -52,34 +44,20 @@ class VQVAE(PretrainedModel):
     # Shapes
     # ------------------------------------------------------------------------------------------
 
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        """The (bottom, or only) grid (h, w)."""
-        return self.config.latent_shape
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.codebook_size
-
-    @property
-    def level_names(self) -> tuple[str, ...]:
-        """Names of the code grids, in generation order: ("codes",), or ("top", "bottom")."""
-        return (SINGLE_LEVEL,) if self.config.levels == 1 else TWO_LEVELS
+    def code_layout(self, image_size: int | None = None) -> tuple[LevelInfo, ...]:
+        """One level (B, h, w) at 1/2^n of the image side, or with levels=2 a top grid at half that side
+        first; residual VQ of depth Q > 1 stacks Q codes per position (depth 1 is one code, as everywhere)."""
+        config = self.config
+        side = (image_size or config.image_size) // 2 ** config.num_downsamples
+        sides = {SINGLE_LEVEL: side} if config.levels == 1 else {"top": side // 2, "bottom": side}
+        return tuple(LevelInfo(name, level_column(name), config.codebook_size, (level_side, level_side),
+                               config.codes_per_position, codes_dtype(config.codebook_size))
+                     for name, level_side in sides.items())
 
     @property
     def codebooks_per_position(self) -> int:
         """Codebooks a position's codes come from: residual VQ has one per depth."""
         return self.config.codes_per_position
-
-    @property
-    def level_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per level, the shape of one image's codes: (h, w), or (h, w, Q) with residual VQ of depth Q > 1
-        (depth 1 is one code per position, as everywhere else)."""
-        height, width = self.latent_shape
-        stack = (self.config.num_quantizers,) if self.config.codes_per_position > 1 else ()
-        if self.config.levels == 1:
-            return {SINGLE_LEVEL: (height, width, *stack)}
-        return {"top": (height // 2, width // 2, *stack), "bottom": (height, width, *stack)}
 
     def check_images(self, images: torch.Tensor) -> None:
         """ValueError unless images are (B, in_channels, H, W) with H and W multiples of the downsample factor."""
@@ -124,14 +102,14 @@ class VQVAE(PretrainedModel):
         quantized, codes, loss = quantize(quantizer or self.quantizer, self.config.quantizer, flat)
         quantized = rearrange(quantized, "b (h w) d -> b d h w", h=height, w=width)
         codes = rearrange(codes.long(), "b (h w) ... -> b h w ...", h=height, w=width)
-        if self.config.quantizer == "rvq" and self.config.num_quantizers == 1:
+        if QUANTIZERS[self.config.quantizer].stacked and self.config.num_quantizers == 1:
             codes = codes[..., 0]  # (B, h, w): a stack of one is one code per position
         return quantized, codes, loss
 
     def _vectors(self, codes: torch.Tensor, quantizer) -> torch.Tensor:
         """Codes (B, h, w[, Q]) -> quantized latents (B, D, h, w)."""
         height, width = codes.shape[1:3]
-        if self.config.quantizer == "rvq" and codes.ndim == 3:
+        if QUANTIZERS[self.config.quantizer].stacked and codes.ndim == 3:
             codes = codes[..., None]  # ResidualVQ reads (B, N, Q) even at depth 1
         flat = rearrange(codes.long(), "b h w ... -> b (h w) ...")
         vectors = codes_to_vectors(quantizer, self.config.quantizer, flat)  # (B, h*w, D)
@@ -149,12 +127,12 @@ class VQVAE(PretrainedModel):
         decoder_input = self.top.decoder_input(quantized_bottom, quantized_top)
         return {"top": codes_top, "bottom": codes_bottom}, decoder_input, loss_top + loss_bottom
 
-    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
         """Encode, quantize (updating EMA codebooks in training mode) and decode."""
         self.check_images(images)
         codes, decoder_input, loss = self._encode(images)
         reconstruction = self.decoder(decoder_input).clamp(-1.0, 1.0)  # (B, C, H, W)
-        return VQVAEOutput(reconstruction, self._public(codes), loss)
+        return TokenizerOutput(reconstruction, self._public(codes), loss)
 
     def encode(self, images: torch.Tensor) -> Codes:
         """Images (B, C, H, W) in [-1, 1] -> codes (B, h, w[, Q]) int64, or a dict per level with levels=2.

@@ -2,9 +2,8 @@
 
 Each channel of each pixel is quantized to one of K levels (K in 2, 4, 16, 256) and decoded back
 to the level's value, so codes are the pixels themselves: (B, H, W) for grey images, (B, H, W, C)
-for colour ones (a stack of C subpixels per position, R then G then B). It has the interface of a
-`VQVAE` (encode, decode, forward, latent_shape, level_shapes, save_pretrained / from_pretrained),
-so export, stage-2 training and `Pipeline` take it unchanged.
+for colour ones (a stack of C subpixels per position, R then G then B). It keeps the tokenizer
+contract (`stage1_vqvae.tokenizer`), so export, stage-2 training and `Pipeline` take it unchanged.
 
     tokenizer = PixelTokenizer(levels=256, channels=3, image_size=32)
     load_tokenizer("pixels:256", channels=3, image_size=32)   # the --tokenizer shortcut
@@ -12,15 +11,14 @@ so export, stage-2 training and `Pipeline` take it unchanged.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from shared.config import option, read_json
+from shared.codes import SINGLE_LEVEL, CodesMetadata, LevelInfo, codes_dtype
+from shared.config import option
 from shared.errors import UserError
-from shared.pretrained import CONFIG_NAME, PretrainedModel
-from stage1_vqvae.model import SINGLE_LEVEL, VQVAE, VQVAEOutput
+from stage1_vqvae.tokenizer import Tokenizer, TokenizerOutput
 
 PIXEL_LEVELS = (2, 4, 16, 256)
 
@@ -59,10 +57,12 @@ class PixelTokenizerConfig:
         return (self.image_size, self.image_size)
 
 
-class PixelTokenizer(PretrainedModel):
+class PixelTokenizer(Tokenizer):
     """Images (B, C, H, W) in [-1, 1] <-> pixel levels (B, H, W) or (B, H, W, C) in [0, levels)."""
 
     config_class = PixelTokenizerConfig
+    shortcut = "pixels"
+    codes_are_subpixels = True
 
     def __init__(self, config: PixelTokenizerConfig | None = None, *, levels: int | None = None,
                  channels: int | None = None, image_size: int | None = None) -> None:
@@ -74,26 +74,29 @@ class PixelTokenizer(PretrainedModel):
         # the value of each level: also what model.safetensors holds, so a saved folder has a weights hash
         self.register_buffer("level_values", torch.linspace(-1.0, 1.0, config.levels))
 
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        return self.config.latent_shape
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.levels
-
-    @property
-    def level_names(self) -> tuple[str, ...]:
-        return (SINGLE_LEVEL,)
+    def code_layout(self, image_size: int | None = None) -> tuple[LevelInfo, ...]:
+        """One level: the pixel grid, with a stack of C subpixels per position for colour images."""
+        side, config = image_size or self.config.image_size, self.config
+        return (LevelInfo(SINGLE_LEVEL, SINGLE_LEVEL, config.levels, (side, side), config.channels,
+                          codes_dtype(config.levels)),)
 
     @property
     def codebooks_per_position(self) -> int:
         return 1  # the subpixels of a position share one set of levels
 
-    @property
-    def level_shapes(self) -> dict[str, tuple[int, ...]]:
-        side = self.config.image_size
-        return {SINGLE_LEVEL: (side, side) if self.config.channels == 1 else (side, side, self.config.channels)}
+    @classmethod
+    def from_shortcut(cls, argument: str, channels: int | None, image_size: int | None) -> "PixelTokenizer":
+        """"pixels:K": K levels per channel; `channels` and `image_size` come from the data."""
+        if not argument.isdigit():
+            raise UserError(f"--tokenizer pixels:{argument}: write pixels:K with K one of "
+                            f"{', '.join(map(str, PIXEL_LEVELS))}")
+        if channels is None or image_size is None:
+            raise UserError("--tokenizer pixels:K needs the image channels and size (from the dataset or --image-size)")
+        return cls(PixelTokenizerConfig(levels=int(argument), channels=channels, image_size=image_size))
+
+    @classmethod
+    def for_codes(cls, metadata: CodesMetadata) -> "PixelTokenizer":
+        return cls(PixelTokenizerConfig(**metadata.tokenizer_config))  # nothing trained: rebuilt from its config
 
     def check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != self.config.channels:
@@ -125,24 +128,6 @@ class PixelTokenizer(PretrainedModel):
         values = self.level_values[codes.long()]  # (B, H, W[, C])
         return values[:, None] if self.config.channels == 1 else values.permute(0, 3, 1, 2)
 
-    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
         codes = self.encode(images)
-        return VQVAEOutput(self.decode(codes), codes, images.new_zeros(()))
-
-
-def load_tokenizer(spec: str | Path, channels: int | None = None, image_size: int | None = None,
-                   map_location: str | torch.device = "cpu") -> VQVAE | PixelTokenizer:
-    """A tokenizer folder (a VQVAE or a PixelTokenizer, told apart by config.json), or the shortcut
-    "pixels:K" for a PixelTokenizer of K levels (then `channels` and `image_size` say the rest)."""
-    text = str(spec)
-    if text.startswith("pixels:"):
-        levels = text.split(":", 1)[1]
-        if not levels.isdigit():
-            raise UserError(f"--tokenizer {text}: write pixels:K with K one of {', '.join(map(str, PIXEL_LEVELS))}")
-        if channels is None or image_size is None:
-            raise UserError("--tokenizer pixels:K needs the image channels and size (from the dataset or --image-size)")
-        return PixelTokenizer(PixelTokenizerConfig(levels=int(levels), channels=channels, image_size=image_size))
-    config_path = Path(spec) / CONFIG_NAME
-    if config_path.is_file() and read_json(config_path).get("_class_name") == PixelTokenizer.__name__:
-        return PixelTokenizer.from_pretrained(spec, map_location)
-    return VQVAE.from_pretrained(spec, map_location)
+        return TokenizerOutput(self.decode(codes), codes, images.new_zeros(()))

@@ -24,7 +24,7 @@ from shared.data import (Augmentation, CachedImages, StepOrder, first_image_chan
 from shared.errors import run_cli
 from shared.runtime import local_process_count
 from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
-from stage1_vqvae.config import Stage1TrainConfig, VQVAEConfig
+from stage1_vqvae.config import Stage1TrainConfig, VQVAEConfig, best_metric_of
 from stage1_vqvae.discriminator import PatchDiscriminator
 from stage1_vqvae.losses import (PerceptualLoss, adaptive_weight, discriminator_hinge_loss, generator_adversarial_loss,
                                  reconstruction_loss)
@@ -71,9 +71,11 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     model_values = values_from_args(VQVAEConfig, args, exclude=DATA_DERIVED)
     model_config = VQVAEConfig(in_channels=channels, image_size=train_config.image_size, **model_values)
     perceptual = PerceptualLoss(train_config.perceptual_net) if train_config.perceptual_weight > 0 else None
-    session = TrainingSession(train_config, run_settings(train_config, model_config), "vqvae", monitor="mse",
+    monitor, higher_is_better = best_metric_of(train_config)
+    session = TrainingSession(train_config, run_settings(train_config, model_config), "vqvae", monitor=monitor,
                               out_of_memory_advice="lower --batch-size or --image-size, or use "
-                                                   "--gradient-accumulation-steps to keep the effective batch")
+                                                   "--gradient-accumulation-steps to keep the effective batch",
+                              higher_is_better=higher_is_better)
     accelerator = session.accelerator
 
     augmentation = Augmentation(train_config.seed, train_config.random_flip, train_config.random_crop)
@@ -150,7 +152,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         return reconstruction_metrics(session.unwrapped_model, validation_data, 256, session.device,
                                       accelerator.process_index, accelerator.num_processes,
                                       reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
-                                      num_workers=num_workers, report_problems=session.report_problems)
+                                      num_workers=num_workers, report_problems=session.report_problems,
+                                      perceptual=perceptual if monitor == "lpips" else None)
 
     def save_reconstructions(step: int) -> None:
         if not (session.is_main and session.due(step, train_config.eval_every)):

@@ -1,18 +1,20 @@
-"""Configs of stage 2: the prior's architecture (config.json) and a training run."""
+"""Configs of stage 2: the prior's architecture (config.json) and a training run.
+
+`PriorConfig` holds what every arch shares (vocabulary, grid, stack depth, width, conditioning, head,
+provenance); an arch's own settings are its `options` (a dataclass of the arch's, see
+`stage2_prior.registry`), so a flag of one arch is never a field of another.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from shared.config import option
+from shared.config import config_from_dict, option
 from shared.errors import UserError
 from shared.training import LoopConfig
+from stage2_prior.registry import ARCHS, ArchOptions, arch_names, arch_spec, option_owners
 
-ARCHS = ("gated", "pixelcnn", "pixelsnail", "transformer", "row_lstm", "diagonal_bilstm")
-# Archs whose stacks order a position's codes by masking channel groups (PixelRNN paper, sec. 3.4);
-# the others predict a position's stack with a small autoregressive depth head.
-CHANNEL_GROUP_ARCHS = ("gated", "pixelcnn")
 PIXEL_LEVELS = (2, 4, 16, 256)
 # The default length of a prior run, in passes over the training codes. On the digits export (1,455
 # training grids) the default prior's held-out bits/code bottom out after about 26 passes at a
@@ -21,33 +23,27 @@ PIXEL_LEVELS = (2, 4, 16, 256)
 AUTO_EPOCHS = 25
 AUTO_MIN_STEPS = 200
 AUTO_MAX_STEPS = 100_000
+# Format 1 (the first releases) kept every arch's settings as flat fields of every config.
+FORMAT1_ARCH_FIELDS = ("kernel_size", "num_heads", "attention_every", "position_embedding", "max_positions")
 
 
 @dataclasses.dataclass(frozen=True)
 class PriorConfig:
-    """Architecture of an autoregressive prior over code grids in raster order.
+    """Architecture of a prior over code grids.
 
     Codes are (B, h, w) in [0, vocab_size), or (B, h, w, depth) for an ordered stack of codes per
-    position (RGB subpixels, residual-quantizer depths): raster order over positions, then the stack.
+    position (RGB subpixels, residual-quantizer depths). `options`: the arch's own settings, a dict or
+    the arch's options dataclass (None: its defaults); `PriorConfig.build(**flat)` takes them flat.
     """
 
     vocab_size: int = option(512, "number of codes (the tokenizer's codebook_size, or pixel levels)")
     latent_shape: tuple[int, int] = option((8, 8), "code grid (h, w)")
     depth: int = option(1, "codes per position, generated in order (3 for RGB pixels, D for residual quantizers)")
     num_classes: int | None = option(None, "classes for a class-conditional prior; None: unconditional")
-    arch: Literal["gated", "pixelcnn", "pixelsnail", "transformer", "row_lstm", "diagonal_bilstm"] = option(
-        "gated", "gated: Gated PixelCNN; pixelcnn: the original masked stack; pixelsnail: gated convolutions with "
-                 "causal self-attention; transformer: decoder-only with a KV cache; row_lstm, diagonal_bilstm: PixelRNN")
+    arch: str = option("gated", "the network (see --help for the registered archs)", choices=arch_names)
     hidden_channels: int = option(64, "channels of each layer (the transformer's width)")
     num_layers: int = option(15, "layers (pixelsnail: gated layers in all; transformer: blocks; PixelRNN: LSTM layers)")
-    kernel_size: int = option(3, "odd filter size of the convolutional stacks")
     dropout: float = option(0.1, "dropout inside each layer, in training only (code datasets are small)")
-    num_heads: int = option(4, "attention heads (pixelsnail, transformer)")
-    attention_every: int = option(4, "pixelsnail: a causal self-attention layer after every N gated layers")
-    position_embedding: Literal["2d", "1d"] = option(
-        "2d", "transformer: learned row + column embeddings (2d), or one learned table over raster positions (1d)")
-    max_positions: int | None = option(None, "transformer with 1d positions: size of the position table "
-                                             "(default: the grid's positions)")
     head: Literal["softmax", "logistic_mixture"] = option(
         "softmax", "softmax: a categorical per code; logistic_mixture: PixelCNN++'s discretized logistic mixture "
                    "(pixel levels, channels coupled linearly)")
@@ -56,14 +52,15 @@ class PriorConfig:
                                        "classifier-free guidance at sampling time")
     condition_vocab_size: int | None = option(None, "vocabulary of a conditioning code map (e.g. the top level)")
     condition_shape: tuple[int, ...] | None = option(None, "conditioning code map (h, w) or (h, w, depth)")
+    options: Any = option(None, "the arch's own options (a dict or its options dataclass; None: its defaults)")
     # Provenance, set by training from codes.json: which tokenizer and level the codes came from.
     tokenizer_sha256: str | None = option(None, "sha256 of the weights of the tokenizer that made the codes")
     level: str | None = option(None, "the tokenizer level this prior models (codes, top, bottom)")
     condition_level: str | None = option(None, "the tokenizer level its condition code map is")
 
     def __post_init__(self) -> None:
-        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
-            raise UserError(f"kernel_size must be odd and at least 3, got {self.kernel_size}")
+        spec = arch_spec(self.arch)
+        object.__setattr__(self, "options", arch_options(self.arch, self.options))
         if self.vocab_size < 2 or self.num_layers < 1 or self.hidden_channels < 1:
             raise UserError("vocab_size >= 2, num_layers >= 1 and hidden_channels >= 1 are required")
         if len(self.latent_shape) != 2 or min(self.latent_shape) < 1:
@@ -74,18 +71,11 @@ class PriorConfig:
             raise UserError(f"num_classes must be None or at least 1, got {self.num_classes}")
         if self.depth < 1:
             raise UserError(f"depth must be at least 1, got {self.depth}")
-        if self.arch in CHANNEL_GROUP_ARCHS and self.head == "softmax" and self.hidden_channels % self.depth:
+        if self.head not in spec.heads:
+            raise UserError(f"arch {self.arch} takes the heads {', '.join(spec.heads)}, not {self.head}")
+        if self.channel_groups > 1 and self.hidden_channels % self.depth:
             raise UserError(f"arch {self.arch} orders a stack of {self.depth} codes by channel groups: "
                             f"--hidden-channels {self.hidden_channels} must be a multiple of {self.depth}")
-        if self.arch in ("pixelsnail", "transformer") and self.hidden_channels % self.num_heads:
-            raise UserError(f"--num-heads {self.num_heads} does not divide --hidden-channels {self.hidden_channels}; "
-                            "pick a head count that divides the width")
-        if self.max_positions is not None and self.max_positions < self.num_positions:
-            raise UserError(f"a sequence of {self.num_positions} positions ({self.latent_shape[0]}x{self.latent_shape[1]}) "
-                            f"is longer than the position table (--max-positions {self.max_positions}); raise "
-                            f"--max-positions to at least {self.num_positions} or use --position-embedding 2d")
-        if self.attention_every < 1:
-            raise UserError(f"attention_every must be at least 1, got {self.attention_every}")
         if self.head == "logistic_mixture":
             if self.vocab_size not in PIXEL_LEVELS or self.vocab_size == 2:
                 raise UserError(f"the logistic mixture head models pixel levels 4, 16 or 256, not {self.vocab_size}; "
@@ -104,11 +94,28 @@ class PriorConfig:
             if any(side % cond for side, cond in zip(self.latent_shape, self.condition_shape[:2])):
                 raise UserError(f"the condition grid {tuple(self.condition_shape[:2])} must divide the prior's grid "
                                 f"{tuple(self.latent_shape)} (an aligned coarser level)")
+        self.options.check(self)
+
+    @classmethod
+    def build(cls, **values: Any) -> "PriorConfig":
+        """A config from flat keywords: PriorConfig's fields, and the arch's options by name
+        (`PriorConfig.build(arch="pixelsnail", attention_every=2, vocab_size=16)`)."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        arch = values.get("arch", "gated")
+        options_names = {field.name for field in dataclasses.fields(arch_spec(arch).options)}
+        general = {key: value for key, value in values.items() if key in names and key != "options"}
+        extra = {key: value for key, value in values.items() if key not in names}
+        check_option_names(arch, extra, options_names)
+        return cls(**general, options={**dict(values.get("options") or {}), **extra})
+
+    @property
+    def spec(self):
+        return ARCHS[self.arch]
 
     @property
     def channel_groups(self) -> int:
         """Channel groups that order a position's stack inside the network (1: the head orders it)."""
-        return self.depth if self.arch in CHANNEL_GROUP_ARCHS and self.head == "softmax" else 1
+        return self.depth if self.spec.channel_groups and self.head == "softmax" else 1
 
     @property
     def num_positions(self) -> int:
@@ -118,6 +125,61 @@ class PriorConfig:
     def null_class(self) -> int | None:
         """The label index meaning 'no class' (classifier-free guidance), when the prior has one."""
         return self.num_classes if self.num_classes is not None and self.label_dropout > 0 else None
+
+    @property
+    def condition_grid(self) -> tuple[int, ...] | None:
+        """The shape of one sample's condition code map: (hc, wc), or (hc, wc, Dc) for a stack."""
+        if self.condition_shape is None:
+            return None
+        shape = tuple(self.condition_shape)
+        return shape[:2] if len(shape) == 3 and shape[2] == 1 else shape
+
+
+def arch_options(arch: str, values: Any) -> ArchOptions:
+    """`values` (None, a dict or an options dataclass) as arch `arch`'s options dataclass, checked."""
+    options_class = arch_spec(arch).options
+    if values is None:
+        return options_class()
+    if isinstance(values, options_class):
+        return values
+    if isinstance(values, ArchOptions):
+        raise UserError(f"arch {arch} takes {options_class.__name__}, not {type(values).__name__}")
+    if not isinstance(values, dict):
+        raise UserError(f"the options of arch {arch} must be a dict, got {values!r}")
+    known = {field.name for field in dataclasses.fields(options_class)}
+    check_option_names(arch, values, known)
+    return config_from_dict(options_class, values, source=f"options of arch {arch}")
+
+
+def check_option_names(arch: str, values: dict[str, Any], known: set[str], flags: bool = False) -> None:
+    """UserError for the first key of `values` that is not an option of `arch`, naming the archs that take
+    it, as flags (`--attention-every`, the command line) or keys (`attention_every`, the Python API)."""
+    for name in values:
+        if name in known:
+            continue
+        spelled = "--" + name.replace("_", "-") if flags else name
+        owners = option_owners(name)
+        if owners:
+            other = f"--arch {owners[0]}" if flags else f"arch={owners[0]!r}"
+            raise UserError(f"{spelled} is an option of arch {', '.join(owners)}, not of {arch}; "
+                            f"pass {other} or drop {spelled}")
+        known_text = ", ".join(sorted(known)) or "none"
+        raise UserError(f"{spelled} is not an option of arch {arch} (its options: {known_text})")
+
+
+def upgrade_format1(values: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 config.json (every arch's settings flat, for every arch) as format 2: the arch's own
+    settings move into `options`; settings of other archs, which the arch never read, are dropped.
+    PixelSNAIL folders keep the network they were trained with (`full_context` False: see its file)."""
+    values = dict(values)
+    arch = values.get("arch", "gated")
+    known = {field.name for field in dataclasses.fields(arch_spec(arch).options)}
+    options = {name: values.pop(name) for name in FORMAT1_ARCH_FIELDS if name in values}
+    options = {name: value for name, value in options.items() if name in known}
+    if "full_context" in known:
+        options["full_context"] = False
+    values["options"] = options
+    return values
 
 
 @dataclasses.dataclass(frozen=True)

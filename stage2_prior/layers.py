@@ -1,5 +1,7 @@
 """Causal layers over code grids, raster order (row by row, left to right), then a position's stack.
 
+- `group_mask`, `GroupLinear`: channel groups order the stack of codes at one position inside a
+  network (PixelRNN paper, sec. 3.4): output group g sees input groups < g (mask A) or <= g (mask B).
 - `MaskedConv2d`: the masked convolution of PixelCNN (van den Oord et al. 2016a, sec. 3.4). Mask A
   hides the centre and everything after it; mask B lets the centre through. With channel groups
   (a stack of D codes per position), the centre tap is masked by group instead: output group g sees
@@ -18,7 +20,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage2_prior.prior import GroupLinear, group_mask
+
+def group_mask(out_channels: int, in_channels: int, groups: int, strict: bool, out_repeats: int = 1) -> torch.Tensor:
+    """(out, in) mask: output group g sees input groups < g (strict, mask A) or <= g (mask B).
+
+    Output channels are `out_repeats` consecutive blocks of `out_channels // out_repeats`, each split
+    into `groups` groups (e.g. the two halves of a gated pre-activation).
+    """
+    block = out_channels // out_repeats
+    out_group = (torch.arange(out_channels) % block) // (block // groups)  # (out,)
+    in_group = torch.arange(in_channels) // (in_channels // groups)  # (in,)
+    allowed = out_group[:, None] > in_group[None, :] if strict else out_group[:, None] >= in_group[None, :]
+    return allowed.float()
+
+
+class GroupLinear(nn.Conv2d):
+    """A 1x1 convolution whose weights are masked by channel group (all ones for one group)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, strict: bool = False,
+                 out_repeats: int = 1, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+        self.masked = groups > 1
+        mask = group_mask(out_channels, in_channels, groups, strict, out_repeats) if self.masked else torch.ones(1, 1)
+        self.register_buffer("mask", mask[:, :, None, None], persistent=False)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The masked weight as an (out, in) matrix."""
+        weight = self.weight * self.mask if self.masked else self.weight
+        return weight.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.mask if self.masked else self.weight, self.bias)
+
+    def vector(self, x: torch.Tensor) -> torch.Tensor:
+        """The same map on channel-last vectors (..., in) -> (..., out)."""
+        return F.linear(x, self.matrix, self.bias)
 
 
 class MaskedConv2d(nn.Conv2d):

@@ -1,253 +1,74 @@
-"""`Prior`: what every autoregressive prior shares, whatever its network.
+"""`Prior`: the arch contract, and what every prior shares whatever its network.
 
 p(codes) = prod over positions p in raster order, then over the stack d = 0..D-1 at p, of
 p(code[p, d] | codes before (p, d), label, condition map).
 
-An arch (a subclass in `stage2_prior/archs/`) supplies only:
-- `network(x, labels, condition)`: embedded codes (B, C, h', w) -> features (B, C, h', w), where the
-  features at p see codes at positions < p (and, for channel-group archs, the stack at p below each group);
-- `start(...)` / `step_features(...)`: the same features computed position by position from cached
-  state, for the cached sampler (optional: without them only `method="naive"` samples).
+An arch is a subclass of `Prior` with a registry entry (`register_arch(ArchSpec(...))` at the end of
+its file in `stage2_prior/archs/`; see `stage2_prior.registry`). It supplies:
 
-This class owns the rest: input checks, the embedding of stacked codes, class labels (with the null
-class of classifier-free guidance), the conditioning network for code maps, the output head
-(softmax, or PixelCNN++'s discretized logistic mixture), `log_prob`, and the entry points of the one
-sampling loop in `stage2_prior.sampling`.
+1. `network(x, conditioning) -> features`: embedded codes (B, C, h', w) -> features (B, C, h', w), for
+   any h' <= h rows (exact sampling recomputes prefixes). The features at raster position p depend
+   only on codes before p and, for an arch that orders a stack by channel groups
+   (`ArchSpec.channel_groups`), on the stack's lower groups at p. `conditioning`
+   (`stage2_prior.conditioning.Conditioning`) holds the label rows (the null class included) and
+   the code map's features on the grid; an arch adds them where it likes.
+2. Optionally `state_class()`: its incremental state (`stage2_prior.incremental`), which makes the
+   cached sampler; with a `chain`, also the compiled and CUDA-graph steps. What an arch does not
+   supply it does not claim: no state, no "cached"; no chain, no "compiled" or "graph"
+   (`sampling_methods`), and asking for one is a one-line error naming the methods it has.
+3. Its options: `ArchSpec.options`, a dataclass of its own settings with their checks, stored under
+   "options" in config.json and offered as flags of `prior-train`.
+
+This class owns the rest: the embedding of stacked codes, labels and the condition network
+(`stage2_prior.conditioning`), the output head (`stage2_prior.heads`), input checks, the loss,
+`log_prob`, and the entry points of the decoders (`stage2_prior.decoding`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from shared.config import read_json
 from shared.errors import UserError
 from shared.pretrained import CONFIG_NAME, PretrainedModel
-from stage2_prior.config import PriorConfig
+from stage2_prior.conditioning import (ConditionNetwork, Conditioning, Context, check_context, dropped_labels,
+                                       label_rows)
+from stage2_prior.config import PriorConfig, upgrade_format1
+from stage2_prior.decoding import (PRECISIONS, BeamSearchOutput, Sampler, SamplingOptions, SamplingStats, beam_search,
+                                   cast_copy, check_num_beams, check_num_samples, draw, evaluation, resolve_seed)
+from stage2_prior.heads import FORMAT1_HEAD_NAMES, build_head
+from stage2_prior.incremental import IncrementalState
 
-
-COMPILED_CHAINS: dict = {}  # (function, method) -> torch.compile of it, compiled once per process
-
-
-def compiled_chain(function, method: str):
-    """`function` (a cached state's per-position step) through torch.compile; method "graph" adds CUDA
-    graphs (mode reduce-overhead). Within a sample its shapes never change, so it compiles once; a
-    new batch size or model compiles again, and after one such change the changed sizes are compiled
-    as dynamic (dynamic=None), which keeps a session below dynamo's recompile limit (fullgraph=True
-    would turn reaching that limit into an error; past it dynamo runs the function uncompiled)."""
-    key = (function, method)
-    if key not in COMPILED_CHAINS:
-        mode = "reduce-overhead" if method == "graph" else "default"
-        COMPILED_CHAINS[key] = torch.compile(function, mode=mode, dynamic=None)
-    return COMPILED_CHAINS[key]
-
-
-class CachedState:
-    """What the sampler needs of every arch's incremental state, besides the arch's own tensors:
-    `chain`, the per-position step as a function of tensors (`Prior.compile_steps` compiles it), and
-    `reorder` (beam search)."""
-
-    chain: Any  # staticmethod(the arch's per-position function); compile_steps sets a compiled one
-    fixed_shapes = False  # set by `Prior.compile_steps`: the chain then takes the position as a tensor
-    # Attributes (tensors, or lists / tuples of them) that the chain reads besides module parameters:
-    # its weights, caches and position. CUDA graphs copy every input at every replay unless its address
-    # is fixed, so method "graph" moves them into tensors kept on the model (`Prior.compile_steps`).
-    graph_inputs: ClassVar[tuple[str, ...]] = ("position_tensor",)
-
-    def __init__(self, device: torch.device) -> None:
-        self.position_tensor = torch.zeros(1, dtype=torch.long, device=device)
-
-    def position_input(self, position: int) -> int | torch.Tensor:
-        """The raster position as the chain takes it: the int, or with fixed shapes the (1,) tensor
-        holding it (a compiled chain specialises on ints, and would recompile at every position)."""
-        if not self.fixed_shapes:
-            return position
-        return self.position_tensor.fill_(position)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search)."""
-        raise NotImplementedError
-
-
-# ------------------------------------------------------------------------------------------------
-# Channel groups: how a network orders the stack of codes at one position (PixelRNN paper, sec. 3.4)
-# ------------------------------------------------------------------------------------------------
-
-def group_mask(out_channels: int, in_channels: int, groups: int, strict: bool, out_repeats: int = 1) -> torch.Tensor:
-    """(out, in) mask: output group g sees input groups < g (strict, mask A) or <= g (mask B).
-
-    Output channels are `out_repeats` consecutive blocks of `out_channels // out_repeats`, each split
-    into `groups` groups (e.g. the two halves of a gated pre-activation).
-    """
-    block = out_channels // out_repeats
-    out_group = (torch.arange(out_channels) % block) // (block // groups)  # (out,)
-    in_group = torch.arange(in_channels) // (in_channels // groups)  # (in,)
-    allowed = out_group[:, None] > in_group[None, :] if strict else out_group[:, None] >= in_group[None, :]
-    return allowed.float()
-
-
-class GroupLinear(nn.Conv2d):
-    """A 1x1 convolution whose weights are masked by channel group (all ones for one group)."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int, strict: bool = False,
-                 out_repeats: int = 1, bias: bool = True) -> None:
-        super().__init__(in_channels, out_channels, 1, bias=bias)
-        self.masked = groups > 1
-        mask = group_mask(out_channels, in_channels, groups, strict, out_repeats) if self.masked else torch.ones(1, 1)
-        self.register_buffer("mask", mask[:, :, None, None], persistent=False)
-
-    @property
-    def matrix(self) -> torch.Tensor:
-        """The masked weight as an (out, in) matrix."""
-        weight = self.weight * self.mask if self.masked else self.weight
-        return weight.flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.mask if self.masked else self.weight, self.bias)
-
-    def vector(self, x: torch.Tensor) -> torch.Tensor:
-        """The same map on per-position vectors (B, in) -> (B, out)."""
-        return F.linear(x, self.matrix, self.bias)
-
-
-# ------------------------------------------------------------------------------------------------
-# Conditioning on an aligned code map (location-dependent conditioning, Gated PixelCNN paper sec. 2.3)
-# ------------------------------------------------------------------------------------------------
-
-class ConditionNetwork(nn.Module):
-    """A coarser code grid (B, hc, wc[, Dc]) -> features (B, C, h, w) on the prior's grid.
-
-    Embedded codes go through residual 3x3 convolutions at their own resolution, are upsampled by
-    the integer factor between the grids (nearest), and mixed by one more 3x3 convolution. The map
-    is known in full before sampling starts, so it needs no causal mask.
-    """
-
-    def __init__(self, vocab_size: int, condition_shape: tuple[int, ...], target_shape: tuple[int, int],
-                 channels: int) -> None:
-        super().__init__()
-        self.depth = condition_shape[2] if len(condition_shape) == 3 else 1
-        self.vocab_size = vocab_size
-        self.scale = (target_shape[0] // condition_shape[0], target_shape[1] // condition_shape[1])
-        self.embedding = nn.Embedding(vocab_size * self.depth, channels)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
-                                                  nn.Conv2d(channels, channels, 1)) for _ in range(2))
-        self.out = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, condition: torch.Tensor) -> torch.Tensor:
-        stacked = condition.long().reshape(*condition.shape[:3], self.depth)  # (B, hc, wc, Dc)
-        offsets = torch.arange(self.depth, device=condition.device) * self.vocab_size
-        x = self.embedding(stacked + offsets).sum(3).permute(0, 3, 1, 2)  # (B, C, hc, wc)
-        for block in self.blocks:
-            x = x + block(x)
-        if self.scale != (1, 1):
-            x = F.interpolate(x, scale_factor=self.scale, mode="nearest")  # (B, C, h, w)
-        return self.out(F.relu(x))
-
-
-# ------------------------------------------------------------------------------------------------
-# The discretized logistic mixture (PixelCNN++, Salimans et al. 2017, sec. 2.1-2.2)
-# ------------------------------------------------------------------------------------------------
-
-def mixture_parameter_count(mixtures: int, depth: int) -> int:
-    """Per position: M mixture logits, M*D means, M*D log-scales, M*D(D-1)/2 channel coefficients."""
-    return mixtures * (1 + 2 * depth + depth * (depth - 1) // 2)
-
-
-def split_mixture(params: torch.Tensor, mixtures: int, depth: int) -> tuple[torch.Tensor, ...]:
-    """params (..., P) -> logit_pi (..., M), means (..., M, D), log_scales (..., M, D), coeffs (..., M, D(D-1)/2)."""
-    m, d = mixtures, depth
-    logit_pi, rest = params[..., :m], params[..., m:]
-    means = rest[..., :m * d].unflatten(-1, (m, d))
-    log_scales = rest[..., m * d:2 * m * d].unflatten(-1, (m, d)).clamp_min(-7.0)  # sec. 2.1: a floor on the scale
-    coeffs = torch.tanh(rest[..., 2 * m * d:].unflatten(-1, (m, d * (d - 1) // 2)))
-    return logit_pi, means, log_scales, coeffs
-
-
-def coupled_means(means: torch.Tensor, coeffs: torch.Tensor, values: torch.Tensor, channel: int) -> torch.Tensor:
-    """Mean of channel `channel` per component: mu + sum_{c < channel} coeff * value_c (sec. 2.2).
-
-    means (..., M, D), coeffs (..., M, D(D-1)/2), values (..., D) in [-1, 1] -> (..., M).
-    """
-    mean = means[..., channel]
-    first = channel * (channel - 1) // 2  # coefficients of earlier channels are stored channel by channel
-    for previous in range(channel):
-        mean = mean + coeffs[..., first + previous] * values[..., None, previous]
-    return mean
-
-
-def discretized_logistic_log_probs(mean: torch.Tensor, log_scale: torch.Tensor, levels: int,
-                                   values: torch.Tensor | None = None) -> torch.Tensor:
-    """log P(level) of a logistic (mean, scale) discretized to `levels` bins of [-1, 1], with the edge
-    bins taking the tails (sec. 2.1). For `values` (in [-1, 1], broadcast with mean) the log-probability
-    of those; else of every level, on a new last dimension (..., levels)."""
-    if values is None:
-        centres = torch.linspace(-1.0, 1.0, levels, device=mean.device, dtype=mean.dtype)
-        x, mean, log_scale = centres, mean[..., None], log_scale[..., None]
-    else:
-        x = values
-    half_bin = 1.0 / (levels - 1)
-    inverse_scale = torch.exp(-log_scale)
-    upper = inverse_scale * (x - mean + half_bin)
-    lower = inverse_scale * (x - mean - half_bin)
-    log_cdf_upper = upper - F.softplus(upper)  # log sigmoid(upper)
-    log_one_minus_cdf_lower = -F.softplus(lower)  # log (1 - sigmoid(lower))
-    # log(sigmoid(u) - sigmoid(l)) without cancellation: sigmoid(u) - sigmoid(l) = e^u (1 - e^(l-u)) / ((1 + e^u)(1 + e^l))
-    log_middle = (torch.log((-torch.expm1(lower - upper)).clamp_min(1e-30)) + upper - F.softplus(upper)
-                  - F.softplus(lower))
-    edge_low = x <= -1.0 + 1e-6
-    edge_high = x >= 1.0 - 1e-6
-    return torch.where(edge_low, log_cdf_upper, torch.where(edge_high, log_one_minus_cdf_lower, log_middle))
-
-
-def level_values(codes: torch.Tensor, levels: int) -> torch.Tensor:
-    """Pixel levels [0, K) -> bin centres in [-1, 1] (float)."""
-    return codes.float() * (2.0 / (levels - 1)) - 1.0
-
-
-# ------------------------------------------------------------------------------------------------
-# Output types
-# ------------------------------------------------------------------------------------------------
-
-@dataclass
-class BeamSearchOutput:
-    codes: torch.Tensor  # (B, h, w[, D]) the most likely grids found
-    log_prob: torch.Tensor  # (B,) float64, their total log-probability under the prior (nats)
+# The keyword arguments of the sampling entry points that build a SamplingOptions, with their defaults.
+SAMPLING_KEYWORDS = dict(temperature=1.0, top_k=None, top_p=None, guidance_scale=0.0, strategy="sample",
+                         precision="float64", method=None)
 
 
 class Prior(PretrainedModel):
-    """Base of every prior arch; `Prior.from_config(config)` builds the arch's class."""
+    """Base of every prior arch (see the module docstring); `Prior.from_config(config)` builds the arch's class."""
 
     config_class = PriorConfig
-    archs: ClassVar[tuple[str, ...]] = ()  # the config.arch values a subclass implements
-    classes: ClassVar[dict[str, type["Prior"]]] = {}  # class name -> class, for from_pretrained
-    by_arch: ClassVar[dict[str, type["Prior"]]] = {}
-    cached_sampling: ClassVar[bool] = True  # whether the arch implements start/step_features
+    format_version = 2  # 2: an arch's own settings under "options"; 1: flat, and the head's layers on the prior
+    classes: ClassVar[dict[str, type["Prior"]]] = {}  # class name -> class, for config.json's _class_name
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         Prior.classes[cls.__name__] = cls
-        for arch in cls.__dict__.get("archs", ()):
-            Prior.by_arch[arch] = cls
 
     @staticmethod
     def from_config(config: PriorConfig) -> "Prior":
         """The arch's model for `config` (e.g. GatedPixelCNN for arch "gated")."""
-        import stage2_prior.archs  # noqa: F401  (registers every arch)
-
-        return Prior.by_arch[config.arch](config)
+        return config.spec.model(config)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> "Prior":
         """Load any saved prior: the class comes from config.json (`Prior.from_pretrained`), or must be
         `cls` or a subclass of it (`GatedPixelCNN.from_pretrained`)."""
-        import stage2_prior.archs  # noqa: F401
-
         config_path = Path(directory) / CONFIG_NAME
         name = read_json(config_path).get("_class_name") if config_path.is_file() else None
         target = Prior.classes.get(name) if name else None
@@ -255,33 +76,56 @@ class Prior(PretrainedModel):
             return PretrainedModel.from_pretrained.__func__(target, directory, map_location)
         return super().from_pretrained.__func__(cls, directory, map_location)  # its one-line errors
 
+    @classmethod
+    def upgrade_config(cls, values: dict[str, Any], version: int, source: str) -> dict[str, Any]:
+        return upgrade_format1(values)
+
+    @classmethod
+    def upgrade_weights(cls, weights: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        renamed = {}
+        for name, tensor in weights.items():
+            old = next((prefix for prefix in FORMAT1_HEAD_NAMES if name.startswith(prefix)), None)
+            renamed[FORMAT1_HEAD_NAMES[old] + name[len(old):] if old else name] = tensor
+        return renamed
+
     def __init__(self, config: PriorConfig) -> None:
         super().__init__(config)
-        if config.arch not in type(self).archs:
-            raise UserError(f"{type(self).__name__} implements arch {', '.join(type(self).archs)}, not "
-                            f"{config.arch!r}; build it with Prior.from_config(config)")
-        channels, depth, groups = config.hidden_channels, config.depth, config.channel_groups
-        vocab = config.vocab_size
+        if config.spec.model is not type(self):
+            raise UserError(f"{type(self).__name__} does not implement arch {config.arch!r} "
+                            f"({config.spec.model.__name__} does); build it with Prior.from_config(config)")
+        channels, groups = config.hidden_channels, config.channel_groups
         # Embedding of a position's stack: into its channel group (channel-group archs), else summed.
-        self.embedding = nn.Embedding(vocab * depth, channels // groups)
+        self.embedding = nn.Embedding(config.vocab_size * config.depth, channels // groups)
         self.condition_network = (ConditionNetwork(config.condition_vocab_size, tuple(config.condition_shape),
                                                    tuple(config.latent_shape), channels)
                                   if config.condition_vocab_size is not None else None)
-        # Output head: two 1x1 layers. Channel groups: logits of stack entry d read groups <= d.
-        if config.head == "logistic_mixture":
-            out = mixture_parameter_count(config.mixtures, depth)
-            self.head_hidden = GroupLinear(channels, channels, 1)
-            self.head_out = GroupLinear(channels, out, 1)
-        else:
-            self.head_hidden = GroupLinear(channels, channels, groups)
-            self.head_out = GroupLinear(channels, vocab * groups, groups)  # block d (vocab rows) reads groups <= d
-        if depth > 1 and groups == 1 and config.head == "softmax":
-            # the depth head: entry d of a position's stack sees the features and the entries before it
-            self.depth_embedding = nn.Embedding(vocab * depth, channels)
-            self.depth_position = nn.Parameter(torch.zeros(depth, channels))
+        self.head = build_head(config)
 
     # ------------------------------------------------------------------------------------------
-    # Checks
+    # The arch's part (see the module docstring)
+    # ------------------------------------------------------------------------------------------
+
+    def network(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def state_class(self) -> type[IncrementalState] | None:
+        """The arch's incremental state class, or None (no cached sampler)."""
+        return None
+
+    def start(self, batch_size: int, conditioning: Conditioning) -> IncrementalState:
+        """A fresh incremental state for `batch_size` samples (the code map's features on the whole grid)."""
+        return self.state_class()(self, batch_size, conditioning)
+
+    @property
+    def sampling_methods(self) -> tuple[str, ...]:
+        """The methods this prior samples with, its default first."""
+        state = self.state_class()
+        if state is None:
+            return ("naive",)
+        return ("cached", "naive", "compiled", "graph") if state.chain is not None else ("cached", "naive")
+
+    # ------------------------------------------------------------------------------------------
+    # Shapes and checks
     # ------------------------------------------------------------------------------------------
 
     @property
@@ -294,6 +138,11 @@ class Prior(PretrainedModel):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
+    @property
+    def label_rows(self) -> int:
+        """Rows of the class embedding tables: the classes, and the null class when there is one."""
+        return label_rows(self.config)
+
     def check_codes(self, codes: torch.Tensor) -> None:
         shape = self.code_shape
         if codes.ndim != len(shape) + 1 or tuple(codes.shape[1:]) != shape or codes.dtype.is_floating_point:
@@ -303,49 +152,14 @@ class Prior(PretrainedModel):
             raise UserError(f"codes must lie in [0, {self.config.vocab_size}), got values in "
                             f"[{int(codes.min())}, {int(codes.max())}]")
 
-    def check_labels(self, labels: torch.Tensor | int | None, batch_size: int) -> torch.Tensor | None:
-        """Labels as a (batch_size,) int64 tensor (an int is repeated); None for unconditional models."""
-        num_classes = self.config.num_classes
-        if num_classes is None:
-            if labels is not None:
-                raise UserError("this prior is unconditional: pass labels=None (train with labelled codes "
-                                "for a class-conditional prior)")
-            return None
-        if labels is None:
-            raise UserError(f"this prior is class-conditional: pass labels in [0, {num_classes})")
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        if labels.ndim == 0:
-            labels = labels.expand(batch_size)
-        if labels.shape != (batch_size,):
-            raise UserError(f"labels must be an int or {batch_size} ints, got shape {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise UserError(f"labels must lie in [0, {num_classes}), got values in "
-                            f"[{int(labels.min())}, {int(labels.max())}]")
-        return labels
-
-    def check_condition(self, condition: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
-        """The conditioning code map (batch_size, hc, wc[, Dc]) on the model's device; None without one."""
-        config = self.config
-        if config.condition_shape is None:
-            if condition is not None:
-                raise UserError("this prior takes no condition code map: pass condition=None")
-            return None
-        shape = tuple(config.condition_shape)
-        shape = shape[:2] if len(shape) == 3 and shape[2] == 1 else shape
-        if condition is None:
-            raise UserError(f"this prior is conditioned on a code map: pass condition of shape "
-                            f"({batch_size}, {', '.join(map(str, shape))})")
-        condition = torch.as_tensor(condition, device=self.device)
-        if condition.dtype.is_floating_point or tuple(condition.shape) != (batch_size, *shape):
-            raise UserError(f"the condition code map must be integers of shape ({batch_size}, "
-                            f"{', '.join(map(str, shape))}), got {condition.dtype} {tuple(condition.shape)}")
-        if condition.numel() and (int(condition.min()) < 0 or int(condition.max()) >= config.condition_vocab_size):
-            raise UserError(f"the condition codes must lie in [0, {config.condition_vocab_size}), got values in "
-                            f"[{int(condition.min())}, {int(condition.max())}]")
-        return condition
+    def context(self, labels: torch.Tensor | int | None, condition: torch.Tensor | None, batch_size: int) -> Context:
+        """The checked conditions of a batch (labels, condition code map) on the model's device."""
+        return check_context(self.config, labels, condition, batch_size, self.device)
 
     def stacked(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes as (B, h, w, D) whatever their public shape."""
+        if codes.is_inference() and not torch.is_inference_mode_enabled():
+            codes = codes.clone()  # codes from `sample` are inference tensors, which autograd cannot save
         return codes if self.config.depth > 1 else codes[..., None]
 
     def public(self, codes: torch.Tensor) -> torch.Tensor:
@@ -366,255 +180,156 @@ class Prior(PretrainedModel):
         the cached samplers embed one row or one position at a time)."""
         depth, vocab = self.config.depth, self.config.vocab_size
         if depth == 1:  # one entry: no offsets to add, nothing to sum (the same values, fewer ops per position)
-            indices = codes[..., 0].long()
-            if indices.is_inference() and not torch.is_inference_mode_enabled():
-                indices = indices.clone()  # codes from `sample` are inference tensors, which autograd cannot save
-            return self.embedding(indices)  # (..., C)
+            return self.embedding(codes[..., 0].long())  # (..., C)
         offsets = torch.arange(depth, device=codes.device) * vocab
         vectors = self.embedding(codes.long() + offsets)  # (..., D, C / groups)
         if self.config.channel_groups > 1:
             return vectors.flatten(-2)  # (..., D * C / groups): group d holds entry d
         return vectors.sum(-2)
 
-    def model_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """Labels as the network sees them: in training with label dropout, some become the null class."""
-        null = self.config.null_class
-        if labels is None or null is None or not self.training:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
-        return torch.where(drop, torch.full_like(labels, null), labels)
+    def conditioning(self, context: Context, rows: int | None = None) -> Conditioning:
+        """What the network reads for `context`: label rows (some dropped to the null class in training
+        with label dropout) and the code map's features on the first `rows` rows (all by default)."""
+        code_map = None
+        if context.code_map is not None:
+            code_map = self.condition_network(context.code_map)[:, :, :rows]  # (B, C, rows, w)
+        return Conditioning(dropped_labels(self.config, context.labels, self.training), code_map)
 
-    @property
-    def label_rows(self) -> int:
-        """Rows of the class embedding tables: the classes, and the null class when there is one."""
-        return (self.config.num_classes or 0) + (self.config.null_class is not None)
-
-    def features(self, codes: torch.Tensor, labels: torch.Tensor | None,
-                 condition: torch.Tensor | None) -> torch.Tensor:
+    def features(self, stacked: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """Stacked codes (B, h', w, D), h' <= h rows -> network features (B, C, h', w)."""
-        condition_features = None
-        if condition is not None:
-            condition_features = self.condition_network(condition)[:, :, :codes.shape[1]]  # (B, C, h', w)
-        return self.network(self.embed(codes), labels, condition_features)
+        return self.network(self.embed(stacked), conditioning)
 
-    def network(self, x: torch.Tensor, labels: torch.Tensor | None,
-                condition: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - every arch overrides it
-        raise NotImplementedError
-
-    def head_logits(self, features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Features (B, C, h', w) and stacked codes (B, h', w, D) -> logits (B, V, h', w, D); entry d at p
-        depends on the features at p and on the codes (p, d' < d) (directly, or through channel groups)."""
-        config = self.config
-        hidden = F.relu(self.head_hidden(F.relu(features)))  # (B, C, h', w)
-        if config.head == "logistic_mixture":
-            params = rearrange(self.head_out(hidden), "b p h w -> b h w p")
-            return rearrange(self.mixture_log_probs(params, codes), "b h w d v -> b v h w d")
-        if config.channel_groups > 1:
-            return rearrange(self.head_out(hidden), "b (d v) h w -> b v h w d", d=config.depth)
-        if config.depth == 1:
-            return self.head_out(hidden)[..., None]  # (B, V, h', w, 1)
-        # depth head: features + position of the entry + the entries before it at this position
-        earlier = self.depth_inputs(codes)  # (B, h', w, D, C)
-        inputs = rearrange(features, "b c h w -> b h w 1 c") + earlier + self.depth_position  # (B, h', w, D, C)
-        hidden = F.relu(F.linear(F.relu(inputs), self.head_hidden.matrix, self.head_hidden.bias))
-        return rearrange(F.linear(hidden, self.head_out.matrix, self.head_out.bias), "b h w d v -> b v h w d")
-
-    def depth_inputs(self, codes: torch.Tensor) -> torch.Tensor:
-        """Exclusive running sum over the stack of the entries' depth embeddings: (B, h, w, D, C)."""
-        offsets = torch.arange(self.config.depth, device=codes.device) * self.config.vocab_size
-        vectors = self.depth_embedding(codes.long() + offsets)  # (B, h, w, D, C)
-        return vectors.cumsum(3) - vectors
-
-    def mixture_log_probs(self, params: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Mixture parameters (..., P) and the stack (..., D) -> log p(entry d = k | entries < d): (..., D, K).
-
-        The per-entry categorical of the mixture: component weights updated by the entries already
-        seen, means coupled linearly to them. Summing the observed entries' values gives the joint
-        log-likelihood of the mixture exactly (the chain rule)."""
-        config = self.config
-        levels = config.vocab_size
-        logit_pi, means, log_scales, coeffs = split_mixture(params, config.mixtures, config.depth)
-        values = level_values(codes, levels)  # (..., D)
-        log_weight = F.log_softmax(logit_pi, dim=-1)  # (..., M)
-        out = []
-        for channel in range(config.depth):
-            mean = coupled_means(means, coeffs, values, channel)  # (..., M)
-            every_level = discretized_logistic_log_probs(mean, log_scales[..., channel], levels)  # (..., M, K)
-            out.append(torch.logsumexp(log_weight[..., None] + every_level, dim=-2))  # (..., K)
-            observed = discretized_logistic_log_probs(mean, log_scales[..., channel], levels,
-                                                      values[..., channel, None])  # (..., M)
-            log_weight = log_weight + observed
-        return torch.stack(out, dim=-2)  # (..., D, K)
-
-    def mixture_nll(self, params: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """-log p(stack) per position, straight from the mixture (no per-level tensor): (...,)."""
-        config = self.config
-        logit_pi, means, log_scales, coeffs = split_mixture(params, config.mixtures, config.depth)
-        values = level_values(codes, config.vocab_size)
-        total = F.log_softmax(logit_pi, dim=-1)  # (..., M)
-        for channel in range(config.depth):
-            mean = coupled_means(means, coeffs, values, channel)
-            total = total + discretized_logistic_log_probs(mean, log_scales[..., channel], config.vocab_size,
-                                                           values[..., channel, None])
-        return -torch.logsumexp(total, dim=-1)
+    def stack_logits(self, stacked: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """Stacked codes (B, h', w, D) -> logits (B, h', w, D, V): entry d at p given everything before it."""
+        features = rearrange(self.features(stacked, conditioning), "b c h w -> b h w c")
+        return self.head(features, stacked)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
                 condition: torch.Tensor | None = None) -> torch.Tensor:
         """Codes (B, h, w[, D]) int -> logits (B, V, h, w[, D]): log-probabilities up to a constant of each
         code given the codes before it in raster-then-stack order (and the label and condition map)."""
         self.check_codes(codes)
-        labels = self.model_labels(self.check_labels(labels, codes.shape[0]))
-        condition = self.check_condition(condition, codes.shape[0])
-        stacked = self.stacked(codes)
-        logits = self.head_logits(self.features(stacked, labels, condition), stacked)
+        context = self.context(labels, condition, codes.shape[0])
+        logits = rearrange(self.stack_logits(self.stacked(codes), self.conditioning(context)), "b h w d v -> b v h w d")
         return logits if self.config.depth > 1 else logits[..., 0]
 
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
             condition: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log-likelihood per code in nats (the training loss)."""
         self.check_codes(codes)
-        if self.config.head != "logistic_mixture":
-            logits = self(codes, labels, condition)
-            return F.cross_entropy(logits.float(), codes.long())
-        labels = self.model_labels(self.check_labels(labels, codes.shape[0]))
-        condition = self.check_condition(condition, codes.shape[0])
+        context = self.context(labels, condition, codes.shape[0])
         stacked = self.stacked(codes)
-        features = self.features(stacked, labels, condition)
-        params = rearrange(self.head_out(F.relu(self.head_hidden(F.relu(features)))), "b p h w -> b h w p")
-        return self.mixture_nll(params.float(), stacked).mean() / self.config.depth
+        features = rearrange(self.features(stacked, self.conditioning(context)), "b c h w -> b h w c")
+        return self.head.nll(features, stacked).mean() / self.config.depth
 
     def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
                  condition: torch.Tensor | None = None, precision: str = "float64") -> torch.Tensor:
         """Log-likelihood of each grid (B,) in nats (float64): the sum over its codes of log p(code | before).
         The network runs in `precision` (float64 by default, so scores do not depend on the batch)."""
-        from stage2_prior.sampling import PRECISIONS, cast_copy, evaluation
-
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.check_codes(codes)
+        return self.stack_log_prob(self.stacked(codes.to(self.device)), self.context(labels, condition, len(codes)),
+                                   precision)
+
+    def stack_log_prob(self, stacked: torch.Tensor, context: Context, precision: str = "float64") -> torch.Tensor:
+        """`log_prob` of checked stacked codes (B, h, w, D) and context."""
         with evaluation(self):
             model = cast_copy(self, getattr(torch, precision))
-            logits = model(codes.to(self.device), labels, condition).double()  # (B, V, h, w[, D])
-            log_probs = F.log_softmax(logits, dim=1).gather(1, codes.long()[:, None].to(logits.device))
-            return log_probs.flatten(1).sum(1)
+            features = rearrange(model.features(stacked, model.conditioning(context)), "b c h w -> b h w c")
+            return -model.head.nll(features, stacked).double().flatten(1).sum(1)
 
     # ------------------------------------------------------------------------------------------
-    # Incremental computation for the cached sampler (arch hooks)
-    # ------------------------------------------------------------------------------------------
-
-    def start(self, batch_size: int, labels: torch.Tensor | None, condition: torch.Tensor | None) -> Any:
-        """A fresh incremental state for `batch_size` samples (arch hook; see `step_features`)."""
-        raise UserError(f"arch {self.config.arch!r} has no cached sampler; use method='naive'")
-
-    def compile_steps(self, state: Any, method: str) -> None:
-        """Make `state` run its per-position step through torch.compile ("compiled") or in CUDA graphs
-        ("graph": torch.compile's reduce-overhead mode). Every cached state names that step `chain`: a
-        function of tensors whose shapes do not change over the grid (the position, where it reads one,
-        is a tensor too, with `fixed_shapes` set), so it compiles once per shape.
-        For CUDA graphs, the tensors the chain reads (`graph_inputs`) are copied into tensors kept on
-        the model and marked static: the same addresses for every state of these shapes, so a graph
-        recorded for one sample replays for the next (new addresses would make torch record it again,
-        and stop graphing after 128 such re-records) and no weight or cache is copied per replay. So
-        one such state per model and shapes is in use at a time (`run` measures its tolerance first)."""
-        state.chain = compiled_chain(state.chain, method)
-        state.fixed_shapes = True
-        if method != "graph":
-            return
-        pool = self.__dict__.setdefault("_graph_inputs", {})  # (name, index, shape, dtype, device) -> tensor
-
-        def fixed(name: str, index: int, tensor: torch.Tensor | None) -> torch.Tensor | None:
-            if tensor is None:
-                return None
-            key = (name, index, tuple(tensor.shape), tensor.dtype, tensor.device)
-            if key not in pool:
-                pool[key] = torch.empty_like(tensor)
-                torch._dynamo.mark_static_address(pool[key])
-            return pool[key].copy_(tensor)
-
-        for name in state.graph_inputs:
-            value = getattr(state, name)
-            if isinstance(value, (list, tuple)):
-                setattr(state, name, type(value)(fixed(name, index, tensor) for index, tensor in enumerate(value)))
-            else:
-                setattr(state, name, fixed(name, 0, value))
-
-    def step_features(self, state: Any, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
-        """Features (B, C) at (row, column) for stack entry `depth`, from `state` and the stacked codes
-        (B, h, w, D), which hold every code before (row, column, depth) (arch hook)."""
-        raise NotImplementedError
-
-    def head_step(self, features: torch.Tensor, codes_here: torch.Tensor, depth: int) -> torch.Tensor:
-        """Logits (B, V) of stack entry `depth` at one position from its features (B, C) and the stack
-        there (B, D), of which entries < depth are known. The same arithmetic as `head_logits`."""
-        config = self.config
-        hidden = F.relu(self.head_hidden.vector(F.relu(features)))  # (B, C)
-        if config.head == "logistic_mixture":
-            params = self.head_out.vector(hidden)  # (B, P)
-            return self.mixture_log_probs(params, codes_here)[:, depth]  # (B, K)
-        if config.channel_groups > 1:
-            vocab = config.vocab_size
-            rows = slice(depth * vocab, (depth + 1) * vocab)
-            return F.linear(hidden, self.head_out.matrix[rows], self.head_out.bias[rows])
-        if config.depth == 1:
-            return self.head_out.vector(hidden)
-        earlier = self.depth_inputs(codes_here[:, None, None])[:, 0, 0, depth]  # (B, C)
-        inputs = F.relu(features + earlier + self.depth_position[depth])
-        return self.head_out.vector(F.relu(self.head_hidden.vector(inputs)))
-
-    # ------------------------------------------------------------------------------------------
-    # Sampling: one loop for every arch (stage2_prior.sampling)
+    # Decoding: the entry points (stage2_prior.decoding)
     # ------------------------------------------------------------------------------------------
 
     def sample(self, num_samples: int, labels: torch.Tensor | int | None = None, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                method: str | None = None, *, seed: int | None = None, sample_offset: int = 0,
-               condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
-               strategy: str = "sample", precision: str = "float64") -> torch.Tensor:
+               condition: torch.Tensor | None = None, guidance_scale: float = 0.0, strategy: str = "sample",
+               precision: str = "float64", options: SamplingOptions | None = None, sampler: Sampler | None = None,
+               return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
         """Draw codes (num_samples, h, w[, D]) in raster order, then the stack.
 
         Sample k is drawn from uniforms seeded by (seed, sample_offset + k): the same codes for any
         batch split, process count, and for `method` "cached" (fast; the default where the arch has
         one), "naive" (one full forward per code), "compiled" (the cached step through torch.compile)
-        and "graph" (that step in CUDA graphs; a GPU only). `strategy="greedy"` (or temperature=0) takes the
-        most likely code each time. `guidance_scale` s > 0 (priors trained with label dropout) uses
-        the guided logits cond + s * (cond - uncond). `condition`: the code map of a conditioned prior.
+        and "graph" (that step in CUDA graphs; a GPU only). seed=None draws a seed from `generator`
+        (the global generator when None). `strategy="greedy"` (or temperature=0) takes the most
+        likely code each time. `guidance_scale` s > 0 (priors trained with label dropout) uses the
+        guided logits cond + s * (cond - uncond). `condition`: the code map of a conditioned prior.
         `precision`: the dtype the network runs in while sampling ("float64", or "float32": the same
-        codes, faster only where few draws need the float64 check; "bfloat16": fast on GPUs, not
-        exact: codes may differ between methods and batch sizes; see stage2_prior.sampling).
+        codes, faster only where few draws need the float64 check; "bfloat16": fast on GPUs, not exact).
+        `options`: a SamplingOptions instead of the keywords above. `sampler`: a Sampler of this prior kept
+        across calls (it measures its float error once; make a new one after the weights change); its
+        options are used. `return_stats`: also return a SamplingStats (network passes per sample, draws
+        re-decided in float64).
         """
-        from stage2_prior.sampling import SamplingOptions, sample_codes
-
-        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy, precision)
-        return sample_codes(self, num_samples, labels, condition, options, generator, method, seed, sample_offset)
+        check_num_samples(num_samples)
+        if sampler is not None and sampler.model is not self:
+            raise UserError("the sampler was made for another prior: pass a Sampler of this one")
+        options = sampling_options(options if sampler is None else sampler.options, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, strategy=strategy,
+                                   precision=precision, method=method)
+        sampler = sampler or Sampler(self, options)  # resolves the options for this prior: its one check of them
+        codes, stats = draw(sampler, num_samples, self.context(labels, condition, num_samples),
+                            resolve_seed(seed, generator), sample_offset)
+        return (self.public(codes), stats) if return_stats else self.public(codes)
 
     def complete(self, codes: torch.Tensor, known_mask: torch.Tensor, labels: torch.Tensor | int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, method: str | None = None, *, seed: int | None = None,
                  sample_offset: int = 0, condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
-                 strategy: str = "sample", precision: str = "float64") -> torch.Tensor:
+                 strategy: str = "sample", precision: str = "float64",
+                 options: SamplingOptions | None = None) -> torch.Tensor:
         """Keep `codes` where `known_mask` (the shape of codes) is True and sample the rest in order.
 
         The prior conditions only on codes earlier in raster order: a known code after an unknown one
         is kept, but does not inform the samples before it.
         """
-        from stage2_prior.sampling import SamplingOptions, sample_codes
-
         self.check_codes(codes)
         if known_mask.shape != codes.shape:
             raise UserError(f"known_mask must have the shape of codes {tuple(codes.shape)}, "
                             f"got {tuple(known_mask.shape)}")
-        options = SamplingOptions.build(temperature, top_k, top_p, guidance_scale, strategy, precision)
-        return sample_codes(self, codes.shape[0], labels, condition, options, generator, method, seed, sample_offset,
-                            known_codes=codes, known_mask=known_mask.bool())
+        options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   guidance_scale=guidance_scale, strategy=strategy, precision=precision, method=method)
+        sampler = Sampler(self, options)
+        completed, _ = draw(sampler, codes.shape[0], self.context(labels, condition, codes.shape[0]),
+                            resolve_seed(seed, generator), sample_offset, self.stacked(codes),
+                            self.stacked(known_mask.bool()))
+        return self.public(completed)
 
     def beam_search(self, num_samples: int = 1, labels: torch.Tensor | int | None = None, num_beams: int = 4, *,
                     condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
                     method: str | None = None, precision: str = "float64") -> BeamSearchOutput:
         """The most likely grids under the prior found by beam search over raster-then-stack order:
-        `num_beams` partial grids kept per sample, scored by their total log-probability. Returns the
-        best grid of each sample and its log-probability (`log_prob` of it, in nats)."""
-        from stage2_prior.sampling import beam_search
+        `num_beams` partial grids kept per sample, scored by their total (guided) log-probability.
+        Returns the best grid of each sample, its log-probability under the prior (`log_prob`, nats)
+        and the score the search maximised (the same without guidance)."""
+        check_num_beams(num_beams)
+        check_num_samples(num_samples)
+        sampler = Sampler(self, SamplingOptions.build(guidance_scale=guidance_scale, precision=precision,
+                                                      method=method), guarded=False)
+        return self.beam_search_with(sampler, num_samples, self.context(labels, condition, num_samples), num_beams)
 
-        return beam_search(self, num_samples, labels, condition, num_beams, guidance_scale, method, precision)
+    def beam_search_with(self, sampler: Sampler, num_samples: int, context: Context,
+                         num_beams: int) -> BeamSearchOutput:
+        """`beam_search` with a sampler of this prior (its options) and a checked context."""
+        with evaluation(self):
+            codes, score = beam_search(sampler, num_samples, context, num_beams)
+        return BeamSearchOutput(self.public(codes), self.stack_log_prob(codes, context, sampler.options.precision),
+                                score)
+
+
+def sampling_options(options: SamplingOptions | None, **keywords: Any) -> SamplingOptions:
+    """`options`, or the options the sampling keywords describe (not both), their values checked; a
+    `Sampler` checks them against a prior."""
+    if options is None:
+        return SamplingOptions.build(**keywords)
+    changed = [name for name, value in keywords.items() if value != SAMPLING_KEYWORDS[name]]
+    if changed:
+        raise UserError(f"pass either options or the sampling keywords, not both (got {', '.join(changed)})")
+    return options
 
 
 def bits_per_code(nats: float) -> float:

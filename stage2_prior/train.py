@@ -12,6 +12,7 @@ decoded sample grid is written to samples/ every --sample-every steps.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -22,15 +23,16 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 
-from shared.codes import CodesDataset, CodesMetadata, find_tokenizer, open_codes
-from shared.config import build_parser, config_from_args, parse_args, values_from_args
+from shared.codes import CodesDataset, CodesMetadata, open_codes
+from shared.config import add_field_argument, build_parser, config_from_args, parse_args, values_from_args
 from shared.data import StepOrder, code_batches, held_out_indices, save_image_grid, shard_range
 from shared.errors import UserError, run_cli
 from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
 from stage1_vqvae.metrics import codebook_statistics
-from stage1_vqvae.pixels import load_tokenizer
-from stage2_prior.config import PriorConfig, Stage2TrainConfig, default_max_steps
+from stage1_vqvae.tokenizer import load_tokenizer, tokenizer_class, tokenizer_for_codes
+from stage2_prior.config import PriorConfig, Stage2TrainConfig, check_option_names, default_max_steps
 from stage2_prior.prior import Prior
+from stage2_prior.registry import ARCHS, arch_spec, option_owners
 
 # PriorConfig fields that come from the codes, not from flags (the run's --level and --condition-level pick them)
 FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
@@ -39,9 +41,28 @@ SAMPLE_SEED = 1234
 SAMPLES_PER_ROW = 8
 
 
-def parser():
-    return build_parser("Train an autoregressive prior on a codes dataset (stage 2).", Stage2TrainConfig,
-                        PriorConfig, skip=FROM_CODES - {"level", "condition_level"})
+def parser() -> argparse.ArgumentParser:
+    parser = build_parser("Train a prior on a codes dataset (stage 2).", Stage2TrainConfig, PriorConfig,
+                          skip=(FROM_CODES - {"level", "condition_level"}) | {"options"})
+    parser._option_string_actions["--arch"].help = "the network: " + "; ".join(
+        f"{name}: {spec.summary}" for name, spec in ARCHS.items()) + " (default: gated)"
+    added: set[str] = set()
+    for spec in ARCHS.values():  # each arch's own options, one flag per name, its help naming the archs
+        for field in dataclasses.fields(spec.options):
+            if field.name not in added and field.metadata.get("flag", True):
+                added.add(field.name)
+                add_field_argument(parser, spec.options, field, f" [arch {', '.join(option_owners(field.name))}]")
+    return parser
+
+
+def arch_option_values(args: argparse.Namespace) -> dict:
+    """The arch options given as flags, checked against the chosen arch: a flag of another arch names that arch."""
+    arch = getattr(args, "arch", "gated")
+    names = {field.name for spec in ARCHS.values() for field in dataclasses.fields(spec.options)}
+    given = {name: getattr(args, name) for name in sorted(names) if hasattr(args, name)}
+    known = {field.name for field in dataclasses.fields(arch_spec(arch).options)}
+    check_option_names(arch, given, known, flags=True)
+    return given
 
 
 def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, CodesMetadata]:
@@ -76,6 +97,7 @@ def prior_config_for(args, train_config: Stage2TrainConfig, metadata: CodesMetad
         num_classes = metadata.num_classes or int(train_codes.labels.max()) + 1
     condition = metadata.level(train_config.condition_level) if train_config.condition_level else None
     values = values_from_args(PriorConfig, args, exclude=FROM_CODES)
+    options = arch_option_values(args)
     if values.get("label_dropout", 0) > 0 and num_classes is None:
         raise UserError("--label-dropout trains an unconditional branch for classifier-free guidance and needs "
                         "labelled codes; drop it, or export a labelled split")
@@ -84,7 +106,7 @@ def prior_config_for(args, train_config: Stage2TrainConfig, metadata: CodesMetad
                        condition_vocab_size=condition.vocab_size if condition else None,
                        condition_shape=condition.grid_shape if condition else None,
                        tokenizer_sha256=metadata.tokenizer_sha256, level=level.name,
-                       condition_level=condition.name if condition else None, **values)
+                       condition_level=condition.name if condition else None, options=options, **values)
 
 
 class TrainingObjective(torch.nn.Module):
@@ -116,7 +138,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         global_batch = train_config.batch_size * train_config.gradient_accumulation_steps * PartialState().num_processes
         train_config = dataclasses.replace(train_config, max_steps=default_max_steps(len(train_codes), global_batch))
     model_config = prior_config_for(args, train_config, metadata, train_codes)
-    tokenizer = load_tokenizer(train_config.tokenizer) if train_config.tokenizer else find_tokenizer(metadata)
+    tokenizer = load_tokenizer(train_config.tokenizer) if train_config.tokenizer else tokenizer_for_codes(metadata)
     if tokenizer is not None and train_config.tokenizer and tokenizer.weights_sha256() != metadata.tokenizer_sha256:
         raise UserError(f"--tokenizer {train_config.tokenizer} did not make these codes (its weights differ from the "
                         f"sha256 in codes.json, {metadata.tokenizer_sha256[:12]}...); pass the tokenizer that made them")
@@ -144,7 +166,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         metrics = prior_metrics(session.unwrapped_model.prior, validation_codes, conditional, session.device,
                                 accelerator.process_index, accelerator.num_processes,
                                 lambda t: accelerator.reduce(t, reduction="sum"))
-        if metadata.tokenizer_class == "PixelTokenizer":
+        if tokenizer_class(metadata).codes_are_subpixels:
             metrics["bits_per_dim"] = metrics["bits_per_code"]  # a code is one subpixel
         return metrics
 

@@ -68,21 +68,29 @@ def tree_digest(root: Path) -> dict[str, bytes]:
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-def cached_logit_error(model, labels, condition, batch: int = 3) -> tuple[float, float]:
-    """Sample `batch` grids with the cached sampler, recording every position's logits, and return
-    (the largest difference from the full forward on the drawn codes, the largest full logit)."""
-    from stage2_prior.sampling import SamplingOptions, run, sample_uniforms
+def stepped_logits(model, method: str, codes: torch.Tensor, labels=None, condition=None, guidance_scale: float = 0.0):
+    """The logits of every draw of the sampler `method` (naive, cached, compiled) on the stacked codes (B, h, w, D),
+    all known so that each draw's logits are those of these codes: {(row, column, depth): (B, V)}, with the model's
+    own full forward (B, h, w, D, V) for comparison."""
+    from stage2_prior.conditioning import Context
+    from stage2_prior.decoding import Sampler, SamplingOptions, evaluation, sample_uniforms
+    from stage2_prior.decoding.sequential import run
 
-    height, width = model.config.latent_shape
-    depth = model.config.depth
+    context = Context(labels, condition)
+    sampler = Sampler(model, SamplingOptions(method=method, guidance_scale=guidance_scale,
+                                             precision=str(next(model.parameters()).dtype).split(".")[1]))
     seen = {}
-    with torch.inference_mode():
-        codes = run(model, "cached", labels, condition, sample_uniforms(5, 0, batch, height * width * depth),
-                    torch.zeros(batch, height, width, depth, dtype=torch.long),
-                    torch.zeros(batch, height, width, depth, dtype=torch.bool), SamplingOptions(),
-                    on_logits=lambda row, column, entry, logits: seen.update({(row, column, entry): logits}))
-        full = model.head_logits(model.features(codes, labels, condition), codes)  # (B, V, h, w, D)
-    assert len(seen) == height * width * depth, "the cached sampler skipped positions"
-    error = max((logits - full[:, :, row, column, entry]).abs().max().item()
-                for (row, column, entry), logits in seen.items())
-    return error, full.abs().max().item()
+    with evaluation(model):
+        run(sampler, context, sample_uniforms(5, 0, len(codes), codes[0].numel()), codes,
+            torch.ones_like(codes, dtype=torch.bool),
+            on_logits=lambda row, column, depth, logits: seen.update({(row, column, depth): logits}))
+        full = model.stack_logits(codes, model.conditioning(context))
+    assert len(seen) == codes[0].numel(), "the sampler skipped draws"
+    return seen, full
+
+
+def stepped_logit_error(model, method: str, codes: torch.Tensor, labels=None, condition=None) -> float:
+    """The largest difference between the `method` logits of every draw and the full forward's."""
+    seen, full = stepped_logits(model, method, codes, labels, condition)
+    return max((logits.double() - full[:, row, column, depth].double()).abs().max().item()
+               for (row, column, depth), logits in seen.items())

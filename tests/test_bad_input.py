@@ -6,6 +6,7 @@ are hashed before and after). Each API case asserts a ValueError with the promis
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -24,7 +25,7 @@ from stage1_vqvae import VQVAE, VQVAEConfig
 from stage1_vqvae.evaluate import main as tokenizer_evaluate_main
 from stage1_vqvae.export import export, main as export_main
 from stage1_vqvae.train import main as tokenizer_main
-from stage2_prior import GatedPixelCNN, PriorConfig
+from stage2_prior import GatedPixelCNN, Prior, PriorConfig
 from stage2_prior.train import main as prior_main, train as train_prior
 
 PRIOR_FLAGS = ["--hidden-channels", "8", "--num-layers", "2", "--batch-size", "16", "--no-progress"]
@@ -106,6 +107,14 @@ def mismatched_tokenizer(where: Where) -> None:
     VQVAE(VQVAEConfig(image_size=16, codebook_size=64)).save_pretrained(where.tmp / "other_tok")
 
 
+def masked_pipeline(where: Where) -> None:
+    """The shared tokenizer with a plain masked PixelCNN prior (no cached or compiled step)."""
+    tokenizer = VQVAE.from_pretrained(where.tokenizer)
+    trained = GatedPixelCNN.from_pretrained(where.prior)
+    config = dataclasses.replace(trained.config, arch="pixelcnn", options=None)
+    Pipeline(tokenizer, Prior.from_config(config)).save_pretrained(where.tmp / "masked")
+
+
 def partial_pipeline(where: Where) -> None:
     shutil.copytree(where.pipeline, where.tmp / "partial")
     shutil.rmtree(where.tmp / "partial" / "tokenizer")
@@ -156,6 +165,10 @@ COMMAND_CASES = [
     Case(tokenizer_main, "batch that does not fit in memory",
          lambda w: ["--output-dir", str(w.tmp / "huge"), "--batch-size", "100000", "--no-progress"],
          "out of memory with --batch-size 100000.*lower --batch-size"),
+    Case(tokenizer_main, "unknown quantizer", lambda w: tok(w, "--quantizer", "vqq"),
+         "invalid choice: 'vqq' \\(choose from 'vq', 'fsq', 'simvq', 'lfq', 'rvq'\\)"),
+    Case(tokenizer_main, "keep-best by LPIPS without it", lambda w: tok(w, "--best-metric", "lpips"),
+         "--best-metric lpips needs the LPIPS network: pass --perceptual-weight"),
     Case(tokenizer_main, "fsq levels disagree", lambda w: tok(w, "--quantizer", "fsq", "--codebook-size", "100"),
          "product of --fsq-levels"),
     Case(tokenizer_main, "discriminator starts after the last step",
@@ -173,7 +186,7 @@ COMMAND_CASES = [
     Case(export_main, "tokenizer folder missing", lambda w: exp(w, tokenizer=str(w.tmp / "none")), "is not a folder"),
     Case(export_main, "not a tokenizer folder", lambda w: exp(w, tokenizer=str(w.codes)), "config.json is missing"),
     Case(export_main, "a prior is not a tokenizer", lambda w: exp(w, tokenizer=str(w.prior)),
-         "holds a GatedPixelCNN, not a VQVAE"),
+         "holds a GatedPixelCNN, not a tokenizer .*; pass a tokenizer folder"),
     Case(export_main, "wrong channel count", lambda w: exp(w, dataset=str(w.tmp / "rgb")),
          "this tokenizer takes 1-channel images", setup=lambda w: write_image_folder(w.tmp / "rgb", {"a": 2})),
     Case(export_main, "size the tokenizer cannot take", lambda w: exp(w, "--image-size", "18"),
@@ -211,7 +224,13 @@ COMMAND_CASES = [
     Case(prior_main, "tokenizer disagrees with codes", lambda w: pri(w, "--tokenizer", str(w.tmp / "other_tok")),
          "did not make these codes.*pass the tokenizer that made them", setup=mismatched_tokenizer),
     Case(prior_main, "output holds a trained prior", lambda w: pri(w, output=str(w.prior)), "already holds"),
-    Case(prior_main, "bad kernel size", lambda w: pri(w, "--kernel-size", "4"), "kernel_size must be odd"),
+    Case(prior_main, "bad kernel size", lambda w: pri(w, "--kernel-size", "4"), "--kernel-size must be odd"),
+    Case(prior_main, "unknown arch", lambda w: pri(w, "--arch", "pixelcnnx"),
+         "invalid choice: 'pixelcnnx' \\(choose from 'gated', 'pixelcnn', .*'transformer'\\)"),
+    Case(prior_main, "an option of another arch", lambda w: pri(w, "--attention-every", "2"),
+         "--attention-every is an option of arch pixelsnail, not of gated; pass --arch pixelsnail or drop"),
+    Case(prior_main, "a PixelSNAIL without attention", lambda w: pri(w, "--arch", "pixelsnail", "--attention-every", "4"),
+         "has no attention layer.*pass --attention-every 1 or less, or more --num-layers"),
     # generate
     Case(generate_main, "pipeline folder missing", lambda w: gen(w, pipeline=str(w.tmp / "none")), "does not exist"),
     Case(generate_main, "pipeline folder incomplete", lambda w: gen(w, pipeline=str(w.tmp / "partial")),
@@ -221,7 +240,10 @@ COMMAND_CASES = [
     Case(generate_main, "wrong number of labels", lambda w: gen(w, "--labels", "1", "2", "3"),
          "labels must be an int or 2 ints"),
     Case(generate_main, "top-p out of range", lambda w: gen(w, "--top-p", "1.5"), r"top_p must lie in \(0, 1\]"),
-    Case(generate_main, "top-k below one", lambda w: gen(w, "--top-k", "0"), "top_k must be at least 1"),
+    Case(generate_main, "top-k below one", lambda w: gen(w, "--top-k", "0"), "top_k must be an integer of at least 1"),
+    Case(generate_main, "a compiled step the arch does not have", lambda w: gen(w, "--method", "compiled",
+                                                                                 pipeline=str(w.tmp / "masked")),
+         "arch 'pixelcnn' has no compiled step; its methods are naive", setup=lambda w: masked_pipeline(w)),
     Case(generate_main, "temperature negative", lambda w: gen(w, "--temperature", "-1"),
          "temperature must be positive"),
     Case(generate_main, "zero beams (earlier images kept)", lambda w: gen(w, "--num-beams", "0", "--overwrite"),
@@ -299,7 +321,7 @@ API_CASES = [
     ("pipeline mismatch", lambda: Pipeline(tiny_pipeline().tokenizer, GatedPixelCNN(PriorConfig(vocab_size=17,
                                                                                                 latent_shape=(4, 4)))),
      "vocab_size 17 differs from the tokenizer's codebook_size 16"),
-    ("pipeline zero images", lambda: tiny_pipeline().generate(0), "num_images must be at least 1"),
+    ("pipeline zero images", lambda: tiny_pipeline().generate(0), "num_images must be an integer of at least 1"),
     ("pipeline labels on unconditional", lambda: tiny_pipeline(False).generate(1, labels=0), "unconditional"),
     ("pipeline encode wrong size", lambda: tiny_pipeline().encode(torch.zeros(1, 1, 32, 32)), r"\(B, 1, 16, 16\)"),
     ("pipeline complete mask shape", lambda: tiny_pipeline().complete(torch.zeros(1, 1, 16, 16),

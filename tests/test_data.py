@@ -52,6 +52,24 @@ def test_batches_are_a_function_of_seed_and_step_with_workers(colour_folder):
         assert torch.equal(next(cached).pixels, expected.pixels)
 
 
+def test_the_cache_gives_the_streamed_batches_with_a_corrupt_row_and_its_substitute_label(tmp_path):
+    """A corrupt image is replaced by the next readable row, pixels and label both, whether the split is
+    streamed or decoded into memory once."""
+    root = write_image_folder(tmp_path / "photos", {"cat": 6, "dog": 6}, size=(20, 24))
+    (root / "cat" / "5.png").write_bytes(b"\x89PNG truncated")  # the last cat: its substitute is the first dog
+    train_set = load_split(DataConfig(dataset=str(root), image_size=16))
+    bad = [i for i in range(len(train_set)) if train_set.rows.path(i).name == "5.png"][0]
+    assert train_set.labels[bad] == 0 and train_set.labels[bad + 1] == 1
+    order = StepOrder(len(train_set), 12, seed=1)  # one batch holds every row
+    streamed = next(training_batches(train_set, order, 0, num_workers=0, pin_memory=False))
+    cached = next(training_batches(CachedImages(train_set, num_workers=0), order, 0, num_workers=0, pin_memory=False))
+    assert torch.equal(cached.indices, streamed.indices) and torch.equal(cached.pixels, streamed.pixels)
+    assert torch.equal(cached.labels, streamed.labels)
+    where = (streamed.indices == bad).nonzero()[0, 0]
+    assert streamed.labels[where] == 1 and cached.labels[where] == 1  # the substitute's label, both ways
+    assert len(streamed.problems) == 1
+
+
 def test_two_processes_read_disjoint_examples_with_workers(colour_folder):
     train_set, _ = augmented(colour_folder)
     ranks = [training_batches(train_set, StepOrder(len(train_set), 4, 5, rank, 2), 0, 2, False) for rank in (0, 1)]

@@ -7,19 +7,23 @@ logits have a standard deviation of 6, hundreds of samples and several offsets.
 """
 from __future__ import annotations
 
+import io
 import itertools
 
 import pytest
 import torch
 
-from stage2_prior import Prior, PriorConfig
-from stage2_prior.sampling import SamplingOptions, logit_tolerance, run, sample_uniforms
+from conftest import stepped_logits
+from stage2_prior import ARCHS, Prior, PriorConfig
+from stage2_prior.conditioning import Context
+from stage2_prior.decoding import Sampler, SamplingOptions, cast_copy, sample_uniforms
+from stage2_prior.decoding.sequential import run
 
 
 def trained_scale_prior(side: int, std: float = 6.0, **config) -> Prior:
     """The default prior on a side x side grid, weights scaled so that its logits spread like a trained model's."""
     torch.manual_seed(0)
-    model = Prior.from_config(PriorConfig(vocab_size=512, latent_shape=(side, side), **config)).eval()
+    model = Prior.from_config(PriorConfig.build(vocab_size=512, latent_shape=(side, side), **config)).eval()
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     codes = torch.randint(0, 512, (4, side, side))
     labels = torch.zeros(4, dtype=torch.long) if config.get("num_classes") else None
@@ -81,34 +85,36 @@ def test_guided_sampling_at_scale_is_exact():
 
 def test_tolerance_bounds_the_cached_error(prior8):
     """The bound the guard relies on: cached float32 logits stay within tolerance / 2 of float64 ones."""
-    seen = []
-    from stage2_prior.sampling import SamplingOptions, float64_copy, run, sample_uniforms
-
-    codes = prior8.sample(32, seed=1, precision="float32")[..., None]
-    double = float64_copy(prior8)
-    reference = double.head_logits(double.features(codes, None, None), codes)  # (32, V, 8, 8, 1)
-    with torch.inference_mode():
-        run(prior8, "cached", None, None, sample_uniforms(1, 0, 32, 64), codes, torch.ones_like(codes, dtype=torch.bool),
-            SamplingOptions(), on_logits=lambda row, column, depth, logits: seen.append(
-                (logits.double() - reference[:, :, row, column, depth]).abs().max().item()))
-    assert max(seen) < logit_tolerance(prior8, "cached") / 2
+    codes = prior8.stacked(prior8.sample(32, seed=1, precision="float32"))
+    double = cast_copy(prior8, torch.float64)
+    reference = double.stack_logits(codes, double.conditioning(Context()))  # (32, 8, 8, 1, V)
+    seen, _ = stepped_logits(prior8, "cached", codes)
+    errors = [(logits.double() - reference[:, row, column, depth]).abs().max().item()
+              for (row, column, depth), logits in seen.items()]
+    assert max(errors) < Sampler(prior8, SamplingOptions(precision="float32")).tolerance / 2
 
 
-@pytest.mark.parametrize("config", [dict(arch="pixelsnail", num_layers=6, num_heads=4),
-                                    dict(arch="transformer", num_layers=4, num_heads=4),
-                                    dict(arch="row_lstm", num_layers=3), dict(arch="diagonal_bilstm", num_layers=3)])
-def test_every_cached_arch_is_exact_at_trained_scale(config, monkeypatch):
-    """The other cached archs at 64 channels and the logit spread of a trained prior: float32 and float64
+def trained_scale_cases():
+    """Every registered arch with a cached sampler, at 64 channels and a few layers (its recipe's options)."""
+    cases = []
+    for arch, spec in ARCHS.items():
+        config = dict(arch=arch, num_layers=min(spec.recipe.get("num_layers", 4), 6 if arch == "pixelsnail" else 4),
+                      options=spec.recipe.get("options", {}))
+        if arch in ("row_lstm", "diagonal_bilstm"):
+            config["num_layers"] = 3
+        if "cached" in Prior.from_config(PriorConfig(**config, latent_shape=(2, 2))).sampling_methods:
+            cases.append(pytest.param(config, id=arch))
+    return cases
+
+
+@pytest.mark.parametrize("config", trained_scale_cases())
+def test_every_cached_arch_is_exact_at_trained_scale(config):
+    """Every cached arch at 64 channels and the logit spread of a trained prior: float32 and float64
     cached sampling draw the naive sampler's codes, and a sample drawn alone is the same. In float32 the
     guard must have sent draws to the float64 recomputation, or this test checked nothing hard."""
-    import stage2_prior.sampling as sampling
-
     prior = trained_scale_prior(8, **config)
-    recomputed = []
-    original = sampling.Exact.logits
-    monkeypatch.setattr(sampling.Exact, "logits", lambda *args: recomputed.append(1) or original(*args))
-    cached32 = prior.sample(32, seed=5, sample_offset=109, precision="float32")
-    assert len(recomputed) > 0, "no draw came near a boundary"
+    cached32, stats = prior.sample(32, seed=5, sample_offset=109, precision="float32", return_stats=True)
+    assert stats.recomputed > 0, "no draw came near a boundary"
     naive = prior.sample(32, seed=5, sample_offset=109, method="naive")
     assert torch.equal(cached32, naive)
     assert torch.equal(prior.sample(32, seed=5, sample_offset=109), naive)
@@ -190,26 +196,78 @@ def test_guidance_needs_label_dropout():
 
 
 @pytest.mark.parametrize("config", [dict(num_layers=4), dict(arch="transformer", num_layers=2, num_heads=2),
-                                    dict(arch="pixelsnail", num_layers=4, num_heads=2)])
-def test_compiled_step_draws_the_same_codes(config):
+                                    dict(arch="pixelsnail", num_layers=4, num_heads=2, attention_every=2)])
+def test_compiled_step_draws_the_same_codes(config, monkeypatch):
     """At trained scale, method="compiled" (torch.compile of the arch's per-position chain) draws the
     cached sampler's codes: its own logit tolerance sends the draws near a CDF edge to float64. Beam
     search too, whose reorders keep the attention caches in place. Method "graph" (CUDA graphs) needs
-    a GPU; on a CPU `run` still takes its path (mode reduce-overhead, its inputs moved into tensors
-    kept on the model and marked static), though without graphs."""
+    a GPU; on a CPU the sampler still takes its path (mode reduce-overhead, its inputs moved into the
+    sampler's fixed tensors and marked static), though without graphs."""
     prior = trained_scale_prior(6, **config)
     cached = prior.sample(8, seed=4)
     assert torch.equal(prior.sample(8, seed=4, method="compiled"), cached)
     assert torch.equal(prior.sample(8, seed=4, method="compiled", precision="float32"), cached)
     assert torch.equal(prior.beam_search(2, num_beams=3, method="compiled").codes,
                        prior.beam_search(2, num_beams=3).codes)
+    monkeypatch.setattr(SamplingOptions, "resolve", lambda options, model: options)  # graph on a CPU, for this test
+    sampler = Sampler(prior, SamplingOptions(method="graph"))
     known = prior.stacked(torch.zeros(2, 6, 6, dtype=torch.long))
+    first_inputs: set = set()
     for attempt in range(2):  # the second sample reads its weights and caches from the same tensors
         with torch.inference_mode():
-            graph = run(prior, "graph", None, None, sample_uniforms(4, 0, 2, 36), known,
-                        torch.zeros_like(known, dtype=torch.bool), SamplingOptions())
+            graph, _ = run(sampler, Context(), sample_uniforms(4, 0, 2, 36), known,
+                           torch.zeros_like(known, dtype=torch.bool))
         assert torch.equal(prior.public(graph), prior.sample(2, seed=4))
-        fixed_inputs = set(prior.__dict__["_graph_inputs"])
+        fixed_inputs = set(sampler.graph_pool)
         if attempt:  # the pool only grows, so the same keys are the same tensors
             assert fixed_inputs == first_inputs
         first_inputs = fixed_inputs
+
+
+def test_sampling_follows_the_weights_after_a_fused_optimizer_step():
+    """A fused AdamW step (and an edit through .data) changes the weights without bumping their version
+    counters; sampling and log_prob after it must use the new weights, in float64 and float32."""
+    prior = trained_scale_prior(6, num_layers=4)
+    codes = prior.sample(12, seed=1)
+    before = prior.log_prob(codes)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-2, fused=True)
+    for _ in range(5):
+        prior.nll(codes).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        prior.head.out.bias.data[0] += 3.0
+    fresh = Prior.from_config(prior.config)
+    fresh.load_state_dict(prior.state_dict())
+    fresh.eval()
+    prior.eval()
+    after = prior.log_prob(codes)
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, fresh.log_prob(codes), rtol=0, atol=1e-9)
+    for precision in ("float64", "float32"):
+        assert torch.equal(prior.sample(24, seed=2, precision=precision), fresh.sample(24, seed=2, precision=precision))
+
+
+def test_sampling_keeps_nothing_on_the_model():
+    """No float64 twin, tolerance or graph tensors hide in the model after sampling: torch.save sizes and
+    the module's attributes are as they were."""
+    prior = trained_scale_prior(6, num_layers=3)
+
+    def saved_size() -> int:
+        buffer = io.BytesIO()
+        torch.save(prior, buffer)
+        return len(buffer.getvalue())
+
+    size, attributes = saved_size(), set(prior.__dict__)
+    prior.sample(4, seed=0, precision="float32")
+    prior.log_prob(prior.sample(2, seed=0))
+    prior.beam_search(1, num_beams=2)
+    assert saved_size() == size and set(prior.__dict__) == attributes
+
+
+def test_a_kept_sampler_draws_what_sample_draws(prior8):
+    sampler = Sampler(prior8, SamplingOptions(precision="float32", top_k=40))
+    assert torch.equal(prior8.sample(8, seed=3, sampler=sampler), prior8.sample(8, seed=3, precision="float32", top_k=40))
+    assert torch.equal(prior8.sample(4, seed=3, sample_offset=4, sampler=sampler), prior8.sample(8, seed=3, sampler=sampler)[4:])
+    with pytest.raises(ValueError, match="pass either options or the sampling keywords"):
+        prior8.sample(2, seed=3, sampler=sampler, top_p=0.5)

@@ -1,5 +1,5 @@
 """VQ-VAE-2: two-level codes, the export of both levels, a bottom prior conditioned on the top,
-pipeline chains, provenance, PixelSNAIL's receptive field and keep-best."""
+pipeline chains, provenance, and keep-best (also across a crash and a resume)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from pipelines.generate import main as generate_main
 from shared.codes import open_codes
 from stage1_vqvae import VQVAE, VQVAEConfig
 from stage1_vqvae.export import export
-from stage2_prior import Prior, PriorConfig
+from stage2_prior import Prior
 from stage2_prior.train import main as prior_main, train as train_prior
 
 PRIOR = ["--hidden-channels", "16", "--num-layers", "3", "--batch-size", "32", "--warmup-steps", "2", "--max-steps", "6",
@@ -177,37 +177,67 @@ def test_folder_whose_config_does_not_describe_its_weights(two_levels, tmp_path)
     assert result.returncode == 2
 
 
-def test_pixelsnail_sees_every_earlier_position_at_32x32():
-    torch.manual_seed(0)
-    model = Prior.from_config(PriorConfig(vocab_size=8, latent_shape=(32, 32), hidden_channels=8, num_layers=2,
-                                          arch="pixelsnail", attention_every=1, num_heads=2, dropout=0.0))
-    gated = Prior.from_config(PriorConfig(vocab_size=8, latent_shape=(32, 32), hidden_channels=8, num_layers=2))
-    for prior in (model, gated):
-        codes = torch.randint(0, 8, (1, 32, 32))
-        embedded = prior.embed(codes[..., None]).detach().requires_grad_(True)
-        prior.embed = lambda _: embedded
-        prior(codes)[0, :, 31, 31].sum().backward()
-        seen = embedded.grad[0].abs().sum(0).flatten()  # (1024,)
-        if prior is model:
-            assert (seen[:1023] > 0).all() and seen[1023] == 0  # the whole past, nothing else
-        else:
-            assert (seen[:1023] > 0).sum() < 100  # two gated layers see a small neighbourhood
+def best_run_flags(codes) -> list[str]:
+    return ["--codes", str(codes), "--sample-every", "100", "--hidden-channels", "16", "--num-layers", "2",
+            "--batch-size", "8", "--learning-rate", "0.003", "--warmup-steps", "1", "--no-progress"]
 
 
-def test_keep_best_saves_the_best_validation_step(tiny_tokenizer, tmp_path):
+def scripted_validation(monkeypatch, bits_at_step) -> None:
+    """Validation reports `bits_at_step(step)` bits/code, so which step is best is known in advance."""
+    import stage2_prior.train as stage2_train
+
+    real = stage2_train.prior_metrics
+
+    def metrics(model, *args, **kwargs):
+        values = real(model, *args, **kwargs)
+        return {**values, "bits_per_code": bits_at_step(metrics.step)}
+
+    original_run = stage2_train.TrainingSession.run
+
+    def run(session, start_step, compute_loss, evaluate, *args, **kwargs):
+        def scripted(step):  # tell the metrics which step is being validated
+            metrics.step = step
+            return evaluate(step)
+        return original_run(session, start_step, compute_loss, scripted, *args, **kwargs)
+
+    monkeypatch.setattr(stage2_train, "prior_metrics", metrics)
+    monkeypatch.setattr(stage2_train.TrainingSession, "run", run)
+
+
+def test_keep_best_keeps_the_best_validation_step(tiny_tokenizer, tmp_path, monkeypatch):
     export(["--tokenizer", str(tiny_tokenizer), "--output", str(tmp_path / "codes"), "--no-progress"])
-    # a high learning rate without decay overfits and wanders: the best step is not the last
-    flags = ["--codes", str(tmp_path / "codes"), "--max-steps", "24", "--eval-every", "4", "--save-every", "24",
-             "--sample-every", "100", "--hidden-channels", "32", "--num-layers", "4", "--dropout", "0",
-             "--learning-rate", "0.05", "--min-lr-ratio", "1", "--warmup-steps", "1", "--batch-size", "8",
-             "--validation-fraction", "0.5", "--no-progress"]
+    scripted_validation(monkeypatch, lambda step: {4: 5.0, 8: 3.0, 12: 4.0, 16: 4.5}[step])
+    flags = [*best_run_flags(tmp_path / "codes"), "--max-steps", "16", "--eval-every", "4", "--save-every", "16"]
     best = train_prior(["--output-dir", str(tmp_path / "best"), *flags])
     last = train_prior(["--output-dir", str(tmp_path / "last"), "--no-keep-best", *flags])
     recorded = json.loads((tmp_path / "best" / "metrics.json").read_text())
-    assert recorded["best_step"] == best["best_step"] and recorded["bits_per_code"] <= recorded["last_bits_per_code"]
-    assert (tmp_path / "best" / "model.safetensors").read_bytes() == (
-        tmp_path / "best" / "best" / "model.safetensors").read_bytes()
-    if best["best_step"] != 24:
-        assert best["bits_per_code"] < last["bits_per_code"]
-        assert (tmp_path / "best" / "model.safetensors").read_bytes() != (
-            tmp_path / "last" / "model.safetensors").read_bytes()
+    assert recorded["best_step"] == best["best_step"] == 8
+    assert recorded["bits_per_code"] == 3.0 and recorded["last_bits_per_code"] == 4.5
+    assert last["bits_per_code"] == 4.5 and last["best_step"] == 8 and last["best_bits_per_code"] == 3.0
+    output = (tmp_path / "best" / "model.safetensors").read_bytes()
+    assert output == (tmp_path / "best" / "best" / "step_00000008" / "model.safetensors").read_bytes()
+    assert output != (tmp_path / "last" / "model.safetensors").read_bytes()
+    assert sorted(path.name for path in (tmp_path / "best" / "best").iterdir()) == ["step_00000008"]
+
+
+def test_keep_best_after_a_crash_and_a_resume_with_other_cadences(tiny_tokenizer, tmp_path, monkeypatch):
+    """The run crashed after writing a new best model (step 12) but before checkpointing it; it is resumed
+    from step 8 with another --eval-every and a smaller --max-steps. The output must be a model of the
+    resumed run that metrics.json describes, never the lost run's step-12 model."""
+    export(["--tokenizer", str(tiny_tokenizer), "--output", str(tmp_path / "codes"), "--no-progress"])
+    scripted_validation(monkeypatch, lambda step: 10.0 - 0.1 * step)  # every validation is a new best
+    run = tmp_path / "run"
+    flags = best_run_flags(tmp_path / "codes")
+    first = train_prior(["--output-dir", str(run), "--max-steps", "12", "--eval-every", "4", "--save-every", "8", *flags])
+    assert first["best_step"] == 12
+    lost = (run / "best" / "step_00000012" / "model.safetensors").read_bytes()
+    shutil.rmtree(run / "checkpoints" / "step_00000012")  # the crash: no checkpoint after the best
+    for name in ("model.safetensors", "config.json", "metrics.json"):
+        (run / name).unlink()
+    resumed = train_prior(["--output-dir", str(run), "--resume", "--max-steps", "10", "--eval-every", "5",
+                           "--save-every", "8", *flags])
+    assert resumed["best_step"] == 10 and not (run / "best" / "step_00000012").exists()
+    output = (run / "model.safetensors").read_bytes()
+    assert output != lost
+    assert output == (run / "best" / "step_00000010" / "model.safetensors").read_bytes()
+    assert json.loads((run / "metrics.json").read_text())["best_step"] == 10

@@ -122,6 +122,33 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception_weights
     assert abs(same) < 1e-4 * distances[0] and 0 < distances[0] < distances[1], (same, distances)
 
 
+def test_fid_equals_the_formula_computed_independently(inception_weights, small_features):
+    """FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)) (Heusel et al. 2017, eq. 6), here from the
+    network's features with numpy's statistics and scipy's matrix square root, against FrechetDistance."""
+    from scipy import linalg
+
+    from stage1_vqvae.fid import FrechetDistance
+
+    generator = torch.Generator().manual_seed(3)
+    real = torch.rand(40, 3, 16, 16, generator=generator) * 2 - 1
+    fake = (real[:30] * 0.7 + 0.3 * torch.rand(30, 3, 16, 16, generator=generator)).clamp(-1, 1)
+    fid = FrechetDistance(inception_weights)
+    fid.add(real, real=True)
+    fid.add(fake, real=False)
+
+    def features(images: torch.Tensor) -> np.ndarray:
+        pixels = images.add(1).mul(127.5).round().to(torch.uint8)  # what FrechetDistance feeds the network
+        with torch.no_grad():
+            return fid.metric.inception(pixels).double().numpy()  # (N, 64)
+
+    real_features, fake_features = features(real), features(fake)
+    mean_real, mean_fake = real_features.mean(0), fake_features.mean(0)
+    cov_real, cov_fake = np.cov(real_features, rowvar=False), np.cov(fake_features, rowvar=False)
+    root = linalg.sqrtm(cov_real @ cov_fake).real
+    expected = ((mean_real - mean_fake) ** 2).sum() + np.trace(cov_real + cov_fake - 2 * root)
+    assert expected > 0.01 and fid.compute() == pytest.approx(expected, rel=1e-4)
+
+
 def test_fid_reads_pool3_features_by_default(inception_weights):
     """The commands' FID: 2048-d pool3 statistics in float64 (computing it is a 2048x2048 eigenproblem,
     left to the tests above at 64-d)."""

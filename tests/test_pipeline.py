@@ -83,7 +83,7 @@ def test_encode_decode_reconstruct_complete(pipeline_dir):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda p: p.generate(0), "num_images must be at least 1"),
+    (lambda p: p.generate(0), "num_images must be an integer of at least 1"),
     (lambda p: p.generate(2, labels=5), r"labels must lie in \[0, 3\)"),
     (lambda p: p.generate(2, labels=[0, 1, 2]), "labels must be an int or 2 ints"),
     (lambda p: p.generate(2, output_type="jpeg"), "output_type must be one of"),

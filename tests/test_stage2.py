@@ -7,16 +7,17 @@ import shutil
 import pytest
 import torch
 
-from stage2_prior import GatedPixelCNN, Prior, PriorConfig
+from conftest import stepped_logit_error
+from stage2_prior import ARCHS, GatedPixelCNN, Prior, PriorConfig
 from stage2_prior.layers import GatedBlock, MaskedConv2d
-from stage2_prior.sampling import SamplingOptions, run, sample_uniforms
 from stage2_prior.train import train
 
 
 def tiny_prior(arch="gated", num_classes=None, latent_shape=(5, 6), num_layers=4, kernel_size=3, seed=0):
     torch.manual_seed(seed)
     model = GatedPixelCNN(PriorConfig(vocab_size=11, latent_shape=latent_shape, num_classes=num_classes,
-                                      hidden_channels=8, num_layers=num_layers, kernel_size=kernel_size, arch=arch))
+                                      hidden_channels=8, num_layers=num_layers, options=dict(kernel_size=kernel_size),
+                                      arch=arch))
     for parameter in model.parameters():  # larger than default init, so every dependency shows in the logits
         parameter.data.normal_(0, 0.5)
     return model.eval()
@@ -90,52 +91,25 @@ def test_no_blind_spot_for_gated_and_blind_spot_for_pixelcnn():
     assert plain[3 * 6 + 2] == 0 and plain[3 * 6 + 1] > 0
 
 
-def test_conditioning_changes_logits():
-    model = tiny_prior(num_classes=3)
-    codes = torch.randint(0, 11, (1, 5, 6))
-    assert not torch.allclose(model(codes, 0), model(codes, 2))
-
-
 @pytest.mark.parametrize("config", [
-    dict(),
-    dict(kernel_size=5, num_layers=3),
-    dict(num_classes=4, latent_shape=(3, 7)),
-    dict(num_classes=2, latent_shape=(6, 2), num_layers=6),
-])
-def test_cached_sampler_equals_naive(config):
-    model = tiny_prior(**config)
-    labels = torch.tensor([0, 1, 1]) if config.get("num_classes") else None
-    for options in (dict(), dict(temperature=0.7, top_k=4), dict(top_p=0.8)):
-        naive = model.sample(3, labels=labels, seed=5, method="naive", **options)
-        cached = model.sample(3, labels=labels, seed=5, method="cached", **options)
-        assert torch.equal(naive, cached)
-    checked = model.check_labels(labels, 3)
-    height, width = model.config.latent_shape
-    seen = {}
-    with torch.inference_mode():
-        codes = run(model, "cached", checked, None, sample_uniforms(5, 0, 3, height * width),
-                    torch.zeros(3, height, width, 1, dtype=torch.long), torch.zeros(3, height, width, 1, dtype=torch.bool),
-                    SamplingOptions(), on_logits=lambda row, column, depth, logits: seen.update({(row, column): logits}))
-        full = model(codes[..., 0], checked)
-    assert all(torch.allclose(logits, full[:, :, row, column], atol=1e-5) for (row, column), logits in seen.items())
-
-
-@pytest.mark.parametrize("config", [
-    dict(kernel_size=7, num_layers=3, num_classes=2),
+    dict(options=dict(kernel_size=7), num_layers=3, num_classes=2),
+    dict(options=dict(kernel_size=5), latent_shape=(6, 2)),  # a grid narrower than the kernel
     dict(depth=3),  # channel groups: the first layer reads the position's own lower groups
-    dict(depth=2, arch="pixelsnail", attention_every=1),  # a per-layer hook: the stream keeps its biases
+    dict(depth=2, arch="pixelsnail", options=dict(attention_every=1, num_heads=2)),  # the stream keeps its biases
     dict(latent_shape=(4, 6), condition_shape=(2, 3), condition_vocab_size=5),
 ])
-def test_cached_logits_are_the_full_forward_in_float64(config):
-    """Every incremental shortcut (unfolded row start, biases folded out of the stream, tap 0 of layer 0
-    alone) computes the full forward's logits: in float64 they agree to rounding."""
-    assert max(step_errors_in_float64(config, "cached")) < 1e-9
+def test_gated_shortcuts_compute_the_full_forward_in_float64(config):
+    """Every incremental shortcut of the gated state (unfolded row start, biases folded out of the stream,
+    tap 0 of layer 0 alone) computes the full forward's logits, also for kernel sizes and grids the
+    contract suite's tiny configs do not reach: in float64 they agree to rounding."""
+    model, labels, condition = float64_prior(config)
+    assert stepped_logit_error(model, "cached", codes_of(model), labels, condition) < 1e-9
 
 
-def step_errors_in_float64(config: dict, method: str) -> list[float]:
-    """The largest difference from the full forward of the `method` logits at every draw of two samples
-    of a float64 prior with weights N(0, 0.5) (logits that spread like a trained model's, or wider)."""
-    settings = dict(vocab_size=11, latent_shape=(5, 6), hidden_channels=12, num_layers=4, num_heads=2)
+def float64_prior(config: dict):
+    """A float64 prior with weights N(0, 0.5) (logits that spread like a trained model's, or wider), and the
+    labels and condition map of two samples."""
+    settings = dict(vocab_size=11, latent_shape=(5, 6), hidden_channels=12, num_layers=4)
     settings.update(config)
     torch.manual_seed(0)
     model = Prior.from_config(PriorConfig(**settings)).double().eval()
@@ -143,34 +117,39 @@ def step_errors_in_float64(config: dict, method: str) -> list[float]:
         parameter.data.normal_(0, 0.5)
     labels = torch.tensor([0, 1]) if model.config.num_classes else None
     condition = torch.randint(0, 5, (2, 2, 3)) if model.config.condition_shape else None
-    codes = model.stacked(model.sample(2, labels=labels, condition=condition, seed=3))
-    full = model.head_logits(model.features(codes, labels, condition), codes)  # (2, V, h, w, D)
-    errors = []
-    with torch.inference_mode():
-        run(model, method, labels, condition, sample_uniforms(3, 0, 2, codes[0].numel()), codes,
-            torch.ones_like(codes, dtype=torch.bool), SamplingOptions(), on_logits=lambda row, column, depth, logits:
-            errors.append((logits - full[:, :, row, column, depth]).abs().max().item()))
-    assert len(errors) == codes[0].numel()
-    return errors
+    return model, labels, condition
 
 
-@pytest.mark.parametrize("config", [
-    dict(num_classes=2),
-    dict(depth=2, arch="pixelsnail", attention_every=1),
-    dict(arch="transformer", latent_shape=(4, 6), condition_shape=(2, 3), condition_vocab_size=5),
-    dict(arch="row_lstm", num_classes=2),
-    dict(arch="diagonal_bilstm", depth=3),
-])
-def test_every_cached_arch_compiles_its_step_once(config):
+def codes_of(model) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, *model.config.latent_shape, model.config.depth),
+                         generator=torch.Generator().manual_seed(3))
+
+
+def compiled_cases():
+    """Every registered arch whose state has a chain, with labels, a condition map or a stack."""
+    cases = []
+    for index, (arch, spec) in enumerate(ARCHS.items()):
+        extra = [dict(num_classes=2), dict(depth=2), dict(latent_shape=(4, 6), condition_shape=(2, 3),
+                                                          condition_vocab_size=5)][index % 3]
+        config = {**spec.tiny, "arch": arch, **extra}
+        model, _, _ = float64_prior(config)
+        if "compiled" in model.sampling_methods:
+            cases.append(pytest.param(config, id=arch))
+    return cases
+
+
+@pytest.mark.parametrize("config", compiled_cases())
+def test_every_arch_with_a_chain_compiles_its_step_once(config):
     """method="compiled": torch.compile of each arch's per-position chain (method "graph" adds CUDA
     graphs on a GPU). Its float64 logits are the full forward's, and it is one graph that no position
     recompiles: the shapes stay fixed and the position is a tensor (a recompile raises here)."""
     from torch._dynamo.utils import counters
 
+    model, labels, condition = float64_prior(config)
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert max(step_errors_in_float64(config, "compiled")) < 1e-9
+        assert stepped_logit_error(model, "compiled", codes_of(model), labels, condition) < 1e-9
     assert counters["stats"]["unique_graphs"] == 1  # no graph break splits the chain
 
 
@@ -183,28 +162,38 @@ def test_compiled_step_survives_many_batch_sizes():
         assert torch.equal(model.sample(batch, seed=1, method="compiled"), model.sample(batch, seed=1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_cached_sampler_follows_the_model_dtype(dtype):
-    model = tiny_prior(num_classes=3).to(dtype)
+def test_a_float64_model_samples_in_float64_as_it_is():
+    model = tiny_prior(num_classes=3).double()
     cached = model.sample(2, labels=1, seed=2, method="cached")
-    assert cached.shape == (2, 5, 6)
-    if dtype == torch.float64:
-        assert torch.equal(cached, model.sample(2, labels=1, seed=2, method="naive"))
+    assert torch.equal(cached, model.sample(2, labels=1, seed=2, method="naive"))
+    assert torch.equal(cached, tiny_prior(num_classes=3).sample(2, labels=1, seed=2))  # float32 weights, float64 run
 
 
-def test_bfloat16_precision_runs_in_bfloat16_without_the_guard(monkeypatch):
+@pytest.mark.parametrize("precision", ["bfloat16", "float64"])
+def test_the_network_runs_in_the_precision_asked_for(precision, monkeypatch):
     """precision="bfloat16" (for GPUs; not exact): the network runs in bfloat16 and nothing measures a
-    tolerance or recomputes a draw in float64; the same call still gives the same codes."""
-    import stage2_prior.sampling as sampling
+    tolerance or recomputes a draw in float64; the same call still gives the same codes. float64 runs
+    the guard."""
+    import stage2_prior.decoding.guard as guard
+    import stage2_prior.decoding.sampler as sampler
 
     model = tiny_prior(num_classes=3)
     float64 = model.sample(6, labels=1, seed=2)
-    monkeypatch.setattr(sampling, "logit_tolerance", lambda *args: pytest.fail("bfloat16 sampling measured a tolerance"))
-    monkeypatch.setattr(sampling.Exact, "logits", lambda *args: pytest.fail("bfloat16 sampling recomputed a draw"))
-    codes = model.sample(6, labels=1, seed=2, precision="bfloat16")
-    assert next(model.__dict__["_copy_torch.bfloat16"][1].parameters()).dtype == torch.bfloat16  # cast_copy's copy
-    assert torch.equal(codes, model.sample(6, labels=1, seed=2, precision="bfloat16"))
-    assert (codes == float64).float().mean() > 0.5  # the same distribution, rounded: most draws agree
+    dtypes, measured = [], []
+    original_stack_logits = GatedPixelCNN.stack_logits
+    monkeypatch.setattr(GatedPixelCNN, "stack_logits", lambda self, *args: dtypes.append(
+        next(self.parameters()).dtype) or original_stack_logits(self, *args))
+    original_measure = sampler.measure_tolerance
+    monkeypatch.setattr(sampler, "measure_tolerance", lambda *args: measured.append(1) or original_measure(*args))
+    if precision == "bfloat16":
+        monkeypatch.setattr(guard, "canonical_logits", lambda *args, **kwargs: pytest.fail("bfloat16 recomputed a draw"))
+    codes = model.sample(6, labels=1, seed=2, precision=precision, method="naive")
+    assert set(dtypes) == {getattr(torch, precision)} and bool(measured) == (precision == "float64")
+    assert torch.equal(codes, model.sample(6, labels=1, seed=2, precision=precision, method="naive"))
+    if precision == "bfloat16":
+        assert (codes == float64).float().mean() > 0.5  # the same distribution, rounded: most draws agree
+    else:
+        assert torch.equal(codes, float64)
 
 
 def test_sampling_determinism_and_batch_independence():
@@ -221,26 +210,6 @@ def test_sampling_determinism_and_batch_independence():
                        model.sample(2, labels=0, generator=torch.Generator().manual_seed(3)))
 
 
-def test_complete_keeps_known_codes():
-    model = tiny_prior()
-    codes = torch.randint(0, 11, (2, 5, 6))
-    known = torch.zeros(2, 5, 6, dtype=torch.bool)
-    known[:, :2] = True  # the top rows are known
-    known[1, 4, 5] = True
-    completed = model.complete(codes, known, seed=1)
-    assert torch.equal(completed[known], codes[known])
-    assert torch.equal(completed, model.complete(codes, known, seed=1, method="naive"))
-
-
-def test_save_load_round_trip(tmp_path):
-    model = tiny_prior(num_classes=3)
-    model.save_pretrained(tmp_path / "prior")
-    loaded = GatedPixelCNN.from_pretrained(tmp_path / "prior")
-    codes = torch.randint(0, 11, (2, 5, 6))
-    assert loaded.config == model.config
-    assert torch.equal(loaded(codes, 1), model(codes, 1))
-
-
 @pytest.mark.parametrize("call, message", [
     (lambda m: m(torch.full((1, 5, 6), 11)), r"codes must lie in \[0, 11\)"),
     (lambda m: m(torch.zeros(1, 4, 6, dtype=torch.long)), r"shape \(B, 5, 6\)"),
@@ -248,7 +217,7 @@ def test_save_load_round_trip(tmp_path):
     (lambda m: m.sample(1, labels=3), r"labels must lie in \[0, 3\)"),
     (lambda m: m.sample(1, labels=0, top_p=0.0), r"top_p must lie in \(0, 1\]"),
     (lambda m: m.sample(1, labels=0, top_p=1.5), r"top_p must lie in \(0, 1\]"),
-    (lambda m: m.sample(1, labels=0, top_k=0), "top_k must be at least 1"),
+    (lambda m: m.sample(1, labels=0, top_k=0), "top_k must be an integer of at least 1"),
     (lambda m: m.sample(1, labels=0, temperature=-1), "temperature must be positive"),
     (lambda m: m.sample(0, labels=0), "at least 1"),
     (lambda m: m.complete(torch.zeros(1, 5, 6, dtype=torch.long), torch.zeros(1, 5, 5, dtype=torch.bool), labels=0),

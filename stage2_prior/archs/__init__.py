@@ -1,7 +1,7 @@
-"""Prior archs, one file each. Importing this package registers them with `Prior.from_config`."""
-from stage2_prior.archs.gated import GatedPixelCNN
-from stage2_prior.archs.pixelrnn import PixelRNN
-from stage2_prior.archs.pixelsnail import PixelSNAIL
-from stage2_prior.archs.transformer import TransformerPrior
+"""Prior archs, one file each. Every module in this folder is imported here, and each registers its archs
+at its end (`stage2_prior.registry`): a new arch is a new file."""
+import importlib
+import pkgutil
 
-__all__ = ["GatedPixelCNN", "PixelRNN", "PixelSNAIL", "TransformerPrior"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -15,13 +15,14 @@ the row start is one product over the row's unfolded windows (float64 conv2d is 
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
+from stage2_prior.conditioning import Conditioning
+from stage2_prior.incremental import IncrementalState
 from stage2_prior.layers import GatedBlock, MaskedConv2d, MaskedResidualBlock
-from stage2_prior.prior import CachedState, Prior
+from stage2_prior.prior import Prior
+from stage2_prior.registry import ArchSpec, ConvolutionOptions, register_arch
 
 
 class GatedPixelCNN(Prior):
@@ -31,33 +32,26 @@ class GatedPixelCNN(Prior):
     raster position p depend only on codes at positions < p (and the label, and the condition map).
     """
 
-    archs: ClassVar[tuple[str, ...]] = ("gated", "pixelcnn")
-
     def __init__(self, config) -> None:
         super().__init__(config)
-        channels, groups = config.hidden_channels, config.channel_groups
+        channels, groups, kernel = config.hidden_channels, config.channel_groups, config.options.kernel_size
         conditioned = config.condition_vocab_size is not None
         if config.arch == "pixelcnn":
-            self.first = MaskedConv2d(channels, channels, config.kernel_size, "A", groups)
+            self.first = MaskedConv2d(channels, channels, kernel, "A", groups)
             self.blocks = nn.ModuleList(
-                MaskedResidualBlock(channels, config.kernel_size, self.label_rows, config.dropout, groups, conditioned)
+                MaskedResidualBlock(channels, kernel, self.label_rows, config.dropout, groups, conditioned)
                 for _ in range(config.num_layers - 1))
         else:
             self.blocks = nn.ModuleList(
-                GatedBlock(channels, config.kernel_size, self.label_rows, first=index == 0, dropout=config.dropout,
+                GatedBlock(channels, kernel, self.label_rows, first=index == 0, dropout=config.dropout,
                            groups=groups, condition=conditioned)
-                for index in range(self.num_gated_layers))
+                for index in range(config.num_layers))
 
-    @property
-    def num_gated_layers(self) -> int:
-        return self.config.num_layers
+    def state_class(self) -> type[IncrementalState] | None:
+        return None if self.config.arch == "pixelcnn" else GatedState  # the masked stack has no cached sampler
 
-    @property
-    def cached_sampling(self) -> bool:
-        return self.config.arch != "pixelcnn"
-
-    def network(self, x: torch.Tensor, labels: torch.Tensor | None,
-                condition: torch.Tensor | None) -> torch.Tensor:
+    def network(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        labels, condition = conditioning.labels, conditioning.code_map
         if self.config.arch == "pixelcnn":
             features = self.first(x)
             for block in self.blocks:
@@ -66,34 +60,20 @@ class GatedPixelCNN(Prior):
         vertical, horizontal, skips = x, x, 0
         for index, block in enumerate(self.blocks):
             vertical, horizontal, skip = block(vertical, horizontal, labels, condition)
-            horizontal = self.after_block(index, horizontal)
+            horizontal = self.after_block(index, horizontal, x)
             skips = skips + skip
         return skips  # (B, C, h, w)
 
-    def after_block(self, index: int, horizontal: torch.Tensor) -> torch.Tensor:
-        """What follows gated block `index` on the horizontal stream (B, C, h, w) (PixelSNAIL: attention)."""
+    def after_block(self, index: int, horizontal: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """What follows gated block `index` on the horizontal stream (B, C, h, w) (PixelSNAIL: attention);
+        `embedded` (B, C, h, w) are the network's input codes."""
         return horizontal
 
-    def after_block_hook(self, state: "GatedState", position: int | torch.Tensor) -> tuple | None:
+    def after_block_hook(self, state: "GatedState", codes: torch.Tensor, row: int, column: int) -> tuple | None:
         """The same for one position, incrementally: None, or (function, arguments) that `gated_chain`
         calls as function(index, horizontal (B, C), *arguments). A module-level function and its
         arguments, not a closure, so that a compiled chain sees the same function at every position."""
         return None
-
-    # ------------------------------------------------------------------------------------------
-    # The cached state
-    # ------------------------------------------------------------------------------------------
-
-    def start(self, batch_size: int, labels: torch.Tensor | None, condition: torch.Tensor | None) -> "GatedState":
-        return GatedState(self, batch_size, labels, condition)
-
-    def step_features(self, state: "GatedState", codes: torch.Tensor, row: int, column: int,
-                      depth: int) -> torch.Tensor:
-        if column == 0 and depth == 0 and row != state.row:
-            state.start_row(codes, row)
-        if depth == 0:
-            state.start_position(codes, row, column)
-        return state.features_here(codes, row, column)
 
 
 def gated_chain(base: torch.Tensor, here: torch.Tensor | None, centres: list, residual_weights: list,
@@ -133,7 +113,7 @@ def gated_chain(base: torch.Tensor, here: torch.Tensor | None, centres: list, re
     return torch.stack(outputs), skips
 
 
-class GatedState(CachedState):
+class GatedState(IncrementalState):
     """Incremental state of a gated stack (see the module docstring). Tensors keep the batch on the
     dimension `reorder` names."""
 
@@ -141,19 +121,18 @@ class GatedState(CachedState):
     graph_inputs = ("position_tensor", "attention_keys", "attention_values", "centres", "residual_weights",
                     "chain_biases", "skip_weights", "skip_bias")
 
-    def __init__(self, model: GatedPixelCNN, batch: int, labels: torch.Tensor | None,
-                 condition: torch.Tensor | None) -> None:
+    def __init__(self, model: GatedPixelCNN, batch: int, conditioning: Conditioning) -> None:
         super().__init__(model.device)
+        labels, condition_features = conditioning.labels, conditioning.code_map
         config = model.config
         self.model = model
         blocks = model.blocks
-        channels, half = config.hidden_channels, config.kernel_size // 2
+        channels, half = config.hidden_channels, config.options.kernel_size // 2
         height, width = config.latent_shape
         device, dtype = model.device, model.embedding.weight.dtype
         self.channels, self.half, self.width = channels, half, width
         self.row = -1
         layers = len(blocks)
-        condition_features = model.condition_network(condition) if condition is not None else None
         self.class_terms = [block.class_bias(labels) if block.class_bias is not None else None for block in blocks]
         self.condition_terms = [block.condition_bias(condition_features).permute(0, 2, 3, 1)
                                 if block.condition_bias is not None else None for block in blocks]  # (B, h, w, 2C)
@@ -173,6 +152,13 @@ class GatedState(CachedState):
         # the arch's per-position hook after each layer (PixelSNAIL's attention); the plain stack has none
         self.has_after_block = type(model).after_block_hook is not GatedPixelCNN.after_block_hook
         self._prepare_weights(blocks)
+
+    def step(self, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
+        if column == 0 and depth == 0 and row != self.row:
+            self.start_row(codes, row)
+        if depth == 0:
+            self.start_position(codes, row, column)
+        return self.features_here(codes, row, column)
 
     def _prepare_weights(self, blocks) -> None:
         """Matrices of the per-position chain. Rows of the sigmoid half are halved: sigmoid(b) =
@@ -273,7 +259,7 @@ class GatedState(CachedState):
             here = model.embed_stack(codes[:, row, column])  # (B, C)
         after_block = None
         if self.has_after_block:
-            after_block = model.after_block_hook(self, self.position_input(row * self.width + column))
+            after_block = model.after_block_hook(self, codes, row, column)
         outputs, skips = self.chain(self.base, here, self.centres, self.residual_weights, self.chain_biases,
                                     self.skip_weights, self.skip_bias, after_block)
         self.horizontal[column + self.half + 1, 1:] = outputs  # what later positions' windows read
@@ -288,3 +274,13 @@ class GatedState(CachedState):
         self.condition_terms = [None if term is None else term[index] for term in self.condition_terms]
         for tensor in self.attention_keys + self.attention_values:
             tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses
+
+
+register_arch(ArchSpec(
+    "gated", GatedPixelCNN, "Gated PixelCNN (van den Oord et al. 2016b): no blind spot, exact cached sampler",
+    options=ConvolutionOptions, channel_groups=True, recipe=dict(num_layers=15),
+    tiny=dict(hidden_channels=12, num_layers=4)))
+register_arch(ArchSpec(
+    "pixelcnn", GatedPixelCNN, "the original masked PixelCNN stack (van den Oord et al. 2016a): a blind spot, "
+    "naive sampling only", options=ConvolutionOptions, channel_groups=True, recipe=dict(num_layers=15),
+    tiny=dict(hidden_channels=12, num_layers=4)))

@@ -21,17 +21,40 @@ attends over 0..p: the same arithmetic as the full forward, up to rounding.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import ClassVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from shared.config import option
+from shared.errors import UserError
+from stage2_prior.conditioning import Conditioning
 from stage2_prior.config import PriorConfig
+from stage2_prior.incremental import IncrementalState
 from stage2_prior.layers import cached_attention
-from stage2_prior.prior import CachedState, Prior
+from stage2_prior.prior import Prior
+from stage2_prior.registry import ArchOptions, ArchSpec, check_heads, register_arch
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerOptions(ArchOptions):
+    num_heads: int = option(4, "attention heads")
+    position_embedding: Literal["2d", "1d"] = option(
+        "2d", "learned row + column embeddings (2d), or one learned table over raster positions (1d)")
+    max_positions: int | None = option(None, "with 1d positions: size of the position table (default: the grid's "
+                                             "positions)")
+
+    def check(self, config) -> None:
+        check_heads(self.num_heads, config.hidden_channels)
+        if self.max_positions is not None and self.max_positions < config.num_positions:
+            height, width = config.latent_shape
+            raise UserError(f"a sequence of {config.num_positions} positions ({height}x{width}) is longer than the "
+                            f"position table (--max-positions {self.max_positions}); raise --max-positions to at "
+                            f"least {config.num_positions} or use --position-embedding 2d")
 
 
 class TransformerBlock(nn.Module):
@@ -96,22 +119,20 @@ class TransformerPrior(Prior):
     condition map); a position's stack is ordered by the base class's depth head.
     """
 
-    archs: ClassVar[tuple[str, ...]] = ("transformer",)
-
     def __init__(self, config: PriorConfig) -> None:
         super().__init__(config)
-        channels = config.hidden_channels
+        channels, options = config.hidden_channels, config.options
         height, width = config.latent_shape
         # Token 0's input. The prefix has the scale of a code token (nn.Embedding's N(0, 1), like self.embedding).
         self.label_embedding = nn.Embedding(self.label_rows, channels) if self.label_rows else None
         self.start_token = None if self.label_rows else nn.Parameter(torch.randn(channels))
-        if config.position_embedding == "2d":
+        if options.position_embedding == "2d":
             self.row_embedding = nn.Parameter(torch.zeros(height, channels))
             self.column_embedding = nn.Parameter(torch.zeros(width, channels))
         else:
-            self.position_table = nn.Parameter(torch.zeros(config.max_positions or config.num_positions, channels))
+            self.position_table = nn.Parameter(torch.zeros(options.max_positions or config.num_positions, channels))
         conditioned = config.condition_vocab_size is not None
-        self.blocks = nn.ModuleList(TransformerBlock(channels, config.num_heads, config.dropout, conditioned)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, options.num_heads, config.dropout, conditioned)
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         self.initialize_weights()
@@ -129,7 +150,7 @@ class TransformerPrior(Prior):
         for block in self.blocks:
             for projection in (block.attention_out, block.mlp[2]):
                 nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
-        two_d = self.config.position_embedding == "2d"
+        two_d = self.config.options.position_embedding == "2d"
         for table in (self.row_embedding, self.column_embedding) if two_d else (self.position_table,):
             nn.init.normal_(table, std=0.02)
 
@@ -145,19 +166,19 @@ class TransformerPrior(Prior):
 
     def positions(self, rows: int) -> torch.Tensor:
         """Position embeddings of the first `rows` rows in raster order: (rows * w, C)."""
-        if self.config.position_embedding == "2d":
+        if self.config.options.position_embedding == "2d":
             return rearrange(self.row_embedding[:rows, None] + self.column_embedding[None], "h w c -> (h w) c")
         return self.position_table[:rows * self.config.latent_shape[1]]
 
     def position_at(self, position: int) -> torch.Tensor:
         """The embedding of one raster position: (C,), the same sum as `positions`."""
-        if self.config.position_embedding == "2d":
+        if self.config.options.position_embedding == "2d":
             row, column = divmod(position, self.config.latent_shape[1])
             return self.row_embedding[row] + self.column_embedding[column]
         return self.position_table[position]
 
-    def network(self, x: torch.Tensor, labels: torch.Tensor | None,
-                condition: torch.Tensor | None) -> torch.Tensor:
+    def network(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        labels, condition = conditioning.labels, conditioning.code_map
         rows = x.shape[2]
         codes = rearrange(x, "b c h w -> b (h w) c")  # (B, N', C)
         # shift by one: token p reads the code at p - 1, token 0 the prefix (ImageGPT sec. 2.1; VQGAN sec. 3.2)
@@ -173,28 +194,11 @@ class TransformerPrior(Prior):
     # The cached state
     # ------------------------------------------------------------------------------------------
 
-    def start(self, batch_size: int, labels: torch.Tensor | None, condition: torch.Tensor | None) -> "KVCache":
-        return KVCache(self, batch_size, labels, condition)
-
-    def step_features(self, state: "KVCache", codes: torch.Tensor, row: int, column: int,
-                      depth: int) -> torch.Tensor:
-        """Features (B, C) at (row, column) from the codes before it. They do not depend on `depth`:
-        a call for depth > 0 recomputes the same token and rewrites the same cache entries."""
-        width = self.config.latent_shape[1]
-        position = row * width + column
-        if position == 0:
-            token = state.prefix  # (B, C)
-        else:
-            previous_row, previous_column = divmod(position - 1, width)
-            here = codes[:, previous_row:previous_row + 1, previous_column:previous_column + 1]  # (B, 1, 1, D)
-            token = self.embed(here)[:, :, 0, 0]  # (B, C)
-        token = (token + self.position_at(position))[:, None]  # (B, 1, C)
-        condition = None if state.condition is None else state.condition[:, position:position + 1]  # (B, 1, C)
-        return state.chain(token, condition, state.position_input(position), self.blocks, state.keys, state.values,
-                           self.final_norm)  # (B, C)
+    def state_class(self) -> type[IncrementalState]:
+        return KVCache
 
 
-class KVCache(CachedState):
+class KVCache(IncrementalState):
     """Incremental state of the transformer: per block, keys and values (B, heads, N, d) of the tokens
     seen so far, plus what every step reads (the prefix, the condition features). Tensors keep the
     batch on their first dimension, which `reorder` indexes."""
@@ -202,22 +206,43 @@ class KVCache(CachedState):
     chain = staticmethod(transformer_chain)
     graph_inputs = ("position_tensor", "keys", "values")  # the blocks' weights are parameters: static already
 
-    def __init__(self, model: TransformerPrior, batch: int, labels: torch.Tensor | None,
-                 condition: torch.Tensor | None) -> None:
+    def __init__(self, model: TransformerPrior, batch: int, conditioning: Conditioning) -> None:
         super().__init__(model.device)
+        self.model = model
         config = model.config
-        heads = config.num_heads
+        heads = config.options.num_heads
         shape = (batch, heads, config.num_positions, config.hidden_channels // heads)
         dtype = model.embedding.weight.dtype
         self.keys = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
         self.values = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
-        self.prefix = model.prefix(labels, batch)  # (B, C)
+        self.prefix = model.prefix(conditioning.labels, batch)  # (B, C)
         self.condition = None  # (B, N, C): the condition network's features in raster order
-        if condition is not None:
-            self.condition = rearrange(model.condition_network(condition), "b c h w -> b (h w) c")
+        if conditioning.code_map is not None:
+            self.condition = rearrange(conditioning.code_map, "b c h w -> b (h w) c")
+
+    def step(self, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
+        """Features (B, C) at (row, column) from the codes before it (the sampler asks at depth 0 only)."""
+        model = self.model
+        width = model.config.latent_shape[1]
+        position = row * width + column
+        if position == 0:
+            token = self.prefix  # (B, C)
+        else:
+            previous_row, previous_column = divmod(position - 1, width)
+            token = model.embed_stack(codes[:, previous_row, previous_column])  # (B, C)
+        token = (token + model.position_at(position))[:, None]  # (B, 1, C)
+        condition = None if self.condition is None else self.condition[:, position:position + 1]  # (B, 1, C)
+        return self.chain(token, condition, self.position_input(position), model.blocks, self.keys, self.values,
+                          model.final_norm)  # (B, C)
 
     def reorder(self, index: torch.Tensor) -> None:
         for tensor in self.keys + self.values:
             tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses
         self.prefix = self.prefix[index]
         self.condition = None if self.condition is None else self.condition[index]
+
+
+register_arch(ArchSpec(
+    "transformer", TransformerPrior, "a decoder-only transformer (ImageGPT, the VQGAN prior) with a KV cache",
+    options=TransformerOptions, full_context=True, recipe=dict(num_layers=6, options=dict(num_heads=4)),
+    tiny=dict(hidden_channels=12, num_layers=2, options=dict(num_heads=2))))

@@ -1,0 +1,106 @@
+"""How codes are chosen: `SamplingOptions`, made and checked once at the entry point and passed down whole,
+and the uniforms every draw comes from.
+
+Sample k of a call is drawn from uniforms seeded by (seed, sample_offset + k) alone, one per code in
+raster-then-stack order, so no sample depends on its batch, the method or the process count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from shared.errors import UserError
+
+PRECISIONS = ("float64", "float32", "bfloat16")
+# Every way a raster prior's codes can be drawn; an arch offers those its parts allow (Prior.sampling_methods).
+METHODS = ("cached", "naive", "compiled", "graph")
+SEED_STRIDE = 0x9E3779B97F4A7C15 % (2 ** 61)  # spreads (seed, index) pairs over generator seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How each code is chosen from its logits, and how the logits are computed."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance_scale: float = 0.0  # classifier-free guidance: cond + s * (cond - uncond)
+    greedy: bool = False  # the most likely code (temperature 0)
+    precision: str = "float64"  # the dtype the network runs in while sampling
+    method: str | None = None  # None: the prior's default (its first sampling method)
+
+    @classmethod
+    def build(cls, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+              guidance_scale: float = 0.0, strategy: str = "sample", precision: str = "float64",
+              method: str | None = None) -> "SamplingOptions":
+        """Options from the user's values, checked (one-line UserErrors naming the fix)."""
+        if strategy not in ("sample", "greedy"):
+            raise UserError(f"strategy must be 'sample' or 'greedy', got {strategy!r} (beam search: "
+                            "prior.beam_search(num_beams=...))")
+        if not temperature >= 0 or math.isinf(temperature):
+            raise UserError(f"temperature must be positive (or 0 for greedy), got {temperature}")
+        greedy = strategy == "greedy" or temperature == 0
+        if greedy and (top_k is not None or top_p is not None):
+            raise UserError("greedy decoding (temperature=0) takes the most likely code: drop top_k and top_p")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise UserError(f"top_k must be an integer of at least 1 (or None), got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise UserError(f"top_p must lie in (0, 1] (or None), got {top_p}")
+        if not guidance_scale >= 0 or math.isinf(guidance_scale):
+            raise UserError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if method is not None and method not in METHODS:
+            raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        return cls(1.0 if greedy else temperature, top_k, top_p, guidance_scale, greedy, precision, method)
+
+    def resolve(self, model) -> "SamplingOptions":
+        """These options for `model`, its default method filled in: UserError for what it cannot do."""
+        methods = model.sampling_methods
+        method = self.method or methods[0]
+        if method not in methods:
+            what = {"cached": "cached sampler", "compiled": "compiled step", "graph": "compiled step"}.get(method, method)
+            raise UserError(f"arch {model.config.arch!r} has no {what}; its methods are {', '.join(methods)}")
+        if method == "graph" and model.device.type != "cuda":
+            raise UserError("method='graph' captures the per-position step in a CUDA graph and needs the model on a "
+                            "CUDA device; on this machine use method='cached'")
+        if self.guidance_scale > 0:
+            if model.config.num_classes is None:
+                raise UserError("guidance_scale needs a class-conditional prior; this one is unconditional: "
+                                "pass guidance_scale=0")
+            if model.config.null_class is None:
+                raise UserError("this prior was trained without label dropout, so it has no unconditional "
+                                "branch for guidance: pass guidance_scale=0, or train with --label-dropout 0.1")
+        return dataclasses.replace(self, method=method)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 0
+
+
+def check_num_beams(num_beams) -> None:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+
+
+def check_num_samples(num_samples, name: str = "the number of samples") -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise UserError(f"{name} must be an integer of at least 1, got {num_samples!r}")
+
+
+def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    """`seed`, or one drawn from `generator` (the global generator when None, which this draw advances)."""
+    if seed is not None:
+        return seed
+    return int(torch.randint(0, 2 ** 62, (), generator=generator))
+
+
+def sample_uniforms(seed: int, first_index: int, num_samples: int, num_draws: int) -> torch.Tensor:
+    """Uniforms (num_samples, num_draws) in float64: row k comes from (seed, first_index + k) alone."""
+    rows = []
+    for index in range(first_index, first_index + num_samples):
+        generator = torch.Generator().manual_seed((seed * SEED_STRIDE + index) % (2 ** 63))
+        rows.append(torch.rand(num_draws, generator=generator, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.empty(0, num_draws, dtype=torch.float64)

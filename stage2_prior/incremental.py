@@ -1,0 +1,49 @@
+"""The optional part of the arch contract: an incremental state, which makes the cached sampler possible.
+
+An arch that can compute its features position by position supplies a subclass of `IncrementalState`
+(`Prior.state_class`). The sampler makes one per batch (`Prior.start(batch, conditioning)`) and
+asks it, in raster-then-stack order, for the features at each draw:
+
+- `step(codes, row, column, depth) -> (B, C)`: `codes` (B, h, w, D) holds every code before
+  (row, column, depth); the features must equal the full forward's there, up to rounding (the
+  sampler measures that, and a state that is off by more than rounding is reported as a bug).
+  An arch whose head orders the stack (no channel groups) is asked once per position (depth 0).
+- `reorder(index)`: keep rows `index` of the batch (beam search).
+- `chain` (optional): the per-position work as a module-level function of tensors whose shapes do
+  not change over the grid. Method "compiled" runs it through torch.compile, "graph" in CUDA graphs
+  (`stage2_prior.decoding.steps`); a state without one offers neither. Such a state passes the
+  position through `position_input` and lists in `graph_inputs` the tensors its chain reads besides
+  module parameters (weights it prepared, caches), which CUDA graphs need at fixed addresses.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+
+class IncrementalState:
+    """Base of every arch's incremental state (see the module docstring)."""
+
+    chain: ClassVar[Callable | None] = None  # the compiled path's per-position function; None: no compiled step
+    graph_inputs: ClassVar[tuple[str, ...]] = ("position_tensor",)
+
+    def __init__(self, device: torch.device) -> None:
+        self.position_tensor = torch.zeros(1, dtype=torch.long, device=device)
+        self.fixed_shapes = False  # set when the chain is compiled: it then takes the position as a tensor
+
+    def position_input(self, position: int) -> int | torch.Tensor:
+        """The raster position as the chain takes it: the int, or with fixed shapes the (1,) tensor
+        holding it (a compiled chain specialises on ints, and would recompile at every position)."""
+        if not self.fixed_shapes:
+            return position
+        return self.position_tensor.fill_(position)
+
+    def step(self, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
+        """Features (B, C) at (row, column) for stack entry `depth`."""
+        raise NotImplementedError
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search)."""
+        raise NotImplementedError
