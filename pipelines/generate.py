@@ -47,8 +47,12 @@ def parser() -> argparse.ArgumentParser:
                              "--label-dropout)")
     parser.add_argument("--method", default=None, choices=list(METHODS),
                         help="cached (default where the arch has it), naive (one full forward per code), compiled "
-                             "(the cached step through torch.compile; compiling takes seconds at the start) or graph "
-                             "(that step in CUDA graphs; needs a GPU)")
+                             "(the cached step through torch.compile; compiling takes seconds at the start), graph "
+                             "(that step in CUDA graphs; needs a GPU) or jacobi (every code at once, iterated to the "
+                             "same codes in a few parallel passes: for GPUs and latency)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="with --method jacobi: iterate this many positions at a time on the arch's cache "
+                             "(archs with a windowed step, e.g. the transformer)")
     parser.add_argument("--num-beams", type=int, default=None,
                         help="decode the most likely grid beam search finds with this many beams instead of sampling "
                              "(scored by total log-probability; no --temperature, --top-k or --top-p)")
@@ -79,7 +83,7 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     all_labels = pipeline.resolve_labels(args.num_images, labels, args.seed)  # checks labels on every process
     samplers = pipeline.samplers(  # the options made and checked once, before the output folder is touched
         None, args.num_beams, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        guidance_scale=args.guidance_scale, method=args.method, precision=args.precision)
+        guidance_scale=args.guidance_scale, method=args.method, precision=args.precision, window=args.window)
     mine = shard_range(args.num_images, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)

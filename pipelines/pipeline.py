@@ -151,17 +151,18 @@ class Pipeline:
     def samplers(self, options: SamplingOptions | None = None, num_beams: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  guidance_scale: float = 0.0, strategy: str = "sample", method: str | None = None,
-                 precision: str = "float64") -> list[Sampler]:
+                 precision: str = "float64", window: int | None = None) -> list[Sampler]:
         """One Sampler per prior for a call: the SamplingOptions (`options`, or the keywords) made once and
         checked against every prior, so that a bad option is the one-line error `generate` gives before
         anything runs. The samplers hold copies of the weights as they are now."""
         if num_beams is not None:
-            check_num_beams(num_beams)
+            check_num_beams(num_beams, method)
             if temperature != 1 or top_k is not None or top_p is not None or strategy != "sample":
                 raise UserError("beam search looks for the grid of the highest total log-probability under the prior: "
                                 "drop temperature, top_k, top_p and strategy, or sample without num_beams")
         options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision)
+                                   guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision,
+                                   window=window)
         return [Sampler(member, options, guarded=num_beams is None) for member in self.priors]
 
     def _sample_chain(self, samplers: list[Sampler], count: int, labels: torch.Tensor | None, seed: int,
@@ -224,14 +225,16 @@ class Pipeline:
                  top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
                  output_type: str = "pil", progress: bool = True, guidance_scale: float = 0.0,
                  strategy: str = "sample", method: str | None = None, precision: str = "float64",
-                 num_beams: int | None = None, options: SamplingOptions | None = None) -> GenerationOutput:
+                 window: int | None = None, num_beams: int | None = None,
+                 options: SamplingOptions | None = None) -> GenerationOutput:
         """Sample `num_images` code grids from the prior chain and decode them.
 
         labels: an int (every image), a list of num_images ints, or None: an unconditional prior
         samples freely; a class-conditional one draws each image's class uniformly from the seed.
         The same seed gives the same images whatever `batch_size` is; seed=None draws one.
-        guidance_scale, strategy ("sample" or "greedy"), method and precision: see `Prior.sample`
-        (or pass them as one SamplingOptions, `options`).
+        guidance_scale, strategy ("sample" or "greedy"), method (e.g. "jacobi": a few parallel network
+        passes per level instead of one per code), window and precision: see `Prior.sample` (or pass
+        them as one SamplingOptions, `options`). A chain of priors uses them level by level.
         num_beams: decode the most likely grid of each level that beam search finds (`Prior.beam_search`)
         instead of sampling (given the labels; for a chain, level by level).
         Returns `.images` as `output_type` ("pil": PIL images, "pt": (N, C, H, W) float in [0, 1],
@@ -240,7 +243,8 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         samplers = self.samplers(options, num_beams, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision)
+                                 guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision,
+                                 window=window)
         batches = list(self.iter_generate(num_images, labels=labels, seed=seed, batch_size=batch_size,
                                           progress=progress, samplers=samplers, num_beams=num_beams))
         for sampler in samplers:
@@ -291,7 +295,7 @@ class Pipeline:
     def complete(self, images: torch.Tensor, known_mask: torch.Tensor, *, labels=None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  guidance_scale: float = 0.0, method: str | None = None, precision: str = "float64",
-                 options: SamplingOptions | None = None) -> GenerationOutput:
+                 window: int | None = None, options: SamplingOptions | None = None) -> GenerationOutput:
         """Fill in the unknown part of images (B, C, H, W) in [-1, 1].
 
         known_mask (B, H, W) bool marks known pixels. A code keeps its value only when every pixel
@@ -304,7 +308,7 @@ class Pipeline:
             raise UserError(f"known_mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, "
                             f"got {tuple(known_mask.shape)}")
         samplers = self.samplers(options, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 guidance_scale=guidance_scale, method=method, precision=precision)
+                                 guidance_scale=guidance_scale, method=method, precision=precision, window=window)
         levels = codes if isinstance(codes, dict) else {SINGLE_LEVEL: codes}
         unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
         known = {}

@@ -9,6 +9,11 @@ asks it, in raster-then-stack order, for the features at each draw:
   sampler measures that, and a state that is off by more than rounding is reported as a bug).
   An arch whose head orders the stack (no channel groups) is asked once per position (depth 0).
 - `reorder(index)`: keep rows `index` of the batch (beam search).
+- `window(codes, start, count) -> (B, count, C)` (optional): the features of `count` positions from
+  `start` at once, from the state of the positions before `start` and the codes in `codes` (guesses
+  for the window), without advancing the state; `commit(codes, start, count)` then advances it over
+  positions whose codes have settled (the default steps through them). Windowed Jacobi decoding
+  (`method="jacobi"` with `window=W`) needs it; a state without one does not offer windows.
 - `chain` (optional): the per-position work as a module-level function of tensors whose shapes do
   not change over the grid. Method "compiled" runs it through torch.compile, "graph" in CUDA graphs
   (`stage2_prior.decoding.steps`); a state without one offers neither. Such a state passes the
@@ -47,3 +52,17 @@ class IncrementalState:
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` of the batch (beam search)."""
         raise NotImplementedError
+
+    def window(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """Features (B, count, C) of positions start .. start + count - 1 without advancing the state."""
+        raise NotImplementedError
+
+    def commit(self, codes: torch.Tensor, start: int, count: int) -> None:
+        """Advance the state over positions start .. start + count - 1, whose codes in `codes` are final."""
+        width = codes.shape[2]
+        for position in range(start, start + count):
+            self.step(codes, *divmod(position, width), 0)
+
+    @classmethod
+    def has_window(cls) -> bool:
+        return cls.window is not IncrementalState.window

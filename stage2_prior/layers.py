@@ -114,6 +114,18 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
 
 
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     start: int) -> torch.Tensor:
+    """Queries q (B, heads, n, d) at raster positions start .. start + n - 1, with their keys and values
+    k, v (B, heads, n, d), over the cached positions 0 .. start - 1 (keys, values (B, heads, N, d); read,
+    not written) and the window causally: query i reads positions <= start + i -> (B, heads, n, d)."""
+    count = q.shape[2]
+    all_keys = torch.cat([keys[:, :, :start], k], dim=2)  # (B, heads, start + n, d)
+    all_values = torch.cat([values[:, :, :start], v], dim=2)
+    visible = torch.arange(start + count, device=q.device)[None] <= start + torch.arange(count, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, all_keys, all_values, attn_mask=visible)  # (B, heads, n, d)
+
+
 class GatedBlock(nn.Module):
     """One Gated PixelCNN layer: (vertical, horizontal) -> (vertical, horizontal, skip).
 

@@ -46,7 +46,7 @@ from stage2_prior.incremental import IncrementalState
 
 # The keyword arguments of the sampling entry points that build a SamplingOptions, with their defaults.
 SAMPLING_KEYWORDS = dict(temperature=1.0, top_k=None, top_p=None, guidance_scale=0.0, strategy="sample",
-                         precision="float64", method=None)
+                         precision="float64", method=None, window=None)
 
 
 class Prior(PretrainedModel):
@@ -121,8 +121,9 @@ class Prior(PretrainedModel):
         """The methods this prior samples with, its default first."""
         state = self.state_class()
         if state is None:
-            return ("naive",)
-        return ("cached", "naive", "compiled", "graph") if state.chain is not None else ("cached", "naive")
+            return ("naive", "jacobi")
+        compiled = ("compiled", "graph") if state.chain is not None else ()
+        return ("cached", "naive", *compiled, "jacobi")
 
     # ------------------------------------------------------------------------------------------
     # Shapes and checks
@@ -247,14 +248,17 @@ class Prior(PretrainedModel):
                top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                method: str | None = None, *, seed: int | None = None, sample_offset: int = 0,
                condition: torch.Tensor | None = None, guidance_scale: float = 0.0, strategy: str = "sample",
-               precision: str = "float64", options: SamplingOptions | None = None, sampler: Sampler | None = None,
-               return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
+               precision: str = "float64", window: int | None = None, options: SamplingOptions | None = None,
+               sampler: Sampler | None = None, return_stats: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
         """Draw codes (num_samples, h, w[, D]) in raster order, then the stack.
 
         Sample k is drawn from uniforms seeded by (seed, sample_offset + k): the same codes for any
         batch split, process count, and for `method` "cached" (fast; the default where the arch has
-        one), "naive" (one full forward per code), "compiled" (the cached step through torch.compile)
-        and "graph" (that step in CUDA graphs; a GPU only). seed=None draws a seed from `generator`
+        one), "naive" (one full forward per code), "compiled" (the cached step through torch.compile),
+        "graph" (that step in CUDA graphs; a GPU only) and "jacobi" (every draw at once, iterated to the
+        sequential sample: a few network passes instead of one per code; `window=W` iterates W positions
+        at a time on the arch's cache, where the arch has a windowed step). seed=None draws a seed from `generator`
         (the global generator when None). `strategy="greedy"` (or temperature=0) takes the most
         likely code each time. `guidance_scale` s > 0 (priors trained with label dropout) uses the
         guided logits cond + s * (cond - uncond). `condition`: the code map of a conditioned prior.
@@ -270,7 +274,7 @@ class Prior(PretrainedModel):
             raise UserError("the sampler was made for another prior: pass a Sampler of this one")
         options = sampling_options(options if sampler is None else sampler.options, temperature=temperature,
                                    top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, strategy=strategy,
-                                   precision=precision, method=method)
+                                   precision=precision, method=method, window=window)
         sampler = sampler or Sampler(self, options)  # resolves the options for this prior: its one check of them
         codes, stats = draw(sampler, num_samples, self.context(labels, condition, num_samples),
                             resolve_seed(seed, generator), sample_offset)
@@ -280,7 +284,7 @@ class Prior(PretrainedModel):
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, method: str | None = None, *, seed: int | None = None,
                  sample_offset: int = 0, condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
-                 strategy: str = "sample", precision: str = "float64",
+                 strategy: str = "sample", precision: str = "float64", window: int | None = None,
                  options: SamplingOptions | None = None) -> torch.Tensor:
         """Keep `codes` where `known_mask` (the shape of codes) is True and sample the rest in order.
 
@@ -292,7 +296,8 @@ class Prior(PretrainedModel):
             raise UserError(f"known_mask must have the shape of codes {tuple(codes.shape)}, "
                             f"got {tuple(known_mask.shape)}")
         options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   guidance_scale=guidance_scale, strategy=strategy, precision=precision, method=method)
+                                   guidance_scale=guidance_scale, strategy=strategy, precision=precision, method=method,
+                                   window=window)
         sampler = Sampler(self, options)
         completed, _ = draw(sampler, codes.shape[0], self.context(labels, condition, codes.shape[0]),
                             resolve_seed(seed, generator), sample_offset, self.stacked(codes),
@@ -306,7 +311,7 @@ class Prior(PretrainedModel):
         `num_beams` partial grids kept per sample, scored by their total (guided) log-probability.
         Returns the best grid of each sample, its log-probability under the prior (`log_prob`, nats)
         and the score the search maximised (the same without guidance)."""
-        check_num_beams(num_beams)
+        check_num_beams(num_beams, method)
         check_num_samples(num_samples)
         sampler = Sampler(self, SamplingOptions.build(guidance_scale=guidance_scale, precision=precision,
                                                       method=method), guarded=False)

@@ -117,19 +117,27 @@ def test_cached_step_is_the_full_forward(arch, variant):
     assert error < 1e-9, f"{arch}/{variant}: cached logits differ from the full forward by {error:.3g}"
 
 
+def eager_methods(model: Prior) -> list[dict]:
+    """The sampling methods to compare: all but the compiled ones (tests/test_stage2.py compiles each chain),
+    and Jacobi with a window where the arch has a windowed step."""
+    methods = [dict(method=method) for method in model.sampling_methods if method not in ("compiled", "graph")]
+    if model.state_class() is not None and model.state_class().has_window():
+        methods += [dict(method="jacobi", window=1), dict(method="jacobi", window=3)]
+    return methods
+
+
 @pytest.mark.parametrize("arch, variant", CASES)
 def test_methods_draw_the_same_codes_for_any_batch(arch, variant):
     model = build(arch, variant)
     labels, condition = conditions(model, 4)
-    methods = [method for method in model.sampling_methods if method in ("cached", "naive")]
+    methods = eager_methods(model)
     options = [dict(), dict(temperature=0.8, top_k=3), dict(top_p=0.7), dict(strategy="greedy")]
     if model.config.null_class is not None:
         options.append(dict(guidance_scale=2.0))
     for option in options:
-        drawn = {method: model.sample(4, labels=labels, condition=condition, seed=3, method=method, **option)
-                 for method in methods}
-        reference = drawn[methods[0]]
-        assert all(torch.equal(codes, reference) for codes in drawn.values()), f"{arch}/{variant} {option}"
+        drawn = [model.sample(4, labels=labels, condition=condition, seed=3, **method, **option) for method in methods]
+        reference = drawn[0]
+        assert all(torch.equal(codes, reference) for codes in drawn), f"{arch}/{variant} {option}"
         alone = model.sample(1, labels=None if labels is None else labels[2:3],
                              condition=None if condition is None else condition[2:3], seed=3, sample_offset=2,
                              **option)
@@ -144,11 +152,11 @@ def test_complete_keeps_known_codes_and_is_exact(arch, variant):
     known = torch.zeros_like(codes, dtype=torch.bool)
     known[:, 0] = True  # the top row
     known[1, -1, -1] = True  # and one code after unknown ones
-    completed = {method: model.complete(codes, known, labels=labels, condition=condition, seed=1, method=method)
-                 for method in model.sampling_methods if method in ("cached", "naive")}
-    for result in completed.values():
+    completed = [model.complete(codes, known, labels=labels, condition=condition, seed=1, **method)
+                 for method in eager_methods(model)]
+    for result in completed:
         assert torch.equal(result[known], codes[known])
-        assert torch.equal(result, next(iter(completed.values())))
+        assert torch.equal(result, completed[0])
 
 
 @pytest.mark.parametrize("arch, variant", CASES)
@@ -195,6 +203,9 @@ def test_bad_configs_and_methods_get_one_line_errors(arch):
         with pytest.raises(ValueError, match=f"arch '{arch}' has no .*; its methods are "
                                              f"{', '.join(model.sampling_methods)}"):
             model.sample(1, method=method)
+    if not (model.state_class() and model.state_class().has_window()):
+        with pytest.raises(ValueError, match=f"arch '{arch}' has no windowed step.*method='jacobi' without a window"):
+            model.sample(1, method="jacobi", window=4)
 
 
 def test_an_unknown_arch_lists_the_registered_ones():
@@ -220,8 +231,7 @@ def test_beam_search_is_the_same_with_every_method(arch, variant):
     labels, condition = conditions(model, 2)
     guidance = 1.5 if model.config.null_class is not None else 0.0
     found = {method: model.beam_search(2, labels=labels, num_beams=3, condition=condition, guidance_scale=guidance,
-                                       method=method) for method in model.sampling_methods if method != "graph"
-             and method != "compiled"}
+                                       method=method) for method in model.sampling_methods if method in ("cached", "naive")}
     first = next(iter(found.values()))
     assert all(torch.equal(result.codes, first.codes) and torch.allclose(result.score, first.score)
                for result in found.values())

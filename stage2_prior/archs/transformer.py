@@ -35,7 +35,7 @@ from shared.errors import UserError
 from stage2_prior.conditioning import Conditioning
 from stage2_prior.config import PriorConfig
 from stage2_prior.incremental import IncrementalState
-from stage2_prior.layers import cached_attention
+from stage2_prior.layers import cached_attention, window_attention
 from stage2_prior.prior import Prior
 from stage2_prior.registry import ArchOptions, ArchSpec, check_heads, register_arch
 
@@ -92,6 +92,13 @@ class TransformerBlock(nn.Module):
         """x (B, n, C) -> (B, n, C); token t reads tokens <= t."""
         x, q, k, v = self.queries_keys_values(x, condition)
         return self.finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # (B, heads, n, d)
+
+    def window(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+               start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens x (B, n, C) at positions start .. start + n - 1 over the cached tokens before `start` (read,
+        not written) and each other, causally -> (B, n, C), and their keys and values (B, heads, n, d)."""
+        x, q, k, v = self.queries_keys_values(x, condition)
+        return self.finish(x, window_attention(q, k, v, keys, values, start)), k, v
 
     def step(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
              position: int | torch.Tensor) -> torch.Tensor:
@@ -216,24 +223,53 @@ class KVCache(IncrementalState):
         self.keys = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
         self.values = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
         self.prefix = model.prefix(conditioning.labels, batch)  # (B, C)
+        self.pending: tuple[int | None, list] = (None, [])  # the last window's start and keys and values
         self.condition = None  # (B, N, C): the condition network's features in raster order
         if conditioning.code_map is not None:
             self.condition = rearrange(conditioning.code_map, "b c h w -> b (h w) c")
 
+    def tokens(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """The inputs (B, n, C) of positions start .. start + n - 1: the code before each (the prefix at 0),
+        embedded, plus the position's embedding."""
+        model = self.model
+        previous = codes.flatten(1, 2)[:, max(start - 1, 0):start + count - 1]  # (B, n or n - 1, D)
+        tokens = model.embed_stack(previous)  # (B, n or n - 1, C)
+        if start == 0:
+            tokens = torch.cat([self.prefix[:, None], tokens], dim=1)
+        positions = torch.stack([model.position_at(position) for position in range(start, start + count)])
+        return tokens + positions  # (B, n, C)
+
     def step(self, codes: torch.Tensor, row: int, column: int, depth: int) -> torch.Tensor:
         """Features (B, C) at (row, column) from the codes before it (the sampler asks at depth 0 only)."""
         model = self.model
-        width = model.config.latent_shape[1]
-        position = row * width + column
-        if position == 0:
-            token = self.prefix  # (B, C)
-        else:
-            previous_row, previous_column = divmod(position - 1, width)
-            token = model.embed_stack(codes[:, previous_row, previous_column])  # (B, C)
-        token = (token + model.position_at(position))[:, None]  # (B, 1, C)
+        position = row * model.config.latent_shape[1] + column
+        token = self.tokens(codes, position, 1)  # (B, 1, C)
         condition = None if self.condition is None else self.condition[:, position:position + 1]  # (B, 1, C)
         return self.chain(token, condition, self.position_input(position), model.blocks, self.keys, self.values,
                           model.final_norm)  # (B, C)
+
+    def window(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """Features (B, n, C) of positions start .. start + n - 1 from the cache of the positions before
+        `start` and the codes in `codes` (B, h, w, D) before each, without writing the cache (windowed
+        Jacobi decoding: the window's codes are guesses until they settle). The window's keys and values
+        are kept for `commit`."""
+        model = self.model
+        x = self.tokens(codes, start, count)
+        condition = None if self.condition is None else self.condition[:, start:start + count]  # (B, n, C)
+        self.pending = (start, [])
+        for block, keys, values in zip(model.blocks, self.keys, self.values):
+            x, k, v = block.window(x, condition, keys, values, start)
+            self.pending[1].append((k, v))
+        return model.final_norm(x)
+
+    def commit(self, codes: torch.Tensor, start: int, count: int) -> None:
+        """Write the keys and values of the last window's first `count` positions into the cache: position
+        i's come from the code at i - 1, which has settled when i does (else step through them)."""
+        if self.pending[0] != start:
+            return super().commit(codes, start, count)
+        for (k, v), keys, values in zip(self.pending[1], self.keys, self.values):
+            keys[:, :, start:start + count] = k[:, :, :count]
+            values[:, :, start:start + count] = v[:, :, :count]
 
     def reorder(self, index: torch.Tensor) -> None:
         for tensor in self.keys + self.values:

@@ -3,14 +3,15 @@
 Reading order: `options` (the options, seeds and uniforms), `steps` (logits for one draw: naive, or
 an arch's incremental state, compiled or in CUDA graphs), `guard` (the decision rule and the exact
 float64 recomputation), `sampler` (a prior made ready to draw: copies, tolerances), then the
-decoders: `sequential` (one draw at a time), `beam` (beam search).
+decoders: `sequential` (one draw at a time), `jacobi` (every draw at once, to the sequential sample's
+fixed point), `beam` (beam search).
 """
 from __future__ import annotations
 
 import torch
 
 from stage2_prior.conditioning import Context
-from stage2_prior.decoding import sequential
+from stage2_prior.decoding import jacobi, sequential
 from stage2_prior.decoding.beam import BeamSearchOutput, beam_search
 from stage2_prior.decoding.guard import cast_copy, decide
 from stage2_prior.decoding.options import (METHODS, PRECISIONS, SEED_STRIDE, SamplingOptions, check_num_beams,
@@ -36,5 +37,8 @@ def draw(sampler: Sampler, num_samples: int, context: Context, seed: int, sample
     if known is None:
         known = torch.zeros(shape, dtype=torch.long, device=model.device)
         known_mask = torch.zeros(shape, dtype=torch.bool, device=model.device)
+    decoder = sequential.run
+    if sampler.options.method == "jacobi":
+        decoder = jacobi.run_windowed if sampler.options.window else jacobi.run
     with evaluation(model):
-        return sequential.run(sampler, context, uniforms, known.to(model.device).long(), known_mask.to(model.device))
+        return decoder(sampler, context, uniforms, known.to(model.device).long(), known_mask.to(model.device))

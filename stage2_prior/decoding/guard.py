@@ -152,12 +152,34 @@ def measure_tolerance(model, double, method: str) -> float:
             for depth in range(config.depth):
                 logits = steps.logits(codes, row, column, depth).double()
                 error = max(error, (logits - reference[:, row, column, depth]).abs().max().item())
+    if method == "window":
+        window, window_scale = window_error(model, double, codes, context)
+        error, scale = max(error, window), max(scale, window_scale)
     if error > 1e-3 * scale:
         # rounding in float32 stays orders of magnitude below this: the incremental computation is wrong
         raise RuntimeError(f"the {method} logits of arch {config.arch!r} differ from the full forward by {error:.3g}: "
                            "a bug in its incremental state, please report it")
     dtype = next(model.parameters()).dtype
     return SAFETY * error + 64 * torch.finfo(dtype).eps * scale
+
+
+def window_error(model, double, codes: torch.Tensor, context: Context, count: int = 4) -> tuple[float, float]:
+    """The largest difference between `model`'s windowed logits (`IncrementalState.window`, windows of
+    `count` positions slid over the first rows, committed as they go) and `double`'s full forward, and
+    the largest of those logits."""
+    height, width = model.config.latent_shape
+    positions = min(height * width, max(2 * width, 16))
+    rows = -(-positions // width)
+    reference = double.stack_logits(codes[:, :rows], double.conditioning(context, rows)).flatten(1, 2)  # (2, P, D, V)
+    state = model.start(len(codes), model.conditioning(context))
+    error = 0.0
+    for start in range(0, positions, count):
+        size = min(count, positions - start)
+        features = state.window(codes, start, size)  # (2, n, C)
+        logits = model.head(features, codes.flatten(1, 2)[:, start:start + size])  # (2, n, D, V)
+        error = max(error, (logits.double() - reference[:, start:start + size]).abs().max().item())
+        state.commit(codes, start, size)
+    return error, max(1.0, reference.abs().max().item())
 
 
 def prefixes(grids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from shared.errors import UserError
 
 PRECISIONS = ("float64", "float32", "bfloat16")
 # Every way a raster prior's codes can be drawn; an arch offers those its parts allow (Prior.sampling_methods).
-METHODS = ("cached", "naive", "compiled", "graph")
+METHODS = ("cached", "naive", "compiled", "graph", "jacobi")
 SEED_STRIDE = 0x9E3779B97F4A7C15 % (2 ** 61)  # spreads (seed, index) pairs over generator seeds
 
 
@@ -30,11 +30,12 @@ class SamplingOptions:
     greedy: bool = False  # the most likely code (temperature 0)
     precision: str = "float64"  # the dtype the network runs in while sampling
     method: str | None = None  # None: the prior's default (its first sampling method)
+    window: int | None = None  # method "jacobi": iterate over this many positions at a time, on the arch's cache
 
     @classmethod
     def build(cls, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
               guidance_scale: float = 0.0, strategy: str = "sample", precision: str = "float64",
-              method: str | None = None) -> "SamplingOptions":
+              method: str | None = None, window: int | None = None) -> "SamplingOptions":
         """Options from the user's values, checked (one-line UserErrors naming the fix)."""
         if strategy not in ("sample", "greedy"):
             raise UserError(f"strategy must be 'sample' or 'greedy', got {strategy!r} (beam search: "
@@ -54,7 +55,13 @@ class SamplingOptions:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if method is not None and method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        return cls(1.0 if greedy else temperature, top_k, top_p, guidance_scale, greedy, precision, method)
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise UserError(f"window must be an integer of at least 1 (positions per Jacobi window), got {window!r}")
+            if method != "jacobi":
+                raise UserError(f"a window is a setting of method='jacobi' (windowed Jacobi decoding), not of "
+                                f"method={method!r}: pass method='jacobi' or drop the window")
+        return cls(1.0 if greedy else temperature, top_k, top_p, guidance_scale, greedy, precision, method, window)
 
     def resolve(self, model) -> "SamplingOptions":
         """These options for `model`, its default method filled in: UserError for what it cannot do."""
@@ -63,6 +70,9 @@ class SamplingOptions:
         if method not in methods:
             what = {"cached": "cached sampler", "compiled": "compiled step", "graph": "compiled step"}.get(method, method)
             raise UserError(f"arch {model.config.arch!r} has no {what}; its methods are {', '.join(methods)}")
+        if self.window is not None and not (model.state_class() and model.state_class().has_window()):
+            raise UserError(f"arch {model.config.arch!r} has no windowed step (it needs its cache to compute several "
+                            "positions at once); use method='jacobi' without a window")
         if method == "graph" and model.device.type != "cuda":
             raise UserError("method='graph' captures the per-position step in a CUDA graph and needs the model on a "
                             "CUDA device; on this machine use method='cached'")
@@ -80,9 +90,12 @@ class SamplingOptions:
         return self.guidance_scale > 0
 
 
-def check_num_beams(num_beams) -> None:
+def check_num_beams(num_beams, method: str | None = None) -> None:
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise UserError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if method == "jacobi":
+        raise UserError("beam search keeps partial grids in raster order, and method='jacobi' draws every code at "
+                        "once: use method 'cached' or 'naive' for beam search, or sample without num_beams")
 
 
 def check_num_samples(num_samples, name: str = "the number of samples") -> None:

@@ -63,8 +63,12 @@ class Sampler:
             self._double = self.compute if dtype == torch.float64 else None
             self.tolerance = None  # bfloat16: no guard
             if guarded and dtype in GUARDED_DTYPES:
-                # before any state of a run exists: the probe's state may share its fixed tensors (method "graph")
-                self.tolerance = measure_tolerance(self.compute, self.double, self.options.method)
+                if self.compute is self.double and self.options.method in ("naive", "jacobi") and not self.options.window:
+                    # the batched float64 forward against the canonical one: only float64 rounding differs
+                    self.tolerance = measure_canonical_tolerance(self.double)
+                else:  # before any state of a run exists: the probe's state may share fixed tensors ("graph")
+                    path = "window" if self.options.window else self.options.method
+                    self.tolerance = measure_tolerance(self.compute, self.double, path)
                 self.tolerance *= 1 + 2 * self.options.guidance_scale
         self._canonical_tolerance: float | None = None
         self.recomputed = 0
