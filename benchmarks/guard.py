@@ -3,7 +3,7 @@
     python benchmarks/guard.py                          # every arch with a cached sampler, 8x8, 64 samples
     python benchmarks/guard.py --archs gated --side 16  # one arch, a larger grid
 
-Each arch is built at the default width (64 channels) with its recipe's options and a few layers, its
+Each arch is built at the default width (64 channels) with a few layers (`registry.trained_scale`), its
 weights scaled until its logits spread like a trained prior's (standard deviation 6, as
 tests/test_exactness.py does). For each filter the cached sampler draws `--samples` grids in float32
 and in float64; the table gives the share of draws whose uniform fell within the guard's bound of a
@@ -18,6 +18,7 @@ import time
 import torch
 
 from stage2_prior import ARCHS, Prior, PriorConfig
+from stage2_prior.registry import trained_scale
 
 FILTERS = {"none": dict(), "temperature 0.8 + top-k 40": dict(temperature=0.8, top_k=40), "top-p 0.9": dict(top_p=0.9),
            "greedy": dict(strategy="greedy")}
@@ -25,11 +26,8 @@ FILTERS = {"none": dict(), "temperature 0.8 + top-k 40": dict(temperature=0.8, t
 
 def trained_scale_prior(arch: str, side: int, std: float = 6.0) -> Prior:
     """The arch at 64 channels (a few layers, its recipe's options), weights scaled to a logit spread `std`."""
-    spec = ARCHS[arch]
-    layers = {"pixelsnail": 6, "row_lstm": 3, "diagonal_bilstm": 3}.get(arch, 4)
     torch.manual_seed(0)
-    model = Prior.from_config(PriorConfig(arch=arch, vocab_size=512, latent_shape=(side, side), num_layers=layers,
-                                          options=spec.recipe.get("options", {}))).eval()
+    model = Prior.from_config(PriorConfig(**trained_scale(arch), vocab_size=512, latent_shape=(side, side))).eval()
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     codes = torch.randint(0, 512, (4, side, side))
     low, high = 0.5, 4.0

@@ -154,7 +154,7 @@ class Pipeline:
                  precision: str = "float64", window: int | None = None) -> list[Sampler]:
         """One Sampler per prior for a call: the SamplingOptions (`options`, or the keywords) made once and
         checked against every prior, so that a bad option is the one-line error `generate` gives before
-        anything runs. The samplers hold copies of the weights as they are now."""
+        anything runs. They are for one call: they run on the priors' weights, which must not change meanwhile."""
         if num_beams is not None:
             check_num_beams(num_beams, method)
             if temperature != 1 or top_k is not None or top_p is not None or strategy != "sample":
@@ -163,7 +163,7 @@ class Pipeline:
         options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
                                    guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision,
                                    window=window)
-        return [Sampler(member, options, guarded=num_beams is None) for member in self.priors]
+        return [Sampler(member, options, guarded=num_beams is None, copy_weights=False) for member in self.priors]
 
     def _sample_chain(self, samplers: list[Sampler], count: int, labels: torch.Tensor | None, seed: int,
                       first_index: int, known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,

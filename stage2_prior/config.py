@@ -101,7 +101,7 @@ class PriorConfig:
         """A config from flat keywords: PriorConfig's fields, and the arch's options by name
         (`PriorConfig.build(arch="pixelsnail", attention_every=2, vocab_size=16)`)."""
         names = {field.name for field in dataclasses.fields(cls)}
-        arch = values.get("arch", "gated")
+        arch = values.get("arch", cls.arch)
         options_names = {field.name for field in dataclasses.fields(arch_spec(arch).options)}
         general = {key: value for key, value in values.items() if key in names and key != "options"}
         extra = {key: value for key, value in values.items() if key not in names}
@@ -172,7 +172,7 @@ def upgrade_format1(values: dict[str, Any]) -> dict[str, Any]:
     settings move into `options`; settings of other archs, which the arch never read, are dropped.
     PixelSNAIL folders keep the network they were trained with (`full_context` False: see its file)."""
     values = dict(values)
-    arch = values.get("arch", "gated")
+    arch = values.get("arch", PriorConfig.arch)
     known = {field.name for field in dataclasses.fields(arch_spec(arch).options)}
     options = {name: values.pop(name) for name in FORMAT1_ARCH_FIELDS if name in values}
     options = {name: value for name, value in options.items() if name in known}

@@ -275,7 +275,7 @@ class Prior(PretrainedModel):
         options = sampling_options(options if sampler is None else sampler.options, temperature=temperature,
                                    top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, strategy=strategy,
                                    precision=precision, method=method, window=window)
-        sampler = sampler or Sampler(self, options)  # resolves the options for this prior: its one check of them
+        sampler = sampler or Sampler(self, options, copy_weights=False)  # resolves the options: their one check
         codes, stats = draw(sampler, num_samples, self.context(labels, condition, num_samples),
                             resolve_seed(seed, generator), sample_offset)
         return (self.public(codes), stats) if return_stats else self.public(codes)
@@ -298,7 +298,7 @@ class Prior(PretrainedModel):
         options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
                                    guidance_scale=guidance_scale, strategy=strategy, precision=precision, method=method,
                                    window=window)
-        sampler = Sampler(self, options)
+        sampler = Sampler(self, options, copy_weights=False)
         completed, _ = draw(sampler, codes.shape[0], self.context(labels, condition, codes.shape[0]),
                             resolve_seed(seed, generator), sample_offset, self.stacked(codes),
                             self.stacked(known_mask.bool()))
@@ -314,7 +314,7 @@ class Prior(PretrainedModel):
         check_num_beams(num_beams, method)
         check_num_samples(num_samples)
         sampler = Sampler(self, SamplingOptions.build(guidance_scale=guidance_scale, precision=precision,
-                                                      method=method), guarded=False)
+                                                      method=method), guarded=False, copy_weights=False)
         return self.beam_search_with(sampler, num_samples, self.context(labels, condition, num_samples), num_beams)
 
     def beam_search_with(self, sampler: Sampler, num_samples: int, context: Context,

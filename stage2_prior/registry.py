@@ -91,6 +91,14 @@ def option_owners(name: str) -> list[str]:
             if name in {field.name for field in dataclasses.fields(spec.options)}]
 
 
+def trained_scale(name: str, layers: int = 4) -> dict[str, Any]:
+    """An arch at the default width with at most `layers` layers, in its tiny config's options: the size at
+    which the exactness tests and benchmarks/guard.py give a model a trained prior's logit spread."""
+    spec = arch_spec(name)
+    tiny = {key: value for key, value in spec.tiny.items() if key not in ("hidden_channels", "num_layers")}
+    return {**tiny, "arch": name, "num_layers": min(spec.recipe.get("num_layers", layers), layers)}
+
+
 def recipe_flags(name: str) -> list[str]:
     """The command-line flags of an arch's benchmark recipe (`prior-train --arch NAME ...`)."""
     spec = arch_spec(name)

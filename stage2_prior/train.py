@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     parser = build_parser("Train a prior on a codes dataset (stage 2).", Stage2TrainConfig, PriorConfig,
                           skip=(FROM_CODES - {"level", "condition_level"}) | {"options"})
     parser._option_string_actions["--arch"].help = "the network: " + "; ".join(
-        f"{name}: {spec.summary}" for name, spec in ARCHS.items()) + " (default: gated)"
+        f"{name}: {spec.summary}" for name, spec in ARCHS.items()) + f" (default: {PriorConfig.arch})"
     added: set[str] = set()
     for spec in ARCHS.values():  # each arch's own options, one flag per name, its help naming the archs
         for field in dataclasses.fields(spec.options):
@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 def arch_option_values(args: argparse.Namespace) -> dict:
     """The arch options given as flags, checked against the chosen arch: a flag of another arch names that arch."""
-    arch = getattr(args, "arch", "gated")
+    arch = getattr(args, "arch", PriorConfig.arch)
     names = {field.name for spec in ARCHS.values() for field in dataclasses.fields(spec.options)}
     given = {name: getattr(args, name) for name in sorted(names) if hasattr(args, name)}
     known = {field.name for field in dataclasses.fields(arch_spec(arch).options)}

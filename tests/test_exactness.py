@@ -15,8 +15,9 @@ import torch
 
 from conftest import stepped_logits
 from stage2_prior import ARCHS, Prior, PriorConfig
+from stage2_prior.registry import trained_scale
 from stage2_prior.conditioning import Context
-from stage2_prior.decoding import Sampler, SamplingOptions, cast_copy, sample_uniforms
+from stage2_prior.decoding import Sampler, SamplingOptions, cast_copy, decide, sample_uniforms
 from stage2_prior.decoding.sequential import run
 
 
@@ -25,7 +26,7 @@ def trained_scale_prior(side: int, std: float = 6.0, **config) -> Prior:
     torch.manual_seed(0)
     model = Prior.from_config(PriorConfig.build(vocab_size=512, latent_shape=(side, side), **config)).eval()
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    codes = torch.randint(0, 512, (4, side, side))
+    codes = torch.randint(0, 512, (4, *model.code_shape))
     labels = torch.zeros(4, dtype=torch.long) if config.get("num_classes") else None
     low, high = 0.5, 4.0
     for _ in range(16):  # bisect a common weight multiplier
@@ -95,16 +96,9 @@ def test_tolerance_bounds_the_cached_error(prior8):
 
 
 def trained_scale_cases():
-    """Every registered arch with a cached sampler, at 64 channels and a few layers (its recipe's options)."""
-    cases = []
-    for arch, spec in ARCHS.items():
-        config = dict(arch=arch, num_layers=min(spec.recipe.get("num_layers", 4), 6 if arch == "pixelsnail" else 4),
-                      options=spec.recipe.get("options", {}))
-        if arch in ("row_lstm", "diagonal_bilstm"):
-            config["num_layers"] = 3
-        if "cached" in Prior.from_config(PriorConfig(**config, latent_shape=(2, 2))).sampling_methods:
-            cases.append(pytest.param(config, id=arch))
-    return cases
+    """Every registered arch with a cached sampler, at 64 channels and a few layers."""
+    return [pytest.param(trained_scale(arch), id=arch) for arch in ARCHS
+            if "cached" in Prior.from_config(PriorConfig(**trained_scale(arch), latent_shape=(2, 2))).sampling_methods]
 
 
 @pytest.mark.parametrize("config", trained_scale_cases())
@@ -271,3 +265,65 @@ def test_a_kept_sampler_draws_what_sample_draws(prior8):
     assert torch.equal(prior8.sample(4, seed=3, sample_offset=4, sampler=sampler), prior8.sample(8, seed=3, sampler=sampler)[4:])
     with pytest.raises(ValueError, match="pass either options or the sampling keywords"):
         prior8.sample(2, seed=3, sampler=sampler, top_p=0.5)
+
+
+def test_a_kept_sampler_holds_the_weights_it_was_made_from():
+    """A Sampler you keep copies the weights (its tolerance was measured on them): after the prior's weights
+    change, it still draws the old weights' codes, in float32 as in float64; a new sampler draws the new ones."""
+    prior = trained_scale_prior(4, num_layers=4)
+    for precision in ("float32", "float64"):
+        kept = Sampler(prior, SamplingOptions(precision=precision))
+        before = prior.sample(16, seed=3, precision=precision)
+        snapshot = {name: tensor.clone() for name, tensor in prior.state_dict().items()}
+        with torch.no_grad():
+            for parameter in prior.parameters():
+                parameter.add_(0.02 * torch.randn_like(parameter))
+        after = prior.sample(16, seed=3, precision=precision)
+        assert not torch.equal(after, before)
+        assert torch.equal(prior.sample(16, seed=3, sampler=kept), before)
+        assert torch.equal(prior.sample(16, seed=3, sampler=Sampler(prior, SamplingOptions(precision=precision))),
+                           after)
+        prior.load_state_dict(snapshot)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_p=0.9), dict(top_k=5), dict(temperature=0.5, top_p=0.5),
+                                     dict(strategy="greedy"), dict(temperature=2.0, top_k=30, top_p=0.8)],
+                         ids=["plain", "top_p", "top_k", "t0.5 top_p", "greedy", "t2 top_k top_p"])
+@pytest.mark.parametrize("error", [1e-3, 1e-2])
+def test_every_decision_an_error_could_flip_is_flagged(options, error):
+    """The guard's bounds (stage2_prior/decoding/guard.py): for random logits moved by at most `error` each,
+    at random and at the worst corners (+error on the drawn code's side, -error elsewhere, and the reverse),
+    every decision that changes was flagged unsure."""
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 20000, 12
+    logits = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 3
+    uniforms = torch.rand(rows, generator=generator, dtype=torch.float64)
+    built = SamplingOptions.build(**options)
+    codes, unsure = decide(logits, uniforms, built, error)
+    drawn = torch.nn.functional.one_hot(codes, vocab).double()
+    noise = (torch.rand(rows, vocab, generator=generator, dtype=torch.float64) * 2 - 1) * error
+    for moved in (logits + noise, logits + error * (2 * drawn - 1), logits - error * (2 * drawn - 1),
+                  logits + error * torch.sign(torch.randn(rows, vocab, generator=generator, dtype=torch.float64))):
+        flipped = decide(moved, uniforms, built, None)[0] != codes
+        assert not (flipped & ~unsure).any(), f"{int((flipped & ~unsure).sum())} flips were not flagged"
+    assert unsure.double().mean() < 0.5  # and the guard does not flag everything
+
+
+def test_the_batched_exact_decision_equals_each_sample_decided_alone(prior8):
+    """Sampler.exact_codes decides many flagged draws in one float64 forward, then alone those float64
+    rounding could still flip: the same codes as deciding each draw alone, for draws at different positions."""
+    from stage2_prior.decoding.guard import canonical_logits
+
+    sampler = Sampler(prior8, SamplingOptions(top_p=0.9))
+    grids = prior8.stacked(prior8.sample(12, seed=7))
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.stack([torch.randint(0, 8, (12,), generator=generator), torch.randint(0, 8, (12,), generator=generator),
+                         torch.zeros(12, dtype=torch.long)], dim=1)
+    uniforms = torch.rand(12, generator=generator, dtype=torch.float64)
+    context = Context()
+    with torch.inference_mode():
+        together = sampler.exact_codes(grids, context, draws, uniforms)
+        alone = torch.stack([decide(canonical_logits(sampler.double, grids[k:k + 1], context, draws[k:k + 1],
+                                                     sampler.options, alone=True), uniforms[k:k + 1],
+                                    sampler.options, None)[0][0] for k in range(12)])
+    assert torch.equal(together, alone) and sampler.recomputed == 12

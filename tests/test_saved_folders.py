@@ -47,16 +47,20 @@ def test_every_saved_tokenizer_encodes_and_decodes_the_same(name):
     tokenizer = load_tokenizer(FIXTURES / "tokenizers" / name)
     torch.manual_seed(expected["images_seed"])
     images = torch.rand(2, 1, 8, 8) * 2 - 1
-    codes = tokenizer.encode(images)
+    codes = tokenizer.encode(images)  # every quantizer: vq (one and two levels), fsq, rvq, lfq, simvq
     as_lists = {key: value.tolist() for key, value in codes.items()} if isinstance(codes, dict) else codes.tolist()
     assert as_lists == expected["codes"]
     with torch.no_grad():
         assert tokenizer.decode(codes).double().sum().item() == pytest.approx(expected["decoded_sum"], abs=1e-4)
 
 
-def test_saved_pixel_tokenizer_loads():
+def test_saved_pixel_tokenizer_encodes_and_decodes_the_same():
+    expected = EXPECTED["pixels"]
     tokenizer = load_tokenizer(FIXTURES / "tokenizers" / "pixels")
-    assert tokenizer.config.levels == 4 and tokenizer.config.channels == 3
+    torch.manual_seed(expected["images_seed"])
+    images = torch.rand(2, 3, 3, 3) * 2 - 1
+    codes = tokenizer.encode(images)
+    assert codes.tolist() == expected["codes"] and tokenizer.decode(codes).tolist() == expected["decoded"]
 
 
 def test_saved_pipeline_generates_the_same_images():

@@ -51,10 +51,11 @@ class PixelSNAILOptions(ConvolutionOptions):
         if self.attention_every < 1:
             raise UserError(f"--attention-every must be at least 1, got {self.attention_every}")
         if self.full_context and not attention_layers(config.num_layers, self.attention_every):
-            raise UserError(f"a PixelSNAIL of {config.num_layers} gated layers with --attention-every "
-                            f"{self.attention_every} has no attention layer (one follows every "
-                            f"{self.attention_every}th gated layer but the last); pass --attention-every "
-                            f"{max(1, config.num_layers - 1)} or less, or more --num-layers")
+            fix = (f"pass --attention-every {config.num_layers - 1} or less, or more --num-layers"
+                   if config.num_layers > 1 else "pass --num-layers 2 or more")
+            raise UserError(f"a PixelSNAIL of {config.num_layers} gated layer(s) with --attention-every "
+                            f"{self.attention_every} has no attention layer (attention follows a gated layer every "
+                            f"{self.attention_every} layers, never the last one); {fix}")
 
 
 def attention_layers(num_layers: int, every: int) -> list[int]:

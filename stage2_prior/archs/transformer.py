@@ -270,6 +270,7 @@ class KVCache(IncrementalState):
         for (k, v), keys, values in zip(self.pending[1], self.keys, self.values):
             keys[:, :, start:start + count] = k[:, :, :count]
             values[:, :, start:start + count] = v[:, :, :count]
+        self.pending = (None, [])
 
     def reorder(self, index: torch.Tensor) -> None:
         for tensor in self.keys + self.values:

@@ -102,10 +102,10 @@ def guided_rows(logits: torch.Tensor, scale: float) -> torch.Tensor:
     return guided(list(logits.chunk(2)), scale) if scale > 0 else logits
 
 
-def cast_copy(model, dtype: torch.dtype):
-    """`model` itself if it has `dtype`, else a copy in `dtype` (same weights, eval mode). Nothing is kept
-    on the model: a copy lives as long as whoever asked for it holds it."""
-    if next(model.parameters()).dtype == dtype:
+def cast_copy(model, dtype: torch.dtype, always: bool = False):
+    """A copy of `model` in `dtype` (same weights, eval mode), or `model` itself if it has `dtype` and not
+    `always`. Nothing is kept on the model: a copy lives as long as whoever asked for it holds it."""
+    if next(model.parameters()).dtype == dtype and not always:
         return model
     with torch.inference_mode(False), torch.no_grad():  # a normal (not inference-mode) copy
         twin = copy.deepcopy(model)

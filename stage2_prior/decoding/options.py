@@ -59,8 +59,9 @@ class SamplingOptions:
             if isinstance(window, bool) or not isinstance(window, int) or window < 1:
                 raise UserError(f"window must be an integer of at least 1 (positions per Jacobi window), got {window!r}")
             if method != "jacobi":
+                used = "the default method" if method is None else f"method={method!r}"
                 raise UserError(f"a window is a setting of method='jacobi' (windowed Jacobi decoding), not of "
-                                f"method={method!r}: pass method='jacobi' or drop the window")
+                                f"{used}: pass method='jacobi' or drop the window")
         return cls(1.0 if greedy else temperature, top_k, top_p, guidance_scale, greedy, precision, method, window)
 
     def resolve(self, model) -> "SamplingOptions":

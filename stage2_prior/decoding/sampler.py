@@ -2,11 +2,12 @@
 
 It holds what drawing needs besides the prior: the network in the options' precision, the float64
 copy that decides draws near a boundary, the measured logit tolerances, and (method "graph") the
-fixed tensors of its CUDA graphs. Its lifetime is explicit: it is made from the weights as they are
-then, and a change to the prior's weights afterwards (an optimizer step, a load) is not seen by the
-copies it made. `Prior.sample` makes one per call; a caller that samples many batches from
-unchanged weights (`Pipeline.generate`) keeps one, and `release()` frees its copies. Nothing is
-kept on the prior itself.
+fixed tensors of its CUDA graphs. Its lifetime is explicit: a Sampler you make holds its own copies
+of the weights as they are then (its tolerance was measured on them), so a change to the prior's
+weights afterwards (an optimizer step, a load) does not reach it: make a new one. `release()` frees
+the copies. `Prior.sample` and `Pipeline.generate` make one for the length of a call, during which
+the weights cannot change, and let it run on the prior itself where the precision allows
+(`copy_weights=False`). Nothing is kept on the prior.
 """
 from __future__ import annotations
 
@@ -51,15 +52,16 @@ class SamplingStats:
 
 class Sampler:
     """See the module docstring. `options` are resolved for `model` (its default method filled in).
-    `guarded=False` (beam search, which draws nothing) measures no tolerance."""
+    `guarded=False` (beam search, which draws nothing) measures no tolerance; `copy_weights=False` runs on
+    the prior itself where its dtype is the options' precision (for the length of one call)."""
 
-    def __init__(self, model, options: SamplingOptions, guarded: bool = True) -> None:
+    def __init__(self, model, options: SamplingOptions, guarded: bool = True, copy_weights: bool = True) -> None:
         self.model = model
         self.options = options.resolve(model)
         dtype = getattr(torch, self.options.precision)
         self.graph_pool: dict = {}  # method "graph": the chain inputs at fixed addresses
         with evaluation(model):
-            self.compute = cast_copy(model, dtype)
+            self.compute = cast_copy(model, dtype, always=copy_weights)
             self._double = self.compute if dtype == torch.float64 else None
             self.tolerance = None  # bfloat16: no guard
             if guarded and dtype in GUARDED_DTYPES:
