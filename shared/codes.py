@@ -39,6 +39,17 @@ def codes_dtype(vocab_size: int) -> str:
     return "int16" if vocab_size <= 32767 else "int32"
 
 
+def default_scales(side: int) -> tuple[int, ...]:
+    """A multi-scale pyramid's default sides for a latent side: 1, then about 1/4, 3/8, 1/2 and 3/4 of it, then
+    the side itself (8: 1 2 3 4 6 8, the scales of VAR's 8x8 example)."""
+    return tuple(sorted({1, *(max(1, round(side * share)) for share in (1 / 4, 3 / 8, 1 / 2, 3 / 4)), side}))
+
+
+def scale_level_name(side: int) -> str:
+    """The level of one scale of a multi-scale export (VAR's token pyramid): "scale_<side>"."""
+    return f"scale_{side}"
+
+
 def level_column(name: str) -> str:
     """The column of a level in a codes export: "codes" for the single level, "codes_<name>" for the others."""
     return SINGLE_LEVEL if name == SINGLE_LEVEL else f"{SINGLE_LEVEL}_{name}"
@@ -76,6 +87,12 @@ class CodesMetadata:
     tokenizer_sha256: str
     tokenizer_path: str  # where the tokenizer was at export time; trust it only if the hash still matches
     source: dict[str, Any]
+    scales: tuple[int, ...] | None = None  # a multi-scale pyramid: the side of each level's grid, coarse to fine
+
+    def __post_init__(self) -> None:
+        if self.scales is not None and [scale_level_name(side) for side in self.scales] != self.level_names:
+            raise UserError(f"codes.json names the scales {list(self.scales)} but has the levels "
+                            f"{', '.join(self.level_names)}; re-export the codes")
 
     @property
     def num_classes(self) -> int | None:
@@ -124,8 +141,9 @@ class CodesMetadata:
             return {"format_version": 1, "format": self.format, "vocab_size": level.vocab_size,
                     "latent_shape": list(level.latent_shape), "dtype": level.dtype, **common}
         levels = [{**dataclasses.asdict(level), "latent_shape": list(level.latent_shape)} for level in self.levels]
+        scales = {} if self.scales is None else {"scales": list(self.scales)}
         return {"format_version": 2, "format": self.format, "levels": levels, "tokenizer_class": self.tokenizer_class,
-                **common}
+                **scales, **common}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], where: str) -> "CodesMetadata":
@@ -141,7 +159,8 @@ class CodesMetadata:
         missing = sorted(expected - set(values))
         if missing:
             raise UserError(f"{where} lacks {', '.join(missing)}; re-export the codes with vqvae-export")
-        unknown = sorted(set(values) - expected)
+        optional = {"scales"} if version == 2 else set()
+        unknown = sorted(set(values) - expected - optional)
         if unknown:
             raise UserError(f"{where}: unknown key {unknown[0]!r}; was it written by a newer vqprior?")
         common = {key: values[key] for key in ("format", "num_rows", "has_labels", "label_names", "tokenizer_config",
@@ -156,7 +175,8 @@ class CodesMetadata:
                            for level in values["levels"])
         except TypeError as error:
             raise UserError(f"{where}: a level is malformed ({error}); re-export the codes") from None
-        return cls(format_version=2, levels=levels, tokenizer_class=values["tokenizer_class"], **common)
+        scales = tuple(values["scales"]) if values.get("scales") is not None else None
+        return cls(format_version=2, levels=levels, tokenizer_class=values["tokenizer_class"], scales=scales, **common)
 
 
 class CodeGrids:
@@ -206,13 +226,15 @@ class CodesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, grids: dict[str, CodeGrids], labels: torch.Tensor, metadata: CodesMetadata,
-                 rows: np.ndarray | None = None, level: str | None = None, condition_level: str | None = None) -> None:
+                 rows: np.ndarray | None = None, level: str | None = None, condition_level: str | None = None,
+                 joined: bool = False) -> None:
         self.grids = grids  # level name -> its column
         self.labels = labels  # (N,) int64 for the selected rows
         self.metadata = metadata
         self.rows = rows  # which rows of the columns this dataset holds (None: all)
-        self.level = level if level is not None or len(grids) > 1 else next(iter(grids))
+        self.level = level if level is not None or len(grids) > 1 or joined else next(iter(grids))
         self.condition_level = condition_level
+        self.joined = joined  # items hold every level flattened and joined in order (a pyramid's scales)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -223,8 +245,12 @@ class CodesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: Any) -> tuple:
         indices = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
         rows = np.atleast_1d(indices if self.rows is None else self.rows[indices])
-        codes = (self._gather(self.level, rows) if self.level is not None
-                 else {name: self._gather(name, rows) for name in self.grids})
+        if self.joined:  # (B, N): every level's grid in raster order, in the export's order
+            codes = torch.cat([self._gather(name, rows).reshape(len(rows), -1) for name in self.metadata.level_names], 1)
+        elif self.level is not None:
+            codes = self._gather(self.level, rows)
+        else:
+            codes = {name: self._gather(name, rows) for name in self.grids}
         labels = self.labels[torch.as_tensor(np.atleast_1d(indices))]
         item = (codes, labels)
         if self.condition_level is not None:
@@ -246,7 +272,7 @@ class CodesDataset(torch.utils.data.Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         rows = indices if self.rows is None else self.rows[indices]
         return CodesDataset(self.grids, self.labels[torch.from_numpy(indices)], self.metadata, rows, self.level,
-                            self.condition_level)
+                            self.condition_level, self.joined)
 
     def level_view(self, level: str | None, condition_level: str | None = None) -> "CodesDataset":
         """The same rows with items of `level` (and the codes of `condition_level` as a third element)."""
@@ -254,6 +280,15 @@ class CodesDataset(torch.utils.data.Dataset):
         if condition_level is not None:
             self.metadata.level(condition_level)
         return CodesDataset(self.grids, self.labels, self.metadata, self.rows, info.name, condition_level)
+
+    def pyramid_view(self) -> "CodesDataset":
+        """The same rows with items of a multi-scale pyramid's every scale, flattened and joined coarse to fine:
+        codes (N,) per row, as a VAR prior reads them."""
+        if self.metadata.scales is None:
+            raise UserError(f"these codes are {'one grid' if len(self.metadata.levels) == 1 else 'levels'} "
+                            f"{', '.join(self.metadata.level_names)}, not a multi-scale pyramid: a pyramid arch (var) "
+                            "needs codes of a --quantizer multiscale tokenizer; pick a raster --arch for these")
+        return CodesDataset(self.grids, self.labels, self.metadata, self.rows, None, None, joined=True)
 
 
 def read_codes_metadata(path: str | Path) -> CodesMetadata:

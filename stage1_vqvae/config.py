@@ -8,6 +8,8 @@ from shared.config import option
 from shared.data import DataConfig
 from shared.errors import UserError
 from shared.training import LoopConfig
+from shared.codes import default_scales
+from stage1_vqvae import multiscale  # noqa: F401  (registers --quantizer multiscale)
 from stage1_vqvae.quantizers import QUANTIZERS, quantizer_names
 
 MIN_PATCH_GRID = 1  # the patch map must keep at least one output per side
@@ -67,6 +69,9 @@ class VQVAEConfig:
     commitment_weight: float = option(0.25, "weight of the commitment loss")
     entropy_loss_weight: float = option(0.1, "lfq: weight of the entropy loss that spreads codes over the codebook")
     fsq_levels: tuple[int, ...] = option((8, 8, 8), "levels per FSQ dimension")
+    scales: tuple[int, ...] | None = option(
+        None, "multiscale: the side of each scale's code grid, increasing and ending at the latent side (default for "
+              "an 8x8 latent: 1 2 3 4 6 8)")
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -83,6 +88,9 @@ class VQVAEConfig:
         if self.levels not in (1, 2):
             raise UserError(f"levels must be 1 or 2, got {self.levels}")
         QUANTIZERS[self.quantizer].check(self)
+        if self.scales is not None and not QUANTIZERS[self.quantizer].spatial:
+            raise UserError(f"--scales is a setting of --quantizer multiscale, not {self.quantizer}; pass "
+                            "--quantizer multiscale or drop --scales")
         if self.codebook_size < 2:
             raise UserError(f"codebook_size must be at least 2, got {self.codebook_size}")
         if self.num_quantizers < 1 or (self.num_quantizers > 1 and not QUANTIZERS[self.quantizer].stacked):
@@ -123,6 +131,13 @@ class VQVAEConfig:
         if self.attention_resolutions is not None:
             return tuple(self.attention_resolutions)
         return (self.image_size // 2 ** self.num_downsamples,)
+
+    @property
+    def scale_sides(self) -> tuple[int, ...]:
+        """multiscale: the sides of its code grids (--scales, or the default for the latent side)."""
+        if self.scales is not None:
+            return tuple(self.scales)
+        return default_scales(self.latent_shape[0])
 
     @property
     def codes_per_position(self) -> int:

@@ -82,6 +82,7 @@ def export(argv: Sequence[str] | None = None) -> dict:
         num_rows=len(dataset), has_labels=dataset.has_labels, label_names=dataset.source.label_names,
         tokenizer_class=type(tokenizer).__name__, tokenizer_config=config_to_dict(tokenizer.config),
         tokenizer_sha256=tokenizer.weights_sha256(), tokenizer_path=tokenizer_path(args.tokenizer),
+        scales=tokenizer.scales,
         source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
                 "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
                 "label_column": dataset.source.label_column})

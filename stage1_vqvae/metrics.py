@@ -125,6 +125,8 @@ def count_codes(model, codes) -> dict[str, torch.Tensor]:
         grid = codes[name] if isinstance(codes, dict) else codes
         grid = grid.reshape(-1, depth) if depth > 1 else grid.reshape(-1, 1)
         out[name] = torch.stack([torch.bincount(grid[:, index], minlength=size) for index in range(depth)]).double()
+    if getattr(model, "shared_codebook", False):  # one codebook behind every level (multi-scale): count them together
+        return {"all levels": sum(out.values())}
     return out
 
 

@@ -50,9 +50,28 @@ class VQVAE(Tokenizer):
         config = self.config
         side = (image_size or config.image_size) // 2 ** config.num_downsamples
         sides = {SINGLE_LEVEL: side} if config.levels == 1 else {"top": side // 2, "bottom": side}
+        if self.kind.spatial:
+            if image_size not in (None, config.image_size):
+                raise UserError(f"this tokenizer's scales are fixed for {config.image_size}px images, not {image_size}px; "
+                                f"pass --image-size {config.image_size}")
+            sides = self.kind.level_sides(config)
         return tuple(LevelInfo(name, level_column(name), config.codebook_size, (level_side, level_side),
                                config.codes_per_position, codes_dtype(config.codebook_size))
                      for name, level_side in sides.items())
+
+    @property
+    def kind(self):
+        """The quantizer kind (`stage1_vqvae.quantizers.QUANTIZERS`)."""
+        return QUANTIZERS[self.config.quantizer]
+
+    @property
+    def scales(self) -> tuple[int, ...] | None:
+        return tuple(self.config.scale_sides) if self.kind.spatial else None
+
+    @property
+    def shared_codebook(self) -> bool:
+        """Whether every level draws from one codebook (multi-scale), so usage is counted over all of them."""
+        return self.kind.spatial
 
     @property
     def codebooks_per_position(self) -> int:
@@ -71,9 +90,9 @@ class VQVAE(Tokenizer):
     def as_levels(self, codes: Codes) -> dict[str, torch.Tensor]:
         """Codes of every level as a dict, checked: integer, the level's shape (any grid size), in range."""
         if isinstance(codes, torch.Tensor):
-            if self.config.levels != 1:
+            if len(self.level_names) != 1:
                 raise UserError(f"this tokenizer has levels {', '.join(self.level_names)}: pass codes as a dict "
-                                "{'top': ..., 'bottom': ...}")
+                                "level -> grid")
             codes = {SINGLE_LEVEL: codes}
         if set(codes) != set(self.level_names):
             raise UserError(f"codes must have the levels {', '.join(self.level_names)}, got {', '.join(codes)}")
@@ -89,7 +108,7 @@ class VQVAE(Tokenizer):
         return {name: codes[name] for name in self.level_names}
 
     def _public(self, codes: dict[str, torch.Tensor]) -> Codes:
-        return codes[SINGLE_LEVEL] if self.config.levels == 1 else codes
+        return codes[SINGLE_LEVEL] if len(codes) == 1 else codes
 
     # ------------------------------------------------------------------------------------------
     # Encoding and decoding
@@ -118,6 +137,9 @@ class VQVAE(Tokenizer):
     def _encode(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(codes per level, the decoder's input, the quantizer losses)."""
         latents = self.encoder(images)  # (B, D, h, w)
+        if self.kind.spatial:  # the quantizer codes the map as a whole, one level per scale
+            decoder_input, codes, loss = self.quantizer(latents)
+            return codes, decoder_input, loss
         if self.config.levels == 1:
             quantized, codes, loss = self.quantize(latents)
             return {SINGLE_LEVEL: codes}, quantized, loss
@@ -151,7 +173,9 @@ class VQVAE(Tokenizer):
     def decode(self, codes: Codes) -> torch.Tensor:
         """Codes (as `encode` returns them) -> images (B, C, H, W) in [-1, 1]."""
         levels = self.as_levels(codes)
-        if self.config.levels == 1:
+        if self.kind.spatial:
+            decoder_input = self.quantizer.latents_from_codes(levels)
+        elif self.config.levels == 1:
             decoder_input = self._vectors(levels[SINGLE_LEVEL], self.quantizer)
         else:
             quantized_top = self._vectors(levels["top"], self.top_quantizer)

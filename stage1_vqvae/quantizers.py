@@ -33,6 +33,9 @@ class QuantizerKind:
 
     summary = ""
     stacked = False  # Q codes per position (num_quantizers), a stack ordered by depth
+    # quantizes the latent map as a whole: `build` gives a module mapping latents (B, D, h, w) to (the decoder's
+    # input, codes per level, loss), with `latents_from_codes(codes)`; `level_sides` names its levels
+    spatial = False
 
     def check(self, config: Any) -> None:
         """UserError for settings of a VQVAEConfig this kind cannot build."""
@@ -46,6 +49,10 @@ class QuantizerKind:
 
     def vectors(self, module: nn.Module, codes: torch.Tensor) -> torch.Tensor:
         return module.indices_to_codes(codes)
+
+    def level_sides(self, config: Any) -> dict[str, int]:
+        """A spatial kind's code levels, name -> grid side, in generation order."""
+        raise NotImplementedError
 
 
 class EMAVectorQuantizer(QuantizerKind):
@@ -109,6 +116,11 @@ class FiniteScalarQuantizer(QuantizerKind):
 QUANTIZERS: dict[str, QuantizerKind] = {"vq": EMAVectorQuantizer(), "fsq": FiniteScalarQuantizer(),
                                          "simvq": SimVQQuantizer(), "lfq": LookupFreeQuantizer(),
                                          "rvq": ResidualQuantizer()}
+
+
+def register_quantizer(name: str, kind: QuantizerKind) -> None:
+    """Add a quantizer kind (`--quantizer NAME`); a module outside this file registers its own."""
+    QUANTIZERS[name] = kind
 
 
 def quantizer_names() -> list[str]:

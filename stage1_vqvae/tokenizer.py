@@ -76,6 +76,11 @@ class Tokenizer(PretrainedModel):
         return {level.name: level.grid_shape for level in self.code_layout()}
 
     @property
+    def scales(self) -> tuple[int, ...] | None:
+        """For a multi-scale pyramid (levels "scale_<side>", coarse to fine), the sides; else None."""
+        return None
+
+    @property
     def codebook_size(self) -> int:
         return self.code_layout()[0].vocab_size
 

@@ -11,7 +11,6 @@ exact resume holds with it.
 """
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 
@@ -23,7 +22,7 @@ from shared.data import (Augmentation, CachedImages, StepOrder, first_image_chan
                          training_batches)
 from shared.errors import run_cli
 from shared.runtime import local_process_count
-from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
+from shared.training import TrainingSession, check_output_dir, run_settings
 from stage1_vqvae.config import Stage1TrainConfig, VQVAEConfig, best_metric_of
 from stage1_vqvae.discriminator import PatchDiscriminator
 from stage1_vqvae.losses import (PerceptualLoss, adaptive_weight, discriminator_hinge_loss, generator_adversarial_loss,
@@ -171,10 +170,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     metrics = session.run(start_step, compute_loss, evaluate, after_step=save_reconstructions,
                           auxiliary_step=discriminator_step if adversarial else None)
-    session.finish({METRICS_NAME: metrics})
-    if session.is_main:
-        print(json.dumps({"output_dir": str(session.output_dir), **metrics}))
-    return metrics
+    return session.finish_run(metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -166,7 +166,7 @@ COMMAND_CASES = [
          lambda w: ["--output-dir", str(w.tmp / "huge"), "--batch-size", "100000", "--no-progress"],
          "out of memory with --batch-size 100000.*lower --batch-size"),
     Case(tokenizer_main, "unknown quantizer", lambda w: tok(w, "--quantizer", "vqq"),
-         "invalid choice: 'vqq' \\(choose from 'vq', 'fsq', 'simvq', 'lfq', 'rvq'\\)"),
+         "invalid choice: 'vqq' \\(choose from 'vq', 'fsq', 'simvq', 'lfq', 'rvq', 'multiscale'\\)"),
     Case(tokenizer_main, "keep-best by LPIPS without it", lambda w: tok(w, "--best-metric", "lpips"),
          "--best-metric lpips needs the LPIPS network: pass --perceptual-weight"),
     Case(tokenizer_main, "fsq levels disagree", lambda w: tok(w, "--quantizer", "fsq", "--codebook-size", "100"),

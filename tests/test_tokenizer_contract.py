@@ -21,7 +21,8 @@ TINY_VQVAE = dict(image_size=8, hidden_channels=8, latent_channels=4, num_res_bl
 CONFIGS = {
     "VQVAE": [VQVAEConfig(**TINY_VQVAE), VQVAEConfig(**TINY_VQVAE, levels=2),
               VQVAEConfig(**TINY_VQVAE, quantizer="rvq", num_quantizers=2, in_channels=3),
-              VQVAEConfig(**{**TINY_VQVAE, "codebook_size": 16}, quantizer="fsq", fsq_levels=(4, 4))],
+              VQVAEConfig(**{**TINY_VQVAE, "codebook_size": 16}, quantizer="fsq", fsq_levels=(4, 4)),
+              VQVAEConfig(**TINY_VQVAE, quantizer="multiscale", scales=(1, 2, 4))],
     "PixelTokenizer": [PixelTokenizerConfig(levels=16, channels=3, image_size=8),
                        PixelTokenizerConfig(levels=4, channels=1, image_size=8)],
 }
@@ -51,7 +52,10 @@ def levels_of(codes) -> dict:
 def test_codes_have_the_promised_layout_and_decode_to_the_reconstruction(name, index):
     tokenizer = build(name, index)
     channels = tokenizer.config.in_channels
-    for size in (8, 16):  # the training size and a larger one
+    if tokenizer.scales is not None:  # a pyramid's scales are fixed for its training size
+        with pytest.raises(ValueError, match="scales are fixed for 8px images"):
+            tokenizer.code_layout(16)
+    for size in (8, 16) if tokenizer.scales is None else (8,):  # the training size and a larger one
         images = torch.rand(3, channels, size, size) * 2 - 1
         codes = levels_of(tokenizer.encode(images))
         layout = tokenizer.code_layout(size)
@@ -91,6 +95,7 @@ def test_export_writes_the_codes_and_the_reader_finds_the_tokenizer(name, index,
             "--image-size", "8", "--no-progress"])
     dataset, metadata = open_codes(tmp_path / "codes")
     assert metadata.tokenizer_class == name and metadata.levels == tokenizer.code_layout(8)
+    assert metadata.scales == tokenizer.scales  # a pyramid's export names its scales
     images = torch.stack([image for image, _ in load_split(DataConfig(dataset=str(folder), image_size=8))])
     expected = levels_of(tokenizer.encode(images))
     for level in metadata.levels:
@@ -101,10 +106,42 @@ def test_export_writes_the_codes_and_the_reader_finds_the_tokenizer(name, index,
 
 
 def test_an_unknown_quantizer_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown quantizer 'vqq'; registered quantizers: vq, fsq, simvq, lfq, rvq"):
+    with pytest.raises(ValueError, match="unknown quantizer 'vqq'; registered quantizers: vq, fsq, simvq, lfq, rvq, "
+                                         "multiscale"):
         VQVAEConfig(quantizer="vqq")
 
 
 def test_a_shortcut_builds_a_tokenizer_without_a_folder():
     tokenizer = load_tokenizer("pixels:16", channels=3, image_size=8)
     assert type(tokenizer) is PixelTokenizer and tokenizer.config.levels == 16
+
+
+@pytest.mark.parametrize("scales, message", [((1, 3, 2, 4), "must be increasing"), ((1, 2), "must end at the latent "
+                                             "side 4"), ((0, 4), "must be increasing positive")])
+def test_bad_scales_get_one_line_errors(scales, message):
+    with pytest.raises(ValueError, match=message) as error:
+        VQVAEConfig(**TINY_VQVAE, quantizer="multiscale", scales=scales)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="--scales is a setting of --quantizer multiscale"):
+        VQVAEConfig(**TINY_VQVAE, scales=(1, 2, 4))
+
+
+def test_the_multiscale_quantizer_is_vars_residual_pyramid():
+    """Each scale quantizes what the coarser ones left: f_hat after scale k is sum of phi(up(z_j)), j <= k, and the
+    codes of scale k are the nearest codes to the area-downsampled residual f - f_hat_(k-1) (VAR Algorithm 1)."""
+    import torch.nn.functional as F
+
+    tokenizer = build("VQVAE", 4)
+    quantizer = tokenizer.quantizer
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        latents = tokenizer.encoder(images)  # (3, D, 4, 4)
+        codes = tokenizer.encode(images)
+        codebook = quantizer.codebook.codebook  # (V, D)
+        f_hat = torch.zeros_like(latents)
+        for index, side in enumerate(quantizer.scales):
+            residual = F.interpolate(latents - f_hat, size=(side, side), mode="area")  # (3, D, s, s)
+            distances = torch.cdist(residual.permute(0, 2, 3, 1).reshape(-1, residual.shape[1]), codebook)
+            assert torch.equal(codes[f"scale_{side}"].flatten(), distances.argmin(1))
+            f_hat = f_hat + quantizer.refined(index, quantizer.vectors(codes[f"scale_{side}"]), 4)
+        assert torch.allclose(quantizer.latents_from_codes(codes), f_hat, atol=1e-6)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -33,7 +34,7 @@ from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME, file_sha256, fsync_file
 from shared.runtime import make_accelerator
 from shared.training.best import BestModel
 from shared.training.checkpoints import list_checkpoints, load_newest_checkpoint, read_trainer_state, write_checkpoint
-from shared.training.config import (CHECKPOINTS, MAX_LISTED_PROBLEMS, TRAIN_CONFIG_NAME, LoopConfig, ScheduleExtension,
+from shared.training.config import (CHECKPOINTS, MAX_LISTED_PROBLEMS, METRICS_NAME, TRAIN_CONFIG_NAME, LoopConfig, ScheduleExtension,
                                     learning_rate_at)
 from shared.training.folder import RunFolder, check_output_dir
 
@@ -360,6 +361,14 @@ class TrainingSession:
                 write_json_atomic(self.output_dir / name, values)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+    def finish_run(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """`finish` with the metrics in metrics.json, and the run's summary as one JSON line on stdout (main
+        process): what every training command ends with."""
+        self.finish({METRICS_NAME: metrics})
+        if self.is_main:
+            print(json.dumps({"output_dir": str(self.output_dir), **metrics}))
+        return metrics
 
 
 def _flat_for_tracker(settings: dict[str, Any]) -> dict[str, Any]:
