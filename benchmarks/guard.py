@@ -19,31 +19,16 @@ import torch
 
 from stage2_prior import ARCHS, Prior, PriorConfig
 from stage2_prior.registry import trained_scale
+from stage2_prior.testing import trained_scale_prior
 
 FILTERS = {"none": dict(), "temperature 0.8 + top-k 40": dict(temperature=0.8, top_k=40), "top-p 0.9": dict(top_p=0.9),
            "greedy": dict(strategy="greedy")}
 
 
-def trained_scale_prior(arch: str, side: int, std: float = 6.0) -> Prior:
-    """The arch at 64 channels (a few layers, its recipe's options), weights scaled to a logit spread `std`."""
-    torch.manual_seed(0)
-    model = Prior.from_config(PriorConfig(**trained_scale(arch), vocab_size=512, latent_shape=(side, side))).eval()
-    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    codes = torch.randint(0, 512, (4, side, side))
-    low, high = 0.5, 4.0
-    for _ in range(16):  # bisect a common weight multiplier
-        middle = (low + high) / 2
-        model.load_state_dict({name: tensor * middle if tensor.is_floating_point() else tensor
-                               for name, tensor in initial.items()})
-        with torch.no_grad():
-            spread = model(codes).std().item()
-        low, high = (middle, high) if spread < std else (low, middle)
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cached = [arch for arch in ARCHS if "cached" in trained_scale_prior(arch, 2).sampling_methods]
+    cached = [arch for arch in ARCHS
+              if "cached" in Prior.from_config(PriorConfig.build(**trained_scale(arch, side=2))).sampling_methods]
     parser.add_argument("--archs", nargs="+", default=cached, choices=cached)
     parser.add_argument("--side", type=int, default=8)
     parser.add_argument("--samples", type=int, default=64)
@@ -53,7 +38,7 @@ def main() -> None:
     print("| arch | filter | float32: re-decided | float32 s | float64: re-decided | float64 s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for arch in args.archs:
-        prior = trained_scale_prior(arch, args.side)
+        prior = trained_scale_prior(args.side, **trained_scale(arch))
         for name, options in FILTERS.items():
             cells = []
             for precision in ("float32", "float64"):

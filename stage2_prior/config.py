@@ -57,6 +57,9 @@ class PriorConfig:
     tokenizer_sha256: str | None = option(None, "sha256 of the weights of the tokenizer that made the codes")
     level: str | None = option(None, "the tokenizer level this prior models (codes, top, bottom)")
     condition_level: str | None = option(None, "the tokenizer level its condition code map is")
+    # A multi-scale token pyramid (VAR), from codes.json: the side of each scale's grid, coarse to fine; the
+    # codes are then one sequence of every scale's grid in raster order, latent_shape (1, sum of sides squared).
+    scales: tuple[int, ...] | None = option(None, "the sides of a multi-scale pyramid's grids (arch var)")
 
     def __post_init__(self) -> None:
         spec = arch_spec(self.arch)
@@ -94,7 +97,33 @@ class PriorConfig:
             if any(side % cond for side, cond in zip(self.latent_shape, self.condition_shape[:2])):
                 raise UserError(f"the condition grid {tuple(self.condition_shape[:2])} must divide the prior's grid "
                                 f"{tuple(self.latent_shape)} (an aligned coarser level)")
+        self.check_layout(spec)
         self.options.check(self)
+
+    def check_layout(self, spec) -> None:
+        """UserError for codes the arch does not read: a pyramid for a grid arch and the reverse, a stack or a
+        code map for an arch that takes none."""
+        if spec.reads == "scales":
+            if self.scales is None:
+                raise UserError(f"arch {self.arch} models a multi-scale token pyramid: train it on codes exported by a "
+                                "--quantizer multiscale tokenizer")
+            if any(b <= a for a, b in zip(self.scales, self.scales[1:])) or min(self.scales) < 1:
+                raise UserError(f"scales must be increasing positive sides, got {list(self.scales)}")
+            positions = sum(side * side for side in self.scales)
+            if tuple(self.latent_shape) != (1, positions):
+                raise UserError(f"a pyramid of scales {list(self.scales)} is one sequence of {positions} codes: "
+                                f"latent_shape must be (1, {positions}), got {tuple(self.latent_shape)}")
+        elif self.scales is not None:
+            raise UserError(f"arch {self.arch} models one code grid, and these codes are a multi-scale pyramid "
+                            f"(scales {' '.join(map(str, self.scales))}): use --arch "
+                            f"{' or '.join(name for name, other in ARCHS.items() if other.reads == 'scales')}, or "
+                            "export a single-grid tokenizer")
+        if self.depth > 1 and not spec.stacks:
+            raise UserError(f"arch {self.arch} models one code per position, these have a stack of {self.depth}; "
+                            "use another --arch or a tokenizer with one code per position")
+        if self.condition_vocab_size is not None and not spec.code_maps:
+            raise UserError(f"arch {self.arch} takes no conditioning code map: drop --condition-level, or use another "
+                            "--arch")
 
     @classmethod
     def build(cls, **values: Any) -> "PriorConfig":

@@ -14,6 +14,8 @@ asks it, in raster-then-stack order, for the features at each draw:
   for the window), without advancing the state; `commit(codes, start, count)` then advances it over
   positions whose codes have settled (the default steps through them). Windowed Jacobi decoding
   (`method="jacobi"` with `window=W`) needs it; a state without one does not offer windows.
+- `block(codes, start, count) -> (B, count, C)` (archs with `Prior.parallel_runs`): the features of a run of
+  positions that read nothing of each other, from one pass, advancing the state over them (VAR: a scale).
 - `chain` (optional): the per-position work as a module-level function of tensors whose shapes do
   not change over the grid. Method "compiled" runs it through torch.compile, "graph" in CUDA graphs
   (`stage2_prior.decoding.steps`); a state without one offers neither. Such a state passes the
@@ -51,6 +53,10 @@ class IncrementalState:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` of the batch (beam search)."""
+        raise NotImplementedError
+
+    def block(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        """Features (B, count, C) of a run of positions (`Prior.parallel_runs`) from one pass; the state advances."""
         raise NotImplementedError
 
     def window(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:

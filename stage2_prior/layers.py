@@ -96,36 +96,6 @@ def gate(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     position: int | torch.Tensor) -> torch.Tensor:
-    """One query q (B, heads, 1, d) at raster `position`, whose key and value k, v (B, heads, 1, d) go
-    into the preallocated caches keys, values (B, heads, N, d), over the cached positions 0..position
-    -> (B, heads, 1, d). Every one of them is allowed, so no causal mask (`is_causal` would align its
-    triangle to the top left and let the query see only position 0).
-    `position` an int: the caches are sliced to position + 1. A (1,) tensor (a compiled step): the same
-    attention over all N entries with the later ones masked out, so that every shape stays fixed."""
-    if isinstance(position, int):
-        keys[:, :, position:position + 1] = k
-        values[:, :, position:position + 1] = v
-        return F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1])
-    keys.index_copy_(2, position, k)
-    values.index_copy_(2, position, v)
-    visible = (torch.arange(keys.shape[2], device=keys.device) <= position)[None]  # (1, N): the rest get weight 0
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
-
-
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     start: int) -> torch.Tensor:
-    """Queries q (B, heads, n, d) at raster positions start .. start + n - 1, with their keys and values
-    k, v (B, heads, n, d), over the cached positions 0 .. start - 1 (keys, values (B, heads, N, d); read,
-    not written) and the window causally: query i reads positions <= start + i -> (B, heads, n, d)."""
-    count = q.shape[2]
-    all_keys = torch.cat([keys[:, :, :start], k], dim=2)  # (B, heads, start + n, d)
-    all_values = torch.cat([values[:, :, :start], v], dim=2)
-    visible = torch.arange(start + count, device=q.device)[None] <= start + torch.arange(count, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, all_keys, all_values, attn_mask=visible)  # (B, heads, n, d)
-
-
 class GatedBlock(nn.Module):
     """One Gated PixelCNN layer: (vertical, horizontal) -> (vertical, horizontal, skip).
 

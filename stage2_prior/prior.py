@@ -33,6 +33,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from shared.codes import SINGLE_LEVEL, scale_level_name
 from shared.config import read_json
 from shared.errors import UserError
 from shared.pretrained import CONFIG_NAME, PretrainedModel
@@ -40,19 +41,19 @@ from stage2_prior.conditioning import (ConditionNetwork, Conditioning, Context, 
                                        label_rows)
 from stage2_prior.config import PriorConfig, upgrade_format1
 from stage2_prior.decoding import (PRECISIONS, BeamSearchOutput, Sampler, SamplingOptions, SamplingStats, beam_search,
-                                   cast_copy, check_num_beams, check_num_samples, draw, evaluation, resolve_seed)
+                                   cast_copy, check_num_beams, check_num_samples, draw, evaluation, resolve_seed,
+                                   sampling_options)
 from stage2_prior.heads import FORMAT1_HEAD_NAMES, build_head
 from stage2_prior.incremental import IncrementalState
 
-# The keyword arguments of the sampling entry points that build a SamplingOptions, with their defaults.
-SAMPLING_KEYWORDS = dict(temperature=1.0, top_k=None, top_p=None, guidance_scale=0.0, strategy="sample",
-                         precision="float64", method=None, window=None)
 
 
 class Prior(PretrainedModel):
     """Base of every prior arch (see the module docstring); `Prior.from_config(config)` builds the arch's class."""
 
     config_class = PriorConfig
+    validation_metric = "bits_per_code"  # what training validates (lower is better): the held-out NLL per code
+    default_steps: int | None = None  # masked priors: rounds of sampling when the options name none
     format_version = 2  # 2: an arch's own settings under "options"; 1: flat, and the head's layers on the prior
     classes: ClassVar[dict[str, type["Prior"]]] = {}  # class name -> class, for config.json's _class_name
 
@@ -131,9 +132,46 @@ class Prior(PretrainedModel):
 
     @property
     def code_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's codes: (h, w), or (h, w, D) for stacks."""
+        """Shape of one sample's codes: (h, w), or (h, w, D) for stacks; (N,) for a multi-scale pyramid, every
+        scale's grid in raster order, coarse to fine (inside, a grid of one row)."""
+        if self.config.scales is not None:
+            return (self.config.num_positions,)
         height, width = self.config.latent_shape
         return (height, width) if self.config.depth == 1 else (height, width, self.config.depth)
+
+    @property
+    def parallel_runs(self) -> list[tuple[int, int]] | None:
+        """Runs of positions (first, count) in raster order whose features read only positions before the run,
+        so that one network pass gives them all and their codes can be drawn at once (VAR's scales); None:
+        every position reads the one before it."""
+        return None
+
+    # ------------------------------------------------------------------------------------------
+    # The tokenizer levels it generates
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        """The levels of the tokenizer's codes this prior generates: its one level, or every scale of a pyramid."""
+        if self.config.scales is not None:
+            return tuple(scale_level_name(side) for side in self.config.scales)
+        return (self.config.level or SINGLE_LEVEL,)
+
+    def split_levels(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Public codes -> {level: grid}, as the tokenizer decodes them (a pyramid: (B, s, s) per scale)."""
+        if self.config.scales is None:
+            return {self.level_names[0]: codes}
+        grids, start = {}, 0
+        for name, side in zip(self.level_names, self.config.scales):
+            grids[name] = codes[:, start:start + side * side].reshape(len(codes), side, side)
+            start += side * side
+        return grids
+
+    def join_levels(self, grids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{level: grid} -> public codes (the inverse of `split_levels`)."""
+        if self.config.scales is None:
+            return grids[self.level_names[0]]
+        return torch.cat([grids[name].flatten(1) for name in self.level_names], dim=1)  # (B, N)
 
     @property
     def device(self) -> torch.device:
@@ -161,11 +199,11 @@ class Prior(PretrainedModel):
         """Codes as (B, h, w, D) whatever their public shape."""
         if codes.is_inference() and not torch.is_inference_mode_enabled():
             codes = codes.clone()  # codes from `sample` are inference tensors, which autograd cannot save
-        return codes if self.config.depth > 1 else codes[..., None]
+        return codes.reshape(len(codes), *self.config.latent_shape, self.config.depth)
 
     def public(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, D) -> the public shape: (B, h, w) when D == 1."""
-        return codes if self.config.depth > 1 else codes[..., 0]
+        """(B, h, w, D) -> the public shape (`code_shape`): (B, h, w) when D == 1."""
+        return codes.reshape(len(codes), *self.code_shape)
 
     # ------------------------------------------------------------------------------------------
     # The full forward
@@ -212,7 +250,7 @@ class Prior(PretrainedModel):
         self.check_codes(codes)
         context = self.context(labels, condition, codes.shape[0])
         logits = rearrange(self.stack_logits(self.stacked(codes), self.conditioning(context)), "b h w d v -> b v h w d")
-        return logits if self.config.depth > 1 else logits[..., 0]
+        return logits.reshape(*logits.shape[:2], *self.code_shape)  # (B, V, *code_shape)
 
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
             condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,6 +260,13 @@ class Prior(PretrainedModel):
         stacked = self.stacked(codes)
         features = rearrange(self.features(stacked, self.conditioning(context)), "b c h w -> b h w c")
         return self.head.nll(features, stacked).mean() / self.config.depth
+
+    def validation_scores(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, V, *code_shape), weights (B, *code_shape)): what validation scores, at which positions
+        (an autoregressive prior: the logits of every code given the codes before it, everywhere)."""
+        return self(codes, labels, condition), torch.ones(codes.shape[:1] + self.code_shape, dtype=torch.bool,
+                                                          device=codes.device)
 
     def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
                  condition: torch.Tensor | None = None, precision: str = "float64") -> torch.Tensor:
@@ -248,7 +293,8 @@ class Prior(PretrainedModel):
                top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                method: str | None = None, *, seed: int | None = None, sample_offset: int = 0,
                condition: torch.Tensor | None = None, guidance_scale: float = 0.0, strategy: str = "sample",
-               precision: str = "float64", window: int | None = None, options: SamplingOptions | None = None,
+               precision: str = "float64", window: int | None = None, guidance_schedule: str = "constant",
+               steps: int | None = None, confidence_temperature: float = 4.5, options: SamplingOptions | None = None,
                sampler: Sampler | None = None, return_stats: bool = False
                ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
         """Draw codes (num_samples, h, w[, D]) in raster order, then the stack.
@@ -261,7 +307,10 @@ class Prior(PretrainedModel):
         at a time on the arch's cache, where the arch has a windowed step). seed=None draws a seed from `generator`
         (the global generator when None). `strategy="greedy"` (or temperature=0) takes the most
         likely code each time. `guidance_scale` s > 0 (priors trained with label dropout) uses the
-        guided logits cond + s * (cond - uncond). `condition`: the code map of a conditioned prior.
+        guided logits cond + s * (cond - uncond), with s moving over the decoder's steps by
+        `guidance_schedule` ("constant", "linear", "power:P", "interval:A:B"; `GuidanceSchedule`).
+        A masked prior (MaskGIT) fills the grid in `steps` rounds, with confidence noise
+        `confidence_temperature` annealed to 0. `condition`: the code map of a conditioned prior.
         `precision`: the dtype the network runs in while sampling ("float64", or "float32": the same
         codes, faster only where few draws need the float64 check; "bfloat16": fast on GPUs, not exact).
         `options`: a SamplingOptions instead of the keywords above. `sampler`: a Sampler of this prior kept
@@ -274,7 +323,9 @@ class Prior(PretrainedModel):
             raise UserError("the sampler was made for another prior: pass a Sampler of this one")
         options = sampling_options(options if sampler is None else sampler.options, temperature=temperature,
                                    top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, strategy=strategy,
-                                   precision=precision, method=method, window=window)
+                                   precision=precision, method=method, window=window,
+                                   guidance_schedule=guidance_schedule, steps=steps,
+                                   confidence_temperature=confidence_temperature)
         sampler = sampler or Sampler(self, options, copy_weights=False)  # resolves the options: their one check
         codes, stats = draw(sampler, num_samples, self.context(labels, condition, num_samples),
                             resolve_seed(seed, generator), sample_offset)
@@ -285,6 +336,7 @@ class Prior(PretrainedModel):
                  generator: torch.Generator | None = None, method: str | None = None, *, seed: int | None = None,
                  sample_offset: int = 0, condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
                  strategy: str = "sample", precision: str = "float64", window: int | None = None,
+                 guidance_schedule: str = "constant", steps: int | None = None, confidence_temperature: float = 4.5,
                  options: SamplingOptions | None = None) -> torch.Tensor:
         """Keep `codes` where `known_mask` (the shape of codes) is True and sample the rest in order.
 
@@ -297,7 +349,8 @@ class Prior(PretrainedModel):
                             f"got {tuple(known_mask.shape)}")
         options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
                                    guidance_scale=guidance_scale, strategy=strategy, precision=precision, method=method,
-                                   window=window)
+                                   window=window, guidance_schedule=guidance_schedule, steps=steps,
+                                   confidence_temperature=confidence_temperature)
         sampler = Sampler(self, options, copy_weights=False)
         completed, _ = draw(sampler, codes.shape[0], self.context(labels, condition, codes.shape[0]),
                             resolve_seed(seed, generator), sample_offset, self.stacked(codes),
@@ -306,7 +359,8 @@ class Prior(PretrainedModel):
 
     def beam_search(self, num_samples: int = 1, labels: torch.Tensor | int | None = None, num_beams: int = 4, *,
                     condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
-                    method: str | None = None, precision: str = "float64") -> BeamSearchOutput:
+                    guidance_schedule: str = "constant", method: str | None = None,
+                    precision: str = "float64") -> BeamSearchOutput:
         """The most likely grids under the prior found by beam search over raster-then-stack order:
         `num_beams` partial grids kept per sample, scored by their total (guided) log-probability.
         Returns the best grid of each sample, its log-probability under the prior (`log_prob`, nats)
@@ -314,7 +368,8 @@ class Prior(PretrainedModel):
         check_num_beams(num_beams, method)
         check_num_samples(num_samples)
         sampler = Sampler(self, SamplingOptions.build(guidance_scale=guidance_scale, precision=precision,
-                                                      method=method), guarded=False, copy_weights=False)
+                                                      method=method, guidance_schedule=guidance_schedule),
+                          guarded=False, copy_weights=False)
         return self.beam_search_with(sampler, num_samples, self.context(labels, condition, num_samples), num_beams)
 
     def beam_search_with(self, sampler: Sampler, num_samples: int, context: Context,
@@ -324,17 +379,6 @@ class Prior(PretrainedModel):
             codes, score = beam_search(sampler, num_samples, context, num_beams)
         return BeamSearchOutput(self.public(codes), self.stack_log_prob(codes, context, sampler.options.precision),
                                 score)
-
-
-def sampling_options(options: SamplingOptions | None, **keywords: Any) -> SamplingOptions:
-    """`options`, or the options the sampling keywords describe (not both), their values checked; a
-    `Sampler` checks them against a prior."""
-    if options is None:
-        return SamplingOptions.build(**keywords)
-    changed = [name for name, value in keywords.items() if value != SAMPLING_KEYWORDS[name]]
-    if changed:
-        raise UserError(f"pass either options or the sampling keywords, not both (got {', '.join(changed)})")
-    return options
 
 
 def bits_per_code(nats: float) -> float:

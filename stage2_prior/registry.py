@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from shared.codes import default_scales
 from shared.config import option
 from shared.errors import UserError
 
@@ -57,6 +58,15 @@ class ArchSpec:
     # every position sees every earlier one, at any grid size (the contract suite checks every position)
     full_context: bool = False
     heads: tuple[str, ...] = HEADS  # the output heads it takes
+    # what it models: "autoregressive" (codes in an order, each given those before it: the sequential
+    # decoders, Jacobi, beam search, log_prob) or "masked" (a bidirectional network filling masked codes in
+    # rounds, MaskGIT: the rounds decoder)
+    family: str = "autoregressive"
+    # what it reads of a codes export: "grid" (one level, --level) or "scales" (every level of a multi-scale
+    # pyramid, coarse to fine, as one sequence: VAR)
+    reads: str = "grid"
+    code_maps: bool = True  # takes a conditioning code map (--condition-level)
+    stacks: bool = True  # takes a stack of codes per position (depth > 1)
     # the benchmark recipe: general fields and options of the arch's default-size run (64 channels)
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the smallest config that exercises every part of it, for the contract tests
@@ -66,7 +76,13 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {}
 
 
+FAMILIES = ("autoregressive", "masked")
+READS = ("grid", "scales")
+
+
 def register_arch(spec: ArchSpec) -> ArchSpec:
+    if spec.family not in FAMILIES or spec.reads not in READS:
+        raise RuntimeError(f"arch {spec.name!r}: family must be one of {FAMILIES} and reads one of {READS}")
     if spec.name in ARCHS and ARCHS[spec.name].model is not spec.model:
         raise RuntimeError(f"arch {spec.name!r} is registered twice ({ARCHS[spec.name].model.__name__}, "
                            f"{spec.model.__name__})")
@@ -91,12 +107,19 @@ def option_owners(name: str) -> list[str]:
             if name in {field.name for field in dataclasses.fields(spec.options)}]
 
 
-def trained_scale(name: str, layers: int = 4) -> dict[str, Any]:
+def trained_scale(name: str, layers: int = 4, side: int | None = None) -> dict[str, Any]:
     """An arch at the default width with at most `layers` layers, in its tiny config's options: the size at
-    which the exactness tests and benchmarks/guard.py give a model a trained prior's logit spread."""
+    which the exactness tests and benchmarks/guard.py give a model a trained prior's logit spread. With `side`,
+    also its grid: side x side, or for a pyramid arch the default pyramid of that latent side."""
     spec = arch_spec(name)
-    tiny = {key: value for key, value in spec.tiny.items() if key not in ("hidden_channels", "num_layers")}
-    return {**tiny, "arch": name, "num_layers": min(spec.recipe.get("num_layers", layers), layers)}
+    tiny = {key: value for key, value in spec.tiny.items() if key not in ("hidden_channels", "num_layers", "scales")}
+    config = {**tiny, "arch": name, "num_layers": min(spec.recipe.get("num_layers", layers), layers)}
+    if side is not None:  # a side x side grid, or for a pyramid arch the default pyramid of that side
+        config["latent_shape"] = (side, side)
+        if spec.reads == "scales":
+            config["scales"] = default_scales(side)
+            config["latent_shape"] = (1, sum(scale * scale for scale in config["scales"]))
+    return config
 
 
 def recipe_flags(name: str) -> list[str]:

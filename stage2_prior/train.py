@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from shared.codes import CodesDataset, CodesMetadata, open_codes
 from shared.config import add_field_argument, build_parser, config_from_args, parse_args, values_from_args
 from shared.data import StepOrder, code_batches, held_out_indices, save_image_grid, shard_range
 from shared.errors import UserError, run_cli
-from shared.training import METRICS_NAME, TrainingSession, check_output_dir, run_settings
+from shared.training import TrainingSession, check_output_dir, run_settings
 from stage1_vqvae.metrics import codebook_statistics
 from stage1_vqvae.tokenizer import load_tokenizer, tokenizer_class, tokenizer_for_codes
 from stage2_prior.config import PriorConfig, Stage2TrainConfig, check_option_names, default_max_steps
@@ -36,8 +35,9 @@ from stage2_prior.registry import ARCHS, arch_spec, option_owners
 
 # PriorConfig fields that come from the codes, not from flags (the run's --level and --condition-level pick them)
 FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
-                        "condition_shape", "tokenizer_sha256", "level", "condition_level"})
+                        "condition_shape", "tokenizer_sha256", "level", "condition_level", "scales"})
 SAMPLE_SEED = 1234
+VALIDATION_MASK_SEED = 4321  # the masks masked priors are validated at: the same at every step and on every run
 SAMPLES_PER_ROW = 8
 
 
@@ -65,21 +65,37 @@ def arch_option_values(args: argparse.Namespace) -> dict:
     return given
 
 
-def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, CodesMetadata]:
-    """Training and validation codes (items: codes, label[, condition codes]) and their metadata."""
+def view_for(codes: CodesDataset, config: Stage2TrainConfig, arch: str) -> CodesDataset:
+    """What arch `arch` reads of an export: one level (and a condition level), or a pyramid's scales joined."""
+    spec = arch_spec(arch)
+    if spec.reads == "scales":
+        if config.level is not None or config.condition_level is not None:
+            raise UserError(f"arch {arch} models every scale of a pyramid at once: drop --level and --condition-level")
+        return codes.pyramid_view()
+    if codes.metadata.scales is not None:
+        pyramid_archs = " or ".join(name for name, other in ARCHS.items() if other.reads == "scales")
+        raise UserError(f"these codes are a multi-scale pyramid (scales {' '.join(map(str, codes.metadata.scales))}) "
+                        f"and arch {arch} models one grid: use --arch {pyramid_archs}, or export a single-grid tokenizer")
+    return codes.level_view(config.level, config.condition_level)
+
+
+def load_codes(config: Stage2TrainConfig,
+               arch: str = PriorConfig.arch) -> tuple[CodesDataset, CodesDataset, CodesMetadata]:
+    """Training and validation codes (items: codes, label[, condition codes]) as `arch` reads them, and their
+    metadata."""
     if not config.codes:
         raise UserError("--codes is required: a folder written by vqvae-export")
     codes, metadata = open_codes(config.codes)
     if config.condition_level is not None and config.condition_level == config.level:
         raise UserError(f"--condition-level {config.condition_level} is the level being modelled; condition the "
                         "bottom prior on the top level: --level bottom --condition-level top")
-    codes = codes.level_view(config.level, config.condition_level)
+    codes = view_for(codes, config, arch)
     if config.validation_codes:
         validation, validation_meta = open_codes(config.validation_codes)
         if validation_meta.levels != metadata.levels:
             raise UserError(f"--validation-codes {config.validation_codes} do not match --codes (levels, vocabulary or "
                             "grid); export both with the same tokenizer")
-        return codes, validation.level_view(config.level, config.condition_level), metadata
+        return codes, view_for(validation, config, arch), metadata
     kept, held_out = held_out_indices(len(codes), config.validation_fraction)
     return codes.subset(kept), codes.subset(held_out), metadata
 
@@ -87,7 +103,8 @@ def load_codes(config: Stage2TrainConfig) -> tuple[CodesDataset, CodesDataset, C
 def prior_config_for(args, train_config: Stage2TrainConfig, metadata: CodesMetadata,
                      train_codes: CodesDataset) -> PriorConfig:
     """The architecture from the flags, with the vocabulary, grids, classes and provenance from the codes."""
-    level = metadata.level(train_config.level)
+    pyramid = metadata.scales is not None and arch_spec(args.arch).reads == "scales"
+    level = metadata.levels[-1] if pyramid else metadata.level(train_config.level)
     num_classes = None
     if train_config.conditional and metadata.has_labels:
         unlabelled = int((train_codes.labels < 0).sum())
@@ -101,12 +118,14 @@ def prior_config_for(args, train_config: Stage2TrainConfig, metadata: CodesMetad
     if values.get("label_dropout", 0) > 0 and num_classes is None:
         raise UserError("--label-dropout trains an unconditional branch for classifier-free guidance and needs "
                         "labelled codes; drop it, or export a labelled split")
-    return PriorConfig(vocab_size=level.vocab_size, latent_shape=tuple(level.latent_shape), depth=level.depth,
+    shape = (1, sum(side * side for side in metadata.scales)) if pyramid else tuple(level.latent_shape)
+    return PriorConfig(vocab_size=level.vocab_size, latent_shape=shape, depth=level.depth,
                        num_classes=num_classes,
                        condition_vocab_size=condition.vocab_size if condition else None,
                        condition_shape=condition.grid_shape if condition else None,
-                       tokenizer_sha256=metadata.tokenizer_sha256, level=level.name,
-                       condition_level=condition.name if condition else None, options=options, **values)
+                       tokenizer_sha256=metadata.tokenizer_sha256, level=None if pyramid else level.name,
+                       condition_level=condition.name if condition else None,
+                       scales=tuple(metadata.scales) if pyramid else None, options=options, **values)
 
 
 class TrainingObjective(torch.nn.Module):
@@ -133,7 +152,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     if train_config.sample_every < 1:
         raise UserError(f"--sample-every must be at least 1, got {train_config.sample_every}")
     check_output_dir(train_config)
-    train_codes, validation_codes, metadata = load_codes(train_config)
+    train_codes, validation_codes, metadata = load_codes(train_config, getattr(args, "arch", PriorConfig.arch))
     if train_config.max_steps is None:
         global_batch = train_config.batch_size * train_config.gradient_accumulation_steps * PartialState().num_processes
         train_config = dataclasses.replace(train_config, max_steps=default_max_steps(len(train_codes), global_batch))
@@ -143,7 +162,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise UserError(f"--tokenizer {train_config.tokenizer} did not make these codes (its weights differ from the "
                         f"sha256 in codes.json, {metadata.tokenizer_sha256[:12]}...); pass the tokenizer that made them")
 
-    session = TrainingSession(train_config, run_settings(train_config, model_config), "prior", monitor="bits_per_code")
+    session = TrainingSession(train_config, run_settings(train_config, model_config), "prior",
+                              monitor=model_config.spec.model.validation_metric)
     accelerator = session.accelerator
     objective, _ = session.prepare(TrainingObjective(Prior.from_config(model_config)))
     if tokenizer is not None:
@@ -166,7 +186,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         metrics = prior_metrics(session.unwrapped_model.prior, validation_codes, conditional, session.device,
                                 accelerator.process_index, accelerator.num_processes,
                                 lambda t: accelerator.reduce(t, reduction="sum"))
-        if tokenizer_class(metadata).codes_are_subpixels:
+        if tokenizer_class(metadata).codes_are_subpixels and "bits_per_code" in metrics:
             metrics["bits_per_dim"] = metrics["bits_per_code"]  # a code is one subpixel
         return metrics
 
@@ -178,16 +198,14 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
             save_image_grid(grid, session.output_dir / "samples" / f"samples_{step:08d}.png", nrow=SAMPLES_PER_ROW)
 
     metrics = session.run(start_step, compute_loss, evaluate, after_step=save_samples)
-    session.finish({METRICS_NAME: metrics})
-    if session.is_main:
-        print(json.dumps({"output_dir": str(session.output_dir), **metrics}))
-    return metrics
+    return session.finish_run(metrics)
 
 
 @torch.no_grad()
 def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: torch.device, rank: int = 0,
                   world_size: int = 1, reduce_sum=lambda t: t) -> dict[str, float]:
-    """Bits per code, top-1 accuracy, and the unigram entropy of the codes (bits) over the whole split.
+    """Bits per code (a masked prior: per hidden code, `masked_bits_per_code`), top-1 accuracy, and the unigram
+    entropy of the codes (bits) over the whole split.
     A logistic-mixture head is scored by its own likelihood (no per-level table: K x M evaluations per
     subpixel made validating it slower than training) and reports no top-1 accuracy."""
     was_training = model.training
@@ -207,17 +225,20 @@ def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: 
         targets = grids.long()
         if mixture:
             totals[1] += model.nll(grids, labels, condition).double() * targets.numel()  # nll: the mean per code
-        else:
-            logits = model(grids, labels, condition).float()
-            totals[1] += F.cross_entropy(logits, targets, reduction="sum").double()
-            totals[2] += (logits.argmax(1) == targets).sum().double()
-        totals[0] += targets.numel()
+            totals[0] += targets.numel()
+        else:  # masked priors score their hidden positions, at masks seeded by the first row of the batch
+            generator = torch.Generator(device).manual_seed(VALIDATION_MASK_SEED + start)
+            logits, weights = model.validation_scores(grids, labels, condition, generator)
+            logits = logits.float()
+            totals[1] += (F.cross_entropy(logits, targets, reduction="none") * weights).sum().double()
+            totals[2] += ((logits.argmax(1) == targets) & weights).sum().double()
+            totals[0] += weights.sum()
         counts += torch.bincount(targets.flatten(), minlength=config.vocab_size).double()
     model.train(was_training)
     totals, counts = reduce_sum(totals), reduce_sum(counts)
     unigram_bits = math.log2(codebook_statistics(counts)["perplexity"])
     bits = (totals[1] / totals[0]).item() / math.log(2)
-    metrics = {"bits_per_code": bits, "unigram_entropy_bits": unigram_bits}
+    metrics = {model.validation_metric: bits, "unigram_entropy_bits": unigram_bits}
     if not mixture:
         metrics["top1_accuracy"] = (totals[2] / totals[0]).item()
     return metrics
@@ -235,14 +256,14 @@ def sample_grid(prior: Prior, tokenizer, per_row: int, validation: CodesDataset,
     if prior.config.condition_level is not None:
         rows = torch.arange(count) % len(validation)
         _, _, condition = validation[rows]
-    if len(getattr(tokenizer, "level_names", ())) > 1 and condition is None:
-        return None
-    codes = prior.sample(count, labels=labels, seed=seed, condition=condition)
+    if set(prior.level_names) | {prior.config.condition_level} - {None} != set(tokenizer.level_names):
+        return None  # a top prior alone: nothing to decode
+    levels = prior.split_levels(prior.sample(count, labels=labels, seed=seed, condition=condition))
+    if condition is not None:
+        levels[prior.config.condition_level] = condition
     device = next(iter(tokenizer.buffers())).device
-    if len(tokenizer.level_names) > 1:
-        codes = {prior.config.condition_level: condition.to(device), prior.config.level: codes.to(device)}
-    else:
-        codes = codes.to(device)
+    codes = {name: grid.to(device) for name, grid in levels.items()}
+    codes = codes if len(codes) > 1 else next(iter(codes.values()))
     with torch.no_grad():
         return tokenizer.eval().decode(codes).cpu()
 

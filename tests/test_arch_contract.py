@@ -22,17 +22,31 @@ VARIANTS = {
     "plain": dict(vocab_size=9),
     "conditioned": dict(vocab_size=9, num_classes=3, label_dropout=0.1, condition_vocab_size=5,
                         condition_shape=CONDITION_GRID),
+    "labelled": dict(vocab_size=9, num_classes=3, label_dropout=0.1),  # archs that take no code map
     "stack": dict(vocab_size=9, depth=3),
     "mixture": dict(vocab_size=16, depth=3, head="logistic_mixture", mixtures=2),
 }
-CASES = [(arch, variant) for arch, spec in ARCHS.items() for variant in VARIANTS
-         if variant != "mixture" or "logistic_mixture" in spec.heads]
+
+
+def takes(spec, variant: str) -> bool:
+    return {"conditioned": spec.code_maps, "labelled": not spec.code_maps, "stack": spec.stacks,
+            "mixture": spec.stacks and "logistic_mixture" in spec.heads}.get(variant, True)
+
+
+CASES = [(arch, variant) for arch, spec in ARCHS.items() for variant in VARIANTS if takes(spec, variant)]
+ORDERED = [(arch, variant) for arch, variant in CASES if ARCHS[arch].family == "autoregressive"]
+LABELLED = {arch: "conditioned" if spec.code_maps else "labelled" for arch, spec in ARCHS.items()}
 
 
 def build(arch: str, variant: str = "plain", dtype=torch.float32, latent_shape=GRID, seed=0, **extra) -> Prior:
-    """The arch's tiny config in a variant, weights N(0, 0.4) so that every dependency shows in the logits."""
+    """The arch's tiny config in a variant, weights N(0, 0.4) so that every dependency shows in the logits.
+    A pyramid arch takes its tiny scales, or scales 1 .. n for a grid of n rows."""
     torch.manual_seed(seed)
     values = {**ARCHS[arch].tiny, **VARIANTS[variant], "dropout": 0.0, **extra}
+    if ARCHS[arch].reads == "scales":
+        if latent_shape != GRID:
+            values["scales"] = tuple(range(1, latent_shape[0] + 1))
+        latent_shape = (1, sum(side * side for side in values["scales"]))
     model = Prior.from_config(PriorConfig(arch=arch, latent_shape=latent_shape, **values)).to(dtype).eval()
     for parameter in model.parameters():
         parameter.data.normal_(0, 0.4)
@@ -55,7 +69,7 @@ def random_codes(model: Prior, batch: int, seed: int = 1) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch, variant", CASES)
+@pytest.mark.parametrize("arch, variant", ORDERED)
 def test_causal_at_every_draw(arch, variant):
     model = build(arch, variant, torch.float64)
     config = model.config
@@ -78,6 +92,13 @@ def test_causal_at_every_draw(arch, variant):
     after = index[None, :] > index[:, None]  # draw j may move when the codes from draw i < j on change
     assert change[~after].max() < 1e-12, f"{arch}/{variant}: a draw sees its own or a later code"
     width, depth = config.latent_shape[1], config.depth
+    if model.parallel_runs is not None:  # a run reads nothing of itself, and everything before it (VAR's scales)
+        for first, count in model.parallel_runs:
+            inside = slice(first, first + count)
+            assert change[inside, inside].max() < 1e-12, f"{arch}/{variant}: a run at {first} sees itself"
+            if first:
+                assert change[first - 1, inside].min() > 1e-6, f"{arch}/{variant}: the run at {first} is blind"
+        return
     for i in range(draws - 1):  # the next draw in the same row (or stack) sees the code just before it
         position, entry = divmod(i, depth)
         if entry + 1 < depth or (position + 1) % width:
@@ -88,24 +109,27 @@ def test_causal_at_every_draw(arch, variant):
 def test_full_context_at_every_position(arch):
     """Every position depends on every earlier one, checked at every position of a grid wider than the tiny
     network's convolutions reach (PixelSNAIL once missed the last code of the row above at each row start)."""
-    height, width = 4, 9
-    model = build(arch, latent_shape=(height, width), dtype=torch.float64)
+    model = build(arch, latent_shape=(4, 9), dtype=torch.float64)
+    height, width = model.config.latent_shape
+    positions = torch.arange(height * width)
+    runs = model.parallel_runs or [(position, 1) for position in range(height * width)]
+    run_start = torch.cat([torch.full((count,), first) for first, count in runs])  # (N,): where each one's run starts
     codes = random_codes(model, 3)  # a few grids, so that no ReLU that happens to be off hides a dependency
     embedded = model.embed(codes).detach().requires_grad_(True)  # (3, C, h, w)
     model.embed = lambda _: embedded
     try:
-        logits = model(model.public(codes))  # (3, V, h, w)
+        logits = model.stack_logits(codes, model.conditioning(model.context(None, None, 3)))  # (3, h, w, 1, V)
         for position in range(height * width):
             row, column = divmod(position, width)
-            (gradient,) = torch.autograd.grad(logits[:, :, row, column].sum(), embedded, retain_graph=True)
+            (gradient,) = torch.autograd.grad(logits[:, row, column].sum(), embedded, retain_graph=True)
             seen = gradient.abs().sum((0, 1)).flatten() > 0  # (h*w,)
-            assert torch.equal(seen, torch.arange(height * width) < position), f"{arch}: position {position}"
+            assert torch.equal(seen, positions < run_start[position]), f"{arch}: position {position}"
     finally:
         del model.embed
 
 
 def cached_cases():
-    return [(arch, variant) for arch, variant in CASES if "cached" in build(arch, variant).sampling_methods]
+    return [(arch, variant) for arch, variant in ORDERED if "cached" in build(arch, variant).sampling_methods]
 
 
 @pytest.mark.parametrize("arch, variant", cached_cases())
@@ -133,7 +157,9 @@ def test_methods_draw_the_same_codes_for_any_batch(arch, variant):
     methods = eager_methods(model)
     options = [dict(), dict(temperature=0.8, top_k=3), dict(top_p=0.7), dict(strategy="greedy")]
     if model.config.null_class is not None:
-        options.append(dict(guidance_scale=2.0))
+        options += [dict(guidance_scale=2.0), dict(guidance_scale=2.0, guidance_schedule="power:2")]
+    if ARCHS[arch].family == "masked":
+        options += [dict(steps=1), dict(steps=model.config.num_positions, top_k=4)]
     for option in options:
         drawn = [model.sample(4, labels=labels, condition=condition, seed=3, **method, **option) for method in methods]
         reference = drawn[0]
@@ -150,8 +176,8 @@ def test_complete_keeps_known_codes_and_is_exact(arch, variant):
     labels, condition = conditions(model, 2)
     codes = model.public(random_codes(model, 2))
     known = torch.zeros_like(codes, dtype=torch.bool)
-    known[:, 0] = True  # the top row
-    known[1, -1, -1] = True  # and one code after unknown ones
+    known.view(2, -1)[:, :GRID[1] * model.config.depth] = True  # the top row (of a pyramid: its first scales)
+    known.view(2, -1)[1, -1] = True  # and one code after unknown ones
     completed = [model.complete(codes, known, labels=labels, condition=condition, seed=1, **method)
                  for method in eager_methods(model)]
     for result in completed:
@@ -203,7 +229,7 @@ def test_bad_configs_and_methods_get_one_line_errors(arch):
         with pytest.raises(ValueError, match=f"arch '{arch}' has no .*; its methods are "
                                              f"{', '.join(model.sampling_methods)}"):
             model.sample(1, method=method)
-    if not (model.state_class() and model.state_class().has_window()):
+    if spec.family == "autoregressive" and not (model.state_class() and model.state_class().has_window()):
         with pytest.raises(ValueError, match=f"arch '{arch}' has no windowed step.*method='jacobi' without a window"):
             model.sample(1, method="jacobi", window=4)
 
@@ -215,17 +241,18 @@ def test_an_unknown_arch_lists_the_registered_ones():
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_labels_and_code_maps_reach_the_logits(arch):
-    model = build(arch, "conditioned")
+    model = build(arch, LABELLED[arch])
     labels, condition = conditions(model, 2)
     codes = model.public(random_codes(model, 2))
     with torch.no_grad():
         logits = model(codes, labels, condition)
         assert not torch.allclose(logits, model(codes, (labels + 1) % 3, condition))
-        other = (condition + 1) % model.config.condition_vocab_size
-        assert (logits - model(codes, labels, other)).abs().amax(1)[:, 0, 0].min() > 0  # the first position too
+        if condition is not None:
+            other = (condition + 1) % model.config.condition_vocab_size
+            assert (logits - model(codes, labels, other)).abs().amax(1)[:, 0, 0].min() > 0  # the first position too
 
 
-@pytest.mark.parametrize("arch, variant", [case for case in CASES if case[1] in ("plain", "conditioned")])
+@pytest.mark.parametrize("arch, variant", [case for case in ORDERED if case[1] in ("plain", "conditioned", "labelled")])
 def test_beam_search_is_the_same_with_every_method(arch, variant):
     model = build(arch, variant)
     labels, condition = conditions(model, 2)
@@ -240,3 +267,47 @@ def test_beam_search_is_the_same_with_every_method(arch, variant):
         assert torch.allclose(first.score, first.log_prob)
     else:  # the score is what the search maximised: the guided log-probabilities, not the prior's
         assert not torch.allclose(first.score, first.log_prob)
+
+
+MASKED = [(arch, variant) for arch, variant in CASES if ARCHS[arch].family == "masked"]
+
+
+@pytest.mark.parametrize("arch, variant", MASKED)
+def test_a_masked_prior_never_sees_a_hidden_code_and_sees_every_visible_one(arch, variant):
+    model = build(arch, variant, torch.float64)
+    labels, _ = conditions(model, 3)
+    codes = model.public(random_codes(model, 3))
+    hidden = torch.rand(codes.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    other = torch.where(hidden, (codes + 1) % model.config.vocab_size, codes)  # only hidden codes differ
+    with torch.no_grad():
+        logits = model(codes, labels, hidden=hidden)
+        assert torch.equal(logits, model(other, labels, hidden=hidden))
+        visible = torch.zeros_like(hidden)
+        visible[:, -1, -1] = True  # the last code shown: every position's logits move, the first included
+        moved = model(torch.where(visible, (codes + 1) % model.config.vocab_size, codes), labels, hidden=~visible)
+        assert (moved - model(codes, labels, hidden=~visible)).abs().amax(1).min() > 1e-9
+
+
+@pytest.mark.parametrize("arch, variant", MASKED)
+def test_masked_rounds_reveal_on_the_cosine_schedule_and_refuse_bad_steps(arch, variant):
+    from stage2_prior.decoding.rounds import hidden_after
+
+    model = build(arch, variant)
+    positions = model.config.num_positions
+    hidden, revealed = torch.tensor([positions]), []
+    for round_index in range(8):
+        after = hidden_after(round_index, 8, torch.tensor([positions]), hidden)
+        revealed.append(int(hidden - after))
+        hidden = after
+    assert int(hidden) == 0 and min(revealed) >= 1 and sum(revealed) == positions
+    assert revealed[0] < revealed[-1]  # the cosine schedule reveals few codes first, many last
+    labels, _ = conditions(model, 1)
+    _, stats = model.sample(1, labels=labels, seed=0, steps=5, return_stats=True)
+    assert stats.sequential_passes.tolist() == [5]
+    for steps in (0, positions + 1):
+        with pytest.raises(ValueError, match="steps"):
+            model.sample(1, labels=labels, steps=steps)
+    for refused in (lambda: model.log_prob(model.public(random_codes(model, 1)), labels),
+                    lambda: model.beam_search(1, labels=labels)):
+        with pytest.raises(ValueError, match="masked prior"):
+            refused()

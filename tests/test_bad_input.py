@@ -226,7 +226,7 @@ COMMAND_CASES = [
     Case(prior_main, "output holds a trained prior", lambda w: pri(w, output=str(w.prior)), "already holds"),
     Case(prior_main, "bad kernel size", lambda w: pri(w, "--kernel-size", "4"), "--kernel-size must be odd"),
     Case(prior_main, "unknown arch", lambda w: pri(w, "--arch", "pixelcnnx"),
-         "invalid choice: 'pixelcnnx' \\(choose from 'gated', 'pixelcnn', .*'transformer'\\)"),
+         "invalid choice: 'pixelcnnx' \\(choose from 'gated', 'pixelcnn', .*'transformer', 'var'\\)"),
     Case(prior_main, "an option of another arch", lambda w: pri(w, "--attention-every", "2"),
          "--attention-every is an option of arch pixelsnail, not of gated; pass --arch pixelsnail or drop"),
     Case(prior_main, "a PixelSNAIL without attention", lambda w: pri(w, "--arch", "pixelsnail", "--attention-every", "4"),

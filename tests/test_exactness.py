@@ -16,27 +16,10 @@ import torch
 from conftest import stepped_logits
 from stage2_prior import ARCHS, Prior, PriorConfig
 from stage2_prior.registry import trained_scale
+from stage2_prior.testing import trained_scale_prior
 from stage2_prior.conditioning import Context
 from stage2_prior.decoding import Sampler, SamplingOptions, cast_copy, decide, sample_uniforms
 from stage2_prior.decoding.sequential import run
-
-
-def trained_scale_prior(side: int, std: float = 6.0, **config) -> Prior:
-    """The default prior on a side x side grid, weights scaled so that its logits spread like a trained model's."""
-    torch.manual_seed(0)
-    model = Prior.from_config(PriorConfig.build(vocab_size=512, latent_shape=(side, side), **config)).eval()
-    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    codes = torch.randint(0, 512, (4, *model.code_shape))
-    labels = torch.zeros(4, dtype=torch.long) if config.get("num_classes") else None
-    low, high = 0.5, 4.0
-    for _ in range(16):  # bisect a common weight multiplier
-        middle = (low + high) / 2
-        model.load_state_dict({name: tensor * middle if tensor.is_floating_point() else tensor
-                               for name, tensor in initial.items()})
-        with torch.no_grad():
-            spread = model(codes, labels).std().item()
-        low, high = (middle, high) if spread < std else (low, middle)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +80,10 @@ def test_tolerance_bounds_the_cached_error(prior8):
 
 def trained_scale_cases():
     """Every registered arch with a cached sampler, at 64 channels and a few layers."""
-    return [pytest.param(trained_scale(arch), id=arch) for arch in ARCHS
-            if "cached" in Prior.from_config(PriorConfig(**trained_scale(arch), latent_shape=(2, 2))).sampling_methods]
+    def has_cache(arch: str) -> bool:
+        return "cached" in Prior.from_config(PriorConfig.build(**trained_scale(arch, side=2))).sampling_methods
+
+    return [pytest.param(trained_scale(arch), id=arch) for arch in ARCHS if has_cache(arch)]
 
 
 @pytest.mark.parametrize("config", trained_scale_cases())

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tree_digest
 from stage2_prior import Prior, PriorConfig
-from test_exactness import trained_scale_prior
+from stage2_prior.testing import trained_scale_prior
 
 
 @pytest.fixture(scope="module")

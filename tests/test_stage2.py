@@ -128,7 +128,8 @@ def codes_of(model) -> torch.Tensor:
 def compiled_cases():
     """Every registered arch whose state has a chain, with labels, a condition map or a stack."""
     cases = []
-    for index, (arch, spec) in enumerate(ARCHS.items()):
+    grid_archs = [(arch, spec) for arch, spec in ARCHS.items() if spec.reads == "grid" and spec.family == "autoregressive"]
+    for index, (arch, spec) in enumerate(grid_archs):
         extra = [dict(num_classes=2), dict(depth=2), dict(latent_shape=(4, 6), condition_shape=(2, 3),
                                                           condition_vocab_size=5)][index % 3]
         config = {**spec.tiny, "arch": arch, **extra}
@@ -183,8 +184,9 @@ def test_the_network_runs_in_the_precision_asked_for(precision, monkeypatch):
     original_stack_logits = GatedPixelCNN.stack_logits
     monkeypatch.setattr(GatedPixelCNN, "stack_logits", lambda self, *args: dtypes.append(
         next(self.parameters()).dtype) or original_stack_logits(self, *args))
-    original_measure = sampler.measure_tolerance
-    monkeypatch.setattr(sampler, "measure_tolerance", lambda *args: measured.append(1) or original_measure(*args))
+    for name in ("measure_tolerance", "measure_canonical_tolerance"):  # float64 naive measures the canonical one
+        original = getattr(sampler, name)
+        monkeypatch.setattr(sampler, name, lambda *args, original=original: measured.append(1) or original(*args))
     if precision == "bfloat16":
         monkeypatch.setattr(guard, "canonical_logits", lambda *args, **kwargs: pytest.fail("bfloat16 recomputed a draw"))
     codes = model.sample(6, labels=1, seed=2, precision=precision, method="naive")

@@ -33,7 +33,7 @@ from shared.errors import UserError
 from stage2_prior.archs.gated import GatedPixelCNN, GatedState
 from stage2_prior.conditioning import Conditioning
 from stage2_prior.incremental import IncrementalState
-from stage2_prior.layers import cached_attention
+from stage2_prior.attention import cached_attention
 from stage2_prior.registry import ArchSpec, ConvolutionOptions, check_heads, register_arch
 
 

@@ -22,11 +22,9 @@ attends over 0..p: the same arithmetic as the full forward, up to rounding.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -35,7 +33,7 @@ from shared.errors import UserError
 from stage2_prior.conditioning import Conditioning
 from stage2_prior.config import PriorConfig
 from stage2_prior.incremental import IncrementalState
-from stage2_prior.layers import cached_attention, window_attention
+from stage2_prior.attention import TransformerBlock, initialize_gpt
 from stage2_prior.prior import Prior
 from stage2_prior.registry import ArchOptions, ArchSpec, check_heads, register_arch
 
@@ -55,57 +53,6 @@ class TransformerOptions(ArchOptions):
             raise UserError(f"a sequence of {config.num_positions} positions ({height}x{width}) is longer than the "
                             f"position table (--max-positions {self.max_positions}); raise --max-positions to at "
                             f"least {config.num_positions} or use --position-embedding 2d")
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm block over a sequence (B, n, C): x + attention(LN(x)), then x + MLP(LN(x)) (4x width, GELU).
-    With a conditioning map, x first gets a linear projection of the map's features at each token."""
-
-    def __init__(self, channels: int, heads: int, dropout: float, conditioned: bool) -> None:
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.condition_projection = nn.Linear(channels, channels) if conditioned else None
-        self.attention_norm = nn.LayerNorm(channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.attention_out = nn.Linear(channels, channels)
-        self.mlp_norm = nn.LayerNorm(channels)
-        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
-
-    def queries_keys_values(self, x: torch.Tensor, condition: torch.Tensor | None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, n, C) and the condition features there (B, n, C) or None -> the residual stream with
-        the condition added (B, n, C), and q, k, v (B, heads, n, d)."""
-        if self.condition_projection is not None:
-            x = x + self.condition_projection(condition)
-        q, k, v = self.qkv(self.attention_norm(x)).chunk(3, dim=-1)
-        q, k, v = (rearrange(t, "b n (heads d) -> b heads n d", heads=self.heads) for t in (q, k, v))
-        return x, q, k, v
-
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The residual stream x (B, n, C) and the attention output (B, heads, n, d) -> the block's output (B, n, C)."""
-        update = self.attention_out(rearrange(attended, "b heads n d -> b n (heads d)"))
-        x = x + F.dropout(update, self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
-
-    def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
-        """x (B, n, C) -> (B, n, C); token t reads tokens <= t."""
-        x, q, k, v = self.queries_keys_values(x, condition)
-        return self.finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # (B, heads, n, d)
-
-    def window(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
-               start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens x (B, n, C) at positions start .. start + n - 1 over the cached tokens before `start` (read,
-        not written) and each other, causally -> (B, n, C), and their keys and values (B, heads, n, d)."""
-        x, q, k, v = self.queries_keys_values(x, condition)
-        return self.finish(x, window_attention(q, k, v, keys, values, start)), k, v
-
-    def step(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
-             position: int | torch.Tensor) -> torch.Tensor:
-        """One token x (B, 1, C) at `position` (an int, or a (1,) tensor in a compiled step); keys and
-        values (B, heads, N, d) hold the tokens before it and receive this one's."""
-        x, q, k, v = self.queries_keys_values(x, condition)
-        return self.finish(x, cached_attention(q, k, v, keys, values, position))  # (B, 1, C)
 
 
 def transformer_chain(token: torch.Tensor, condition: torch.Tensor | None, position: int | torch.Tensor,
@@ -150,13 +97,7 @@ class TransformerPrior(Prior):
         residual stream scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth
         (GPT-2, Radford et al. 2019, sec. 2.3). The base class's embedding, head and condition network
         keep their own initialisation."""
-        for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for projection in (block.attention_out, block.mlp[2]):
-                nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+        initialize_gpt(self.blocks)
         two_d = self.config.options.position_embedding == "2d"
         for table in (self.row_embedding, self.column_embedding) if two_d else (self.position_table,):
             nn.init.normal_(table, std=0.02)

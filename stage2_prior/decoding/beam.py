@@ -36,7 +36,7 @@ def beam_search(sampler: Sampler, num_samples: int, context: Context, num_beams:
         for column in range(width):
             for depth in range(config.depth):
                 net_codes = torch.cat([codes, codes]) if options.guided else codes
-                logits = guided_rows(steps.logits(net_codes, row, column, depth), options.guidance_scale)
+                logits = guided_rows(steps.logits(net_codes, row, column, depth), sampler.scale_at(row * width + column))
                 log_probs = F.log_softmax(logits.double(), dim=-1).view(num_samples, num_beams, -1)
                 candidates = (scores[:, :, None] + log_probs).flatten(1)  # (n, beams * V)
                 scores, chosen = candidates.topk(num_beams, dim=-1)  # (n, beams)

@@ -97,9 +97,11 @@ def guided(logits: list[torch.Tensor], scale: float) -> torch.Tensor:
     return cond + scale * (cond - uncond)
 
 
-def guided_rows(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Logits of a guided batch (2B, V): its first half conditional, its second unconditional -> (B, V)."""
-    return guided(list(logits.chunk(2)), scale) if scale > 0 else logits
+def guided_rows(logits: torch.Tensor, scale: float | torch.Tensor | None) -> torch.Tensor:
+    """Logits of a guided batch (2B, ...): its first half conditional, its second unconditional -> (B, ...)
+    at `scale` (a number, or a tensor broadcasting against the halves: one per row or position). None: an
+    unguided batch, returned as it is."""
+    return logits if scale is None else guided(list(logits.chunk(2)), scale)
 
 
 def cast_copy(model, dtype: torch.dtype, always: bool = False):
@@ -194,10 +196,11 @@ def prefixes(grids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 
 
 def canonical_logits(double, grids: torch.Tensor, context: Context, draws: torch.Tensor,
-                     options: SamplingOptions, alone: bool) -> torch.Tensor:
-    """Float64 guided logits (n, V) of grid i (n, h, w, D) at draw i (n, 3), from its prefix (`prefixes`).
-    `alone`: n is 1 and each guidance branch is its own forward over the rows up to the draw (the
-    canonical computation itself); else one forward of every grid and branch together."""
+                     options: SamplingOptions, alone: bool, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 guided logits (n, V) of grid i (n, h, w, D) at draw i (n, 3), from its prefix (`prefixes`),
+    guided at `scales` (n,) (the schedule's scale at each draw; None: unguided). `alone`: n is 1 and each
+    guidance branch is its own forward over the rows up to the draw (the canonical computation itself); else
+    one forward of every grid and branch together."""
     net_context = context.guided(double.config.null_class) if options.guided else context
     cut = prefixes(grids, draws)
     if alone:
@@ -210,7 +213,7 @@ def canonical_logits(double, grids: torch.Tensor, context: Context, draws: torch
     rows = torch.arange(len(logits), device=logits.device)
     net_draws = torch.cat([draws, draws]) if options.guided else draws
     at_draws = logits[rows, net_draws[:, 0], net_draws[:, 1], net_draws[:, 2]]  # (n or 2n, V)
-    return guided_rows(at_draws.double(), options.guidance_scale)
+    return guided_rows(at_draws.double(), None if scales is None else scales.to(at_draws)[:, None])
 
 
 def measure_canonical_tolerance(double) -> float:
@@ -226,3 +229,18 @@ def measure_canonical_tolerance(double) -> float:
                                         options, alone=True) for k in range(len(codes))])
     scale = max(1.0, alone.abs().max().item())
     return SAFETY * (together - alone).abs().max().item() + 64 * torch.finfo(torch.float64).eps * scale
+
+
+def measure_masked_tolerance(model, double) -> float:
+    """SAFETY x the largest difference between `model`'s batched masked logits (`MaskedPrior.masked_logits`)
+    on probe grids with random hidden positions and `double`'s for each grid alone, plus 64 ulps of `model`'s
+    dtype at the logits' scale: the bound within which a round of masked decoding trusts the batch."""
+    codes, context = probe(model)
+    hidden = torch.rand(codes.shape[:3], generator=torch.Generator().manual_seed(1)).to(codes.device) < 0.5
+    together = model.masked_logits(codes, hidden, model.conditioning(context)).double()
+    alone = torch.cat([double.masked_logits(codes[k:k + 1], hidden[k:k + 1],
+                                            double.conditioning(context.select(slice(k, k + 1))))
+                       for k in range(len(codes))]).double()
+    scale = max(1.0, alone.abs().max().item())
+    dtype = next(model.parameters()).dtype
+    return SAFETY * (together - alone).abs().max().item() + 64 * torch.finfo(dtype).eps * scale

@@ -28,19 +28,11 @@ from __future__ import annotations
 import torch
 
 from stage2_prior.conditioning import Context
-from stage2_prior.decoding.guard import decide
+from stage2_prior.decoding.guard import decide, guided_rows
 from stage2_prior.decoding.sampler import Sampler, SamplingStats
 
 DECIDE_ROWS = 1 << 15  # draws decided at once: bounds the (rows, V) temporaries of the decision
 EXACT_GRIDS = 64  # grids re-decided exactly in one float64 forward: bounds its logits' memory
-
-
-def guided_pair(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Logits of a guided batch (2B, ...), conditional first -> (B, ...) guided; unguided logits as they are."""
-    if scale <= 0:
-        return logits
-    cond, uncond = logits.chunk(2)
-    return cond + scale * (cond - uncond)
 
 
 def decide_all(sampler: Sampler, logits: torch.Tensor, uniforms: torch.Tensor
@@ -63,26 +55,28 @@ def head_ordered(config) -> bool:
 
 
 def draw_positions(sampler: Sampler, features: torch.Tensor | None, codes: torch.Tensor, context: Context,
-                   uniforms: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One pass over positions: new codes and flags (B, n, D) for the codes (B, n, D) of n positions (a grid
-    flattened, or a window), known ones (`fixed`) kept. `features` (B or 2B, n, C) are the network's
-    features there (head-ordered archs: the head then decides the entries in turn); None: the whole grid's
-    logits come from one full forward (channel groups, or one code per position)."""
+                   uniforms: torch.Tensor, fixed: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pass over positions: new codes and flags (B, n, D) for the codes (B, n, D) of n positions from
+    raster position `first` (a grid flattened, or a window), known ones (`fixed`) kept. `features` (B or
+    2B, n, C) are the network's features there (head-ordered archs: the head then decides the entries in
+    turn); None: the whole grid's logits come from one full forward (channel groups, or one code per position)."""
     model, options = sampler.compute, sampler.options
-    scale = options.guidance_scale
+    count = codes.shape[1]
+    scales = sampler.scale_at(slice(first, first + count))  # (n,) at each position, or None
+    scales = None if scales is None else scales.to(codes.device).view(1, count, 1, 1)
     if features is None:
         height, width = model.config.latent_shape
         grid = codes.view(len(codes), height, width, -1)
         net_context = context.guided(model.config.null_class) if options.guided else context
         net_grid = torch.cat([grid, grid]) if options.guided else grid
-        logits = guided_pair(model.stack_logits(net_grid, model.conditioning(net_context)), scale)  # (B, h, w, D, V)
-        drawn, flags = decide_all(sampler, logits.flatten(1, 2), uniforms)
+        logits = model.stack_logits(net_grid, model.conditioning(net_context)).flatten(1, 2)  # (B or 2B, n, D, V)
+        drawn, flags = decide_all(sampler, guided_rows(logits, scales), uniforms)
         return torch.where(fixed, codes, drawn), flags
     new = codes.clone()
     flags = torch.zeros_like(fixed) if sampler.tolerance is not None else None
     for depth in range(codes.shape[-1]):  # the head reads the entries decided before it in this pass
         net_codes = torch.cat([new, new]) if options.guided else new
-        logits = guided_pair(model.head.entry(features, net_codes, depth), scale)  # (B, n, V)
+        logits = guided_rows(model.head.entry(features, net_codes, depth), None if scales is None else scales[..., 0])
         drawn, flagged = decide_all(sampler, logits, uniforms[..., depth])
         new[..., depth] = torch.where(fixed[..., depth], codes[..., depth], drawn)
         if flags is not None:
@@ -202,7 +196,8 @@ def run_windowed(sampler: Sampler, context: Context, uniforms: torch.Tensor, kno
         net_codes = torch.cat([codes, codes]) if options.guided else codes
         features = state.window(net_codes, start, count)  # (B or 2B, n, C)
         current = flat[:, window]
-        new, flags = draw_positions(sampler, features, current, context, uniforms[:, window], fixed[:, window])
+        new, flags = draw_positions(sampler, features, current, context, uniforms[:, window], fixed[:, window],
+                                    first=start)
         after = codes.clone()
         after.view(batch, positions, depth)[:, window] = new
         new, old = new.flatten(1), current.flatten(1)

@@ -17,7 +17,7 @@ import torch
 
 from stage2_prior.conditioning import Context
 from stage2_prior.decoding.guard import (GUARDED_DTYPES, canonical_logits, cast_copy, decide, measure_canonical_tolerance,
-                                         measure_tolerance)
+                                         measure_masked_tolerance, measure_tolerance)
 from stage2_prior.decoding.options import SamplingOptions
 from stage2_prior.decoding.steps import CachedSteps, NaiveSteps
 
@@ -65,7 +65,9 @@ class Sampler:
             self._double = self.compute if dtype == torch.float64 else None
             self.tolerance = None  # bfloat16: no guard
             if guarded and dtype in GUARDED_DTYPES:
-                if self.compute is self.double and self.options.method in ("naive", "jacobi") and not self.options.window:
+                if self.options.method == "rounds":
+                    self.tolerance = measure_masked_tolerance(self.compute, self.double)
+                elif self.compute is self.double and self.options.method in ("naive", "jacobi") and not self.options.window:
                     # the batched float64 forward against the canonical one: only float64 rounding differs
                     self.tolerance = measure_canonical_tolerance(self.double)
                 else:  # before any state of a run exists: the probe's state may share fixed tensors ("graph")
@@ -74,6 +76,21 @@ class Sampler:
                 self.tolerance *= 1 + 2 * self.options.guidance_scale
         self._canonical_tolerance: float | None = None
         self.recomputed = 0
+        # the guidance scale at each raster position (N,) float64, after the schedule; None: unguided
+        self.position_scales = None
+        if self.options.guided and model.config.spec.family == "autoregressive":
+            blocks = model.parallel_runs or [(position, 1) for position in range(model.config.num_positions)]
+            factors = self.options.guidance_schedule.factors(len(blocks))
+            self.position_scales = torch.cat([factors[index].expand(count) for index, (_, count) in enumerate(blocks)])
+            self.position_scales = self.position_scales * self.options.guidance_scale
+
+    def scale_at(self, positions: int | slice | torch.Tensor) -> float | torch.Tensor | None:
+        """The guidance scale at raster positions (a number for one), or None when unguided."""
+        if self.position_scales is None:
+            return None
+        if isinstance(positions, int):
+            return float(self.position_scales[positions])
+        return self.position_scales[positions]
 
     @property
     def double(self):
@@ -105,15 +122,17 @@ class Sampler:
         canonical float64 logits: batched, then alone for those float64 rounding could still flip."""
         options = self.options
         self.recomputed += len(grids)
+        width = self.model.config.latent_shape[1]
+        scales = self.scale_at((draws[:, 0] * width + draws[:, 1]).cpu())  # (n,) or None
         if len(grids) == 1:
             unsure = torch.ones(1, dtype=torch.bool)
             codes = torch.zeros(1, dtype=torch.long, device=grids.device)
         else:
-            logits = canonical_logits(self.double, grids, context, draws, options, alone=False)
+            logits = canonical_logits(self.double, grids, context, draws, options, alone=False, scales=scales)
             codes, unsure = decide(logits, uniforms, options, self.canonical_tolerance)
         for index in unsure.nonzero()[:, 0].tolist():
             alone = slice(index, index + 1)
             logits = canonical_logits(self.double, grids[alone], context.select(alone), draws[alone], options,
-                                      alone=True)
+                                      alone=True, scales=None if scales is None else scales[alone])
             codes[index] = decide(logits, uniforms[alone], options, None)[0][0]
         return codes

@@ -67,6 +67,11 @@ class NaiveSteps:
         """Codes (B, h, w, D) holding every code before the draw -> its logits (B, V)."""
         return self.model.stack_logits(codes, self.conditioning)[:, row, column, depth]
 
+    def block_logits(self, codes: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """Codes (B, h, w, 1) holding every code before position `first` -> the logits (B, count, V) of a run of
+        positions whose features read nothing of the run (`Prior.parallel_runs`)."""
+        return self.model.stack_logits(codes, self.conditioning).flatten(1, 2)[:, first:first + count, 0]
+
     def reorder(self, index: torch.Tensor) -> None:
         self.context = self.context.select(index)
         self.conditioning = self.model.conditioning(self.context)
@@ -88,6 +93,11 @@ class CachedSteps:
         if depth == 0 or self.passes_per_draw:
             self.features = self.state.step(codes, row, column, depth)  # (B, C)
         return self.model.head.entry(self.features, codes[:, row, column], depth)  # (B, V)
+
+    def block_logits(self, codes: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        features = self.state.block(codes, first, count)  # (B, count, C)
+        self.features = None
+        return self.model.head.entry(features, codes.flatten(1, 2)[:, first:first + count], 0)  # (B, count, V)
 
     def reorder(self, index: torch.Tensor) -> None:
         self.state.reorder(index)
