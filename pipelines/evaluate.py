@@ -32,6 +32,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from pipelines.feature_network import FeatureNetwork, InceptionFeatures
+from pipelines.parts import add_sampling_arguments, sampling_keywords
 from pipelines.pipeline import Pipeline
 from shared.config import parse_args, write_json_atomic
 from shared.data import (ImageDataset, first_image_channels, load_split, open_source, resolve_num_workers,
@@ -39,7 +40,6 @@ from shared.data import (ImageDataset, first_image_channels, load_split, open_so
 from shared.errors import UserError, run_cli
 from shared.pretrained import WEIGHTS_NAME, file_sha256
 from stage1_vqvae.evaluate import add_fid_arguments, add_source_arguments, data_config_for
-from stage2_prior.decoding import METHODS, PRECISIONS
 
 NEIGHBOURHOOD = 3  # k of precision and recall (Kynkaanniemi et al. 2019, sec. 3)
 
@@ -60,13 +60,7 @@ def parser() -> argparse.ArgumentParser:
                              "drawn from it and the reference is the rest, so the two sets never share a row")
     parser.add_argument("--labels", type=int, nargs="+", default=None,
                         help="one class for every sample, or one per sample (default: classes drawn from the seed)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=0.0)
-    parser.add_argument("--method", default=None, choices=list(METHODS))
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--precision", default="float64", choices=list(PRECISIONS))
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="samples and reference images per batch")
     parser.add_argument("--npz", default=None, help="also write the samples here, as ADM's evaluator reads them")
@@ -133,8 +127,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
                                     fix=f"this pipeline makes {tokenizer.config.in_channels}-channel images")
     labels = args.labels[0] if args.labels and len(args.labels) == 1 else args.labels
     all_labels = pipeline.resolve_labels(args.num_images, labels, args.seed)
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   guidance_scale=args.guidance_scale, method=args.method, precision=args.precision, window=args.window)
+    options = sampling_keywords(args)
     samplers = pipeline.samplers(**options)
     network, description = load_features(args.features, args.inception_weights, pipeline.device)
     reference = load_split(data_config, source=source, channels=channels)

@@ -9,7 +9,6 @@ class-conditional samples. It prints and records (metrics.json) its held-out acc
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ from shared.data import (CachedImages, DataConfig, StepOrder, first_image_channe
                          open_source, resolve_num_workers, sequential_batches, should_cache, training_batches)
 from shared.errors import UserError, run_cli
 from shared.runtime import local_process_count
-from shared.training import METRICS_NAME, LoopConfig, TrainingSession, check_output_dir, run_settings
+from shared.training import LoopConfig, TrainingSession, check_output_dir, run_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +93,9 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     metrics = session.run(start, compute_loss, evaluate)
     metrics["held_out_accuracy"] = metrics["accuracy"]
-    session.finish({METRICS_NAME: metrics})
     if session.is_main:
         print(f"held-out accuracy {metrics['accuracy']:.2%} (step {metrics.get('best_step')})", file=sys.stderr)
-        print(json.dumps({"output_dir": str(session.output_dir), **metrics}))
-    return metrics
+    return session.finish_run(metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Sample images from a saved pipeline:
 `python -m pipelines.generate --pipeline DIR --num-images 64 --output-dir DIR`.
 
-Writes image_00000.png ..., grid.png (the first 64) and codes.npy (N, h, w[, D]) (a chain of priors:
-codes_<level>.npy per level). Under
+Writes image_00000.png ..., grid.png (the first 64) and codes.npy (N, h, w[, D]) (a tokenizer of several
+levels, a chain or a pyramid: codes_<level>.npy per level). Under
 `torchrun --nproc_per_node N -m pipelines.generate` / `accelerate launch -m` each process takes a
 contiguous share of the images; image k always comes from (seed, k), so the files equal those of a
 single-process run with the same seed.
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.parts import add_sampling_arguments, sampling_keywords
 from pipelines.pipeline import Pipeline, convert_images
 from shared.config import parse_args
 from shared.data import save_image_grid, shard_range
 from shared.errors import UserError, run_cli
 from shared.runtime import make_accelerator
-from stage2_prior.decoding import METHODS, PRECISIONS
 
 GRID_IMAGES = 64
 
@@ -39,26 +39,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--labels", type=int, nargs="+", default=None,
                         help="one class for every image, or one per image (conditional priors)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy (the most likely code each time)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=0.0,
-                        help="classifier-free guidance s: logits cond + s * (cond - uncond) (priors trained with "
-                             "--label-dropout)")
-    parser.add_argument("--method", default=None, choices=list(METHODS),
-                        help="cached (default where the arch has it), naive (one full forward per code), compiled "
-                             "(the cached step through torch.compile; compiling takes seconds at the start), graph "
-                             "(that step in CUDA graphs; needs a GPU) or jacobi (every code at once, iterated to the "
-                             "same codes in a few parallel passes: for GPUs and latency)")
-    parser.add_argument("--window", type=int, default=None,
-                        help="with --method jacobi: iterate this many positions at a time on the arch's cache "
-                             "(archs with a windowed step, e.g. the transformer)")
+    add_sampling_arguments(parser)
     parser.add_argument("--num-beams", type=int, default=None,
                         help="decode the most likely grid beam search finds with this many beams instead of sampling "
                              "(scored by total log-probability; no --temperature, --top-k or --top-p)")
-    parser.add_argument("--precision", default="float64", choices=list(PRECISIONS),
-                        help="the dtype the prior runs in while sampling (float64 and float32 draw the same codes; "
-                             "bfloat16 is not exact)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
@@ -81,9 +65,8 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     pipeline = Pipeline.from_pretrained(args.pipeline, device=accelerator.device)
     labels = args.labels[0] if args.labels and len(args.labels) == 1 else args.labels
     all_labels = pipeline.resolve_labels(args.num_images, labels, args.seed)  # checks labels on every process
-    samplers = pipeline.samplers(  # the options made and checked once, before the output folder is touched
-        None, args.num_beams, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        guidance_scale=args.guidance_scale, method=args.method, precision=args.precision, window=args.window)
+    # the options made and checked once, before the output folder is touched
+    samplers = pipeline.samplers(None, args.num_beams, **sampling_keywords(args))
     mine = shard_range(args.num_images, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -130,7 +113,7 @@ def generate(argv: Sequence[str] | None = None) -> dict:
 
 
 def _codes_file(level: str, pipeline: Pipeline) -> str:
-    return "codes" if not pipeline.is_chain else f"codes_{level}"
+    return "codes" if len(pipeline.tokenizer.level_names) == 1 else f"codes_{level}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,40 +1,55 @@
 """What a pipeline checks of its parts (the chain's order, shapes and provenance), and small conversions."""
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
 from PIL import Image
 
-from shared.codes import SINGLE_LEVEL
 from shared.errors import UserError
 from stage2_prior import Prior
+from stage2_prior.decoding import METHODS, PRECISIONS
+from stage2_prior.decoding.options import GUIDANCE_SCHEDULES
 
 
 def check_chain(tokenizer, priors: list[Prior]) -> None:
-    """The priors generate the tokenizer's levels in order, each conditioned on what came before it."""
+    """The priors generate the tokenizer's levels in order (one level each, or a pyramid's every scale),
+    each conditioned on what came before it."""
     names = list(tokenizer.level_names)
     shapes = tokenizer.level_shapes
-    if len(priors) != len(names):
+    generated = [name for member in priors for name in member.level_names]
+    pyramids = [tuple(member.config.scales) for member in priors if member.config.scales is not None]
+    if (pyramids or tokenizer.scales is not None) and (len(priors) != 1 or pyramids != [tokenizer.scales]):
+        which = ("a pyramid of scales " + " ".join(map(str, tokenizer.scales)) if tokenizer.scales is not None
+                 else "one grid per level")
+        raise UserError(f"the tokenizer codes {which}, and a pyramid's pipeline is its tokenizer with one prior "
+                        "trained on its codes (--arch var): pass the tokenizer and prior that go together")
+    if len(generated) != len(names):
         raise UserError(f"the tokenizer has {len(names)} level(s) ({', '.join(names)}) but the pipeline has "
                         f"{len(priors)} prior(s); pass one prior per level, in order")
-    for index, (name, member) in enumerate(zip(names, priors)):
+    done: list[str] = []
+    for index, member in enumerate(priors):
         config = member.config
-        level = config.level or SINGLE_LEVEL
-        if len(names) > 1 and level != name:
-            raise UserError(f"prior {index + 1} of the chain models level {level!r}, the tokenizer's level {index + 1} "
-                            f"is {name!r}: the chain is out of order; list the priors as {', '.join(names)}")
-        shape = tuple(shapes[name])
-        expected = tuple(config.latent_shape) if config.depth == 1 else (*config.latent_shape, config.depth)
+        for name in member.level_names:
+            position = len(done)
+            if len(names) > 1 and (position >= len(names) or name != names[position]):
+                expected = names[position] if position < len(names) else "nothing more"
+                raise UserError(f"prior {index + 1} of the chain models level {name!r} where the tokenizer has "
+                                f"{expected!r}: the chain is out of order; list the priors as {', '.join(names)}")
+            level = names[position] if position < len(names) else name
+            shape = tuple(shapes[level])
+            expected = tuple(member.split_levels(torch.zeros(1, *member.code_shape, dtype=torch.long))[name].shape[1:])
+            if expected != shape:
+                raise UserError(f"the prior's latent_shape {expected} differs from the tokenizer's {shape} "
+                                f"(level {level}); train the prior on this tokenizer's codes")
+            done.append(name)
         if config.vocab_size != tokenizer.codebook_size:
             raise UserError(f"the prior's vocab_size {config.vocab_size} differs from the tokenizer's "
                             f"codebook_size {tokenizer.codebook_size}; train the prior on this tokenizer's codes")
-        if expected != shape:
-            raise UserError(f"the prior's latent_shape {expected} differs from the tokenizer's {shape} "
-                            f"(level {name}); train the prior on this tokenizer's codes")
-        if config.condition_level is not None and config.condition_level not in names[:index]:
-            raise UserError(f"prior {level!r} is conditioned on level {config.condition_level!r}, which no earlier "
-                            "prior of the chain generates; put that level's prior first")
+        if config.condition_level is not None and config.condition_level not in done[:-len(member.level_names)]:
+            raise UserError(f"prior {config.level!r} is conditioned on level {config.condition_level!r}, which no "
+                            "earlier prior of the chain generates; put that level's prior first")
 
 
 def check_provenance_of(tokenizer, priors: list[Prior]) -> None:
@@ -72,3 +87,38 @@ def convert_images(images: torch.Tensor, output_type: str) -> Any:
     if output_type == "np":
         return pixels
     return [Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image) for image in pixels]
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags of `generate` and `evaluate` (`sampling_keywords` turns them into Pipeline keywords)."""
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy (the most likely code each time)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=0.0,
+                        help="classifier-free guidance s: logits cond + s * (cond - uncond) (priors trained with "
+                             "--label-dropout)")
+    parser.add_argument("--guidance-schedule", default="constant",
+                        help=f"how s moves over the decoder's steps: {', '.join(GUIDANCE_SCHEDULES)} (s t^P at "
+                             "progress t; s only for t in [A, B])")
+    parser.add_argument("--method", default=None, choices=list(METHODS),
+                        help="cached (default where the arch has it), naive (one full forward per code), compiled "
+                             "(the cached step through torch.compile; compiling takes seconds at the start), graph "
+                             "(that step in CUDA graphs; needs a GPU), jacobi (every code at once, iterated to the "
+                             "same codes in a few parallel passes: for GPUs and latency) or rounds (masked priors)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="with --method jacobi: iterate this many positions at a time on the arch's cache "
+                             "(archs with a windowed step, e.g. the transformer)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="masked priors (maskgit): rounds of parallel decoding (default 8)")
+    parser.add_argument("--confidence-temperature", type=float, default=4.5,
+                        help="masked priors: the confidence noise of the first round, annealed to 0")
+    parser.add_argument("--precision", default="float64", choices=list(PRECISIONS),
+                        help="the dtype the prior runs in while sampling (float64 and float32 draw the same codes; "
+                             "bfloat16 is not exact)")
+
+
+def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The Pipeline.samplers keywords of the flags `add_sampling_arguments` adds."""
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale,
+                guidance_schedule=args.guidance_schedule, method=args.method, window=args.window, steps=args.steps,
+                confidence_temperature=args.confidence_temperature, precision=args.precision)

@@ -28,9 +28,8 @@ from shared.errors import UserError
 from shared.pretrained import staged_folder
 from stage1_vqvae.tokenizer import load_tokenizer
 from stage2_prior import Prior, Sampler, SamplingOptions
-from stage2_prior.prior import sampling_options
 from stage2_prior.conditioning import Context, check_labels
-from stage2_prior.decoding import SEED_STRIDE, check_num_beams, check_num_samples, draw
+from stage2_prior.decoding import SEED_STRIDE, check_num_beams, check_num_samples, draw, sampling_options
 
 PIPELINE_NAME = "pipeline.json"
 PIPELINE_FORMAT_VERSION = 1  # one prior
@@ -151,7 +150,8 @@ class Pipeline:
     def samplers(self, options: SamplingOptions | None = None, num_beams: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  guidance_scale: float = 0.0, strategy: str = "sample", method: str | None = None,
-                 precision: str = "float64", window: int | None = None) -> list[Sampler]:
+                 precision: str = "float64", window: int | None = None, guidance_schedule: str = "constant",
+                 steps: int | None = None, confidence_temperature: float = 4.5) -> list[Sampler]:
         """One Sampler per prior for a call: the SamplingOptions (`options`, or the keywords) made once and
         checked against every prior, so that a bad option is the one-line error `generate` gives before
         anything runs. They are for one call: they run on the priors' weights, which must not change meanwhile."""
@@ -162,7 +162,8 @@ class Pipeline:
                                 "drop temperature, top_k, top_p and strategy, or sample without num_beams")
         options = sampling_options(options, temperature=temperature, top_k=top_k, top_p=top_p,
                                    guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision,
-                                   window=window)
+                                   window=window, guidance_schedule=guidance_schedule, steps=steps,
+                                   confidence_temperature=confidence_temperature)
         return [Sampler(member, options, guarded=num_beams is None, copy_weights=False) for member in self.priors]
 
     def _sample_chain(self, samplers: list[Sampler], count: int, labels: torch.Tensor | None, seed: int,
@@ -182,15 +183,19 @@ class Pipeline:
                 codes[level] = member.beam_search_with(sampler, count, context, num_beams).codes
                 continue
             level_seed = (seed + index * SEED_STRIDE) % 2 ** 62
-            known_codes, known_mask = known[level] if known is not None else (None, None)
+            known_codes = known_mask = None
+            if known is not None:  # the prior's levels as one tensor (a pyramid's scales joined)
+                known_codes = member.join_levels({name: known[name][0] for name in member.level_names})
+                known_mask = member.join_levels({name: known[name][1] for name in member.level_names})
             stacked, _ = draw(sampler, count, context, level_seed, first_index,
                               None if known_codes is None else member.stacked(known_codes),
                               None if known_mask is None else member.stacked(known_mask))
-            codes[level] = member.public(stacked)
+            codes.update(member.split_levels(member.public(stacked)))
         return codes
 
     def _public(self, codes: dict[str, torch.Tensor]) -> Any:
-        return codes if self.is_chain else next(iter(codes.values()))
+        """The codes as the tokenizer takes them: one grid, or a dict per level."""
+        return codes if len(codes) > 1 else next(iter(codes.values()))
 
     def iter_generate(self, num_images: int, *, labels=None, seed: int | None = None, batch_size: int | None = None,
                       first_index: int = 0, progress: bool = True, samplers: list[Sampler] | None = None,
@@ -225,26 +230,30 @@ class Pipeline:
                  top_p: float | None = None, seed: int | None = None, batch_size: int | None = None,
                  output_type: str = "pil", progress: bool = True, guidance_scale: float = 0.0,
                  strategy: str = "sample", method: str | None = None, precision: str = "float64",
-                 window: int | None = None, num_beams: int | None = None,
+                 window: int | None = None, num_beams: int | None = None, guidance_schedule: str = "constant",
+                 steps: int | None = None, confidence_temperature: float = 4.5,
                  options: SamplingOptions | None = None) -> GenerationOutput:
         """Sample `num_images` code grids from the prior chain and decode them.
 
         labels: an int (every image), a list of num_images ints, or None: an unconditional prior
         samples freely; a class-conditional one draws each image's class uniformly from the seed.
         The same seed gives the same images whatever `batch_size` is; seed=None draws one.
-        guidance_scale, strategy ("sample" or "greedy"), method (e.g. "jacobi": a few parallel network
-        passes per level instead of one per code), window and precision: see `Prior.sample` (or pass
-        them as one SamplingOptions, `options`). A chain of priors uses them level by level.
+        guidance_scale and guidance_schedule, strategy ("sample" or "greedy"), method (e.g. "jacobi": a few
+        parallel network passes per level instead of one per code), window, precision, and a masked prior's
+        steps and confidence_temperature: see `Prior.sample` (or pass them as one SamplingOptions,
+        `options`). A chain of priors uses them level by level.
         num_beams: decode the most likely grid of each level that beam search finds (`Prior.beam_search`)
         instead of sampling (given the labels; for a chain, level by level).
         Returns `.images` as `output_type` ("pil": PIL images, "pt": (N, C, H, W) float in [0, 1],
-        "np": (N, H, W, C) uint8) and `.codes` (N, h, w[, D]), or a dict per level for a chain.
+        "np": (N, H, W, C) uint8) and `.codes` (N, h, w[, D]), or a dict per level for a tokenizer of
+        several (a chain, or a pyramid's scales).
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         samplers = self.samplers(options, num_beams, temperature=temperature, top_k=top_k, top_p=top_p,
                                  guidance_scale=guidance_scale, strategy=strategy, method=method, precision=precision,
-                                 window=window)
+                                 window=window, guidance_schedule=guidance_schedule, steps=steps,
+                                 confidence_temperature=confidence_temperature)
         batches = list(self.iter_generate(num_images, labels=labels, seed=seed, batch_size=batch_size,
                                           progress=progress, samplers=samplers, num_beams=num_beams))
         for sampler in samplers:
@@ -295,7 +304,8 @@ class Pipeline:
     def complete(self, images: torch.Tensor, known_mask: torch.Tensor, *, labels=None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  guidance_scale: float = 0.0, method: str | None = None, precision: str = "float64",
-                 window: int | None = None, options: SamplingOptions | None = None) -> GenerationOutput:
+                 window: int | None = None, guidance_schedule: str = "constant", steps: int | None = None,
+                 confidence_temperature: float = 4.5, options: SamplingOptions | None = None) -> GenerationOutput:
         """Fill in the unknown part of images (B, C, H, W) in [-1, 1].
 
         known_mask (B, H, W) bool marks known pixels. A code keeps its value only when every pixel
@@ -308,7 +318,9 @@ class Pipeline:
             raise UserError(f"known_mask must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, "
                             f"got {tuple(known_mask.shape)}")
         samplers = self.samplers(options, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 guidance_scale=guidance_scale, method=method, precision=precision, window=window)
+                                 guidance_scale=guidance_scale, method=method, precision=precision, window=window,
+                                 guidance_schedule=guidance_schedule, steps=steps,
+                                 confidence_temperature=confidence_temperature)
         levels = codes if isinstance(codes, dict) else {SINGLE_LEVEL: codes}
         unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
         known = {}

@@ -7,6 +7,10 @@ writes samples.png (one row per digit) and reconstructions.png. About 4 minutes 
 `--levels 2` runs VQ-VAE-2 instead: a two-level tokenizer (top 4x4 and bottom 8x8 codes for 32x32
 digits), a PixelSNAIL prior over the top codes and a Gated PixelCNN over the bottom codes
 conditioned on the top, chained in one pipeline.
+
+`--family var`: VAR, a multi-scale tokenizer (scales 1 2 3 4 6 8 of an 8x8 latent) and a next-scale
+prior, 6 network passes per image. `--family maskgit`: the VQ-VAE tokenizer and a MaskGIT prior that
+fills the 8x8 grid in 8 rounds.
 """
 from __future__ import annotations
 
@@ -38,7 +42,19 @@ PRIOR_FAST = ["--max-steps", "20", "--hidden-channels", "16", "--num-layers", "4
               "--save-every", "20", "--sample-every", "20"]
 TOKENIZER_FAST = ["--max-steps", "30", "--image-size", "16", "--hidden-channels", "16", "--latent-channels", "8",
                   "--num-res-blocks", "1", "--codebook-size", "32", "--eval-every", "30", "--save-every", "30"]
+TRANSFORMER_FULL = ["--hidden-channels", "128", "--num-layers", "6", "--num-heads", "4", "--max-steps", "1500",
+                    "--dropout", "0.1", "--label-dropout", "0.1", "--learning-rate", "5e-4", "--warmup-steps", "100",
+                    "--eval-every", "250", "--save-every", "500", "--sample-every", "500"]
+TRANSFORMER_FAST = ["--hidden-channels", "16", "--num-layers", "2", "--num-heads", "2", "--max-steps", "20",
+                    "--label-dropout", "0.1", "--eval-every", "20", "--save-every", "20", "--sample-every", "20"]
 RECIPES = {
+    ("var", "full"): (["--quantizer", "multiscale", "--scales", "1", "2", "3", "4", "6", "8", "--max-steps", "1000",
+                       "--codebook-size", "256"], [("prior", ["--arch", "var", *TRANSFORMER_FULL])]),
+    ("var", "fast"): (["--quantizer", "multiscale", "--scales", "1", "2", "4", *TOKENIZER_FAST],
+                      [("prior", ["--arch", "var", *TRANSFORMER_FAST])]),
+    ("maskgit", "full"): (["--max-steps", "1000", "--codebook-size", "256"],
+                          [("prior", ["--arch", "maskgit", *TRANSFORMER_FULL])]),
+    ("maskgit", "fast"): (TOKENIZER_FAST, [("prior", ["--arch", "maskgit", *TRANSFORMER_FAST])]),
     (1, "full"): (["--max-steps", "1000", "--codebook-size", "256"], [("prior", PRIOR_FULL)]),
     (1, "fast"): (TOKENIZER_FAST, [("prior", PRIOR_FAST)]),
     (2, "full"): (["--levels", "2", "--max-steps", "1000", "--codebook-size", "256"],
@@ -60,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", type=int, default=1, choices=[1, 2],
                         help="1: VQ-VAE + Gated PixelCNN; 2: VQ-VAE-2 with a PixelSNAIL top prior and a bottom prior "
                              "conditioned on the top codes")
+    parser.add_argument("--family", default="raster", choices=["raster", "var", "maskgit"],
+                        help="raster: priors drawing one code at a time (--levels); var: a multi-scale tokenizer and "
+                             "next-scale prediction; maskgit: masked decoding in rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="tiny models and a few steps (for tests)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing quickstart folder")
@@ -76,8 +95,11 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
         for part in PARTS:
             target = output / part
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    if args.family != "raster" and args.levels != 1:
+        raise UserError(f"--levels 2 is VQ-VAE-2's raster chain; --family {args.family} has one level: drop --levels")
     started = time.perf_counter()
-    tokenizer_flags, prior_recipes = RECIPES[(args.levels, "fast" if args.fast else "full")]
+    family = args.levels if args.family == "raster" else args.family
+    tokenizer_flags, prior_recipes = RECIPES[(family, "fast" if args.fast else "full")]
     common = ["--seed", str(args.seed)] + ([] if args.progress else ["--no-progress"])
     steps = 3 + len(prior_recipes)
 
@@ -107,10 +129,11 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     save_image_grid(pairs.flatten(0, 2), output / "reconstructions.png", nrow=SAMPLES_PER_CLASS)
 
     summary = {
-        "output_dir": str(output), "levels": args.levels, "seconds": time.perf_counter() - started,
+        "output_dir": str(output), "family": args.family, "levels": args.levels,
+        "seconds": time.perf_counter() - started,
         "tokenizer": {"psnr_db": tokenizer_metrics["psnr"], "codebook_usage_percent": tokenizer_metrics["codebook_usage"],
                       "perplexity": tokenizer_metrics["perplexity"]},
-        "priors": {folder: {"bits_per_code": metrics["bits_per_code"],
+        "priors": {folder: {**{name: metrics[name] for name in ("bits_per_code", "masked_bits_per_code") if name in metrics},
                             "unigram_entropy_bits": metrics["unigram_entropy_bits"],
                             "top1_accuracy": metrics.get("top1_accuracy"), "best_step": metrics.get("best_step")}
                    for folder, metrics in prior_metrics.items()},
@@ -118,8 +141,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     }
     if len(prior_metrics) == 1:
         summary["prior"] = next(iter(summary["priors"].values()))
-    prior_lines = "\n".join(f"  {folder}: {metrics['bits_per_code']:.2f} bits per code (unigram entropy "
-                            f"{metrics['unigram_entropy_bits']:.2f})" for folder, metrics in prior_metrics.items())
+    prior_lines = "\n".join(f"  {folder}: {describe_prior(metrics)}" for folder, metrics in prior_metrics.items())
     print(f"\nDone in {summary['seconds']:.0f} s. Pipeline: {output / 'pipeline'}\n"
           f"  samples: {output / 'samples.png'} (one row per digit 0-9)\n"
           f"  reconstructions: {output / 'reconstructions.png'} (originals above reconstructions)\n"
@@ -127,6 +149,13 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
           f"codebook usage {tokenizer_metrics['codebook_usage']:.1f}%\n{prior_lines}", file=sys.stderr)
     print(json.dumps(summary))
     return summary
+
+
+def describe_prior(metrics: dict) -> str:
+    if "bits_per_code" in metrics:
+        return f"{metrics['bits_per_code']:.2f} bits per code (unigram entropy {metrics['unigram_entropy_bits']:.2f})"
+    return (f"{metrics['masked_bits_per_code']:.2f} bits per hidden code (masked prediction; unigram entropy "
+            f"{metrics['unigram_entropy_bits']:.2f})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
