@@ -52,19 +52,22 @@ def photo(name: str) -> np.ndarray:
     return image[0] if isinstance(image, tuple) else image  # the stereo pair: its left image
 
 
-def write_crops(root: Path) -> None:
-    """train/, validation/ and test/ crops under `root`, replacing whatever an earlier layout left there."""
+def write_crops(root: Path, by_photo: bool = False) -> None:
+    """train/, validation/ and test/ crops under `root`, replacing whatever an earlier layout left there; in one
+    class folder, or with `by_photo` one class per photograph (the labels of a feature network)."""
     shutil.rmtree(root, ignore_errors=True)
     counts = {"train": 0, "validation": 0, "test": 0}
+    current = {"name": "photo"}
 
     def save(split: str, crop: Image.Image) -> None:
-        folder = root / split / "photo"
+        folder = root / split / (current["name"] if by_photo else "photo")
         folder.mkdir(parents=True, exist_ok=True)
         crop.save(folder / f"{counts[split]:06d}.png")
         counts[split] += 1
 
     for names, stride, held_out in ((TRAIN_PHOTOS, TRAIN_STRIDE, False), (TEST_PHOTOS, TEST_STRIDE, True)):
         for name in names:
+            current["name"] = name
             pixels = photo(name)  # (H, W, 3) uint8
             source = Image.fromarray(pixels)
             positions = [(top, left) for top in range(0, pixels.shape[0] - CROP + 1, stride)

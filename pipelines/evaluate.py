@@ -114,8 +114,9 @@ def frechet_distance(first: torch.Tensor, second: torch.Tensor) -> float:
 def evaluate(argv: Sequence[str] | None = None) -> dict:
     """Parse flags, generate, compare; returns (and prints) the result with its protocol."""
     args = parse_args(parser(), argv)
-    if args.num_images < 2:
-        raise UserError(f"--num-images must be at least 2 (FID compares covariances), got {args.num_images}")
+    if args.num_images <= NEIGHBOURHOOD:
+        raise UserError(f"--num-images must be at least {NEIGHBOURHOOD + 1} (precision and recall compare each image "
+                        f"with its {NEIGHBOURHOOD} nearest neighbours), got {args.num_images}")
     if args.npz is not None and Path(args.npz).exists():
         raise UserError(f"--npz {args.npz} already exists; remove it or choose another path")
     # every check that can refuse the run comes before the first sample: pipeline, data, options, features
@@ -132,9 +133,9 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
     network, description = load_features(args.features, args.inception_weights, pipeline.device)
     reference = load_split(data_config, source=source, channels=channels)
     if args.noise_floor_split == args.split:  # one split: the floor's rows are drawn from it, the reference is the rest
-        if len(reference) < 4:
+        if len(reference) < 2 * (NEIGHBOURHOOD + 1):
             raise UserError(f"{args.dataset} [{args.split}] has {len(reference)} images; a noise floor from the same "
-                            "split needs at least 4: pass --noise-floor-split with another split")
+                            f"split needs at least {2 * (NEIGHBOURHOOD + 1)}: pass --noise-floor-split with another split")
         floor_rows = floor_row_indices(len(reference), min(args.num_images, len(reference) // 2), args.seed)
         floor_set = subset(reference, floor_rows)
         reference = subset(reference, np.setdiff1d(np.arange(len(reference)), floor_rows))
@@ -142,6 +143,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
         source.check_split(args.noise_floor_split)
         floor_set = load_split(data_config, split=args.noise_floor_split, source=source, channels=channels)
         floor_set = subset(floor_set, floor_row_indices(len(floor_set), min(args.num_images, len(floor_set)), args.seed))
+        if len(reference) <= NEIGHBOURHOOD or len(floor_set) < 2:
+            raise UserError(f"{args.dataset} has {len(reference)} images in [{args.split}] and {len(floor_set)} in "
+                            f"[{args.noise_floor_split}]; evaluation needs at least {NEIGHBOURHOOD + 1} and 2: pass "
+                            "--split and --noise-floor-split with larger splits")
     started = time.perf_counter()
     num_workers = resolve_num_workers(args.num_workers)
     problems: list[str] = []

@@ -210,10 +210,10 @@ COMMAND_CASES = [
          "other.pth does not hold torch-fidelity's Inception weights",
          setup=lambda w: torch.save({"weight": torch.zeros(3)}, w.tmp / "other.pth")),
     Case(pipeline_evaluate_main, "inception weights missing offline",
-         lambda w: ["--pipeline", str(w.pipeline), "--num-images", "2", "--no-progress"],
+         lambda w: ["--pipeline", str(w.pipeline), "--num-images", "4", "--no-progress"],
          r"weights-inception-2015-12-05-6726825d\.pth, not found in .*hub/checkpoints.*--inception-weights PATH"),
     Case(pipeline_evaluate_main, "one sample cannot give an FID",
-         lambda w: ["--pipeline", str(w.pipeline), "--num-images", "1"], "--num-images must be at least 2"),
+         lambda w: ["--pipeline", str(w.pipeline), "--num-images", "1"], "--num-images must be at least 4"),
     # stage-2 training
     Case(prior_main, "codes folder missing", lambda w: pri(w, codes=str(w.tmp / "nothing")), "does not exist"),
     Case(prior_main, "not a codes dataset", lambda w: pri(w, codes=str(w.tokenizer)), "codes.json is missing"),

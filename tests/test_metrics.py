@@ -208,10 +208,12 @@ def test_pipeline_evaluate_reports_fid_of_samples(inception_weights, small_featu
                                   codebook_size=16))
     prior = GatedPixelCNN(PriorConfig(vocab_size=16, latent_shape=(4, 4), hidden_channels=4, num_layers=1))
     Pipeline(tokenizer, prior).save_pretrained(tmp_path / "pipeline")
-    folder = write_image_folder(tmp_path / "digits", {"a": 3}, size=(16, 16), mode="L")
+    folder = write_image_folder(tmp_path / "digits", {"a": 10}, size=(16, 16), mode="L")
     argv = ["--pipeline", str(tmp_path / "pipeline"), "--dataset", str(folder), "--split", "train", "--num-images",
-            "3", "--inception-weights", str(inception_weights), "--num-workers", "0", "--no-progress"]
+            "4", "--inception-weights", str(inception_weights), "--num-workers", "0", "--no-progress"]
     result = evaluate(argv)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == result and set(result) >= {"fid", "num_images", "seconds"}
-    assert result["num_images"] == 3 and result["num_reference_images"] == 3 and result["fid"] > 0
+    # one split: the noise floor's 4 real images are taken out of the reference, which keeps the other 6
+    assert result["num_images"] == 4 and result["num_reference_images"] == 6 and result["fid"] > 0
+    assert result["noise_floor_images"] == 4 and result["noise_floor_split"] == "train"

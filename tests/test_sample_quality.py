@@ -101,7 +101,7 @@ def test_fid_and_precision_recall_equal_the_formulas_computed_independently():
 @pytest.mark.parametrize("extra, message", [
     (lambda w: ["--features", str(w["pipeline"] / "prior")], "holds a GatedPixelCNN, not a FeatureNetwork"),
     (lambda w: ["--features", str(w["tmp"] / "nothing")], "is neither 'inception' nor a folder"),
-    (lambda w: ["--num-images", "1"], "--num-images must be at least 2"),
+    (lambda w: ["--num-images", "1"], "--num-images must be at least 4"),
     (lambda w: ["--npz", str(w["tmp"] / "old.npz")], "already exists"),
     (lambda w: ["--method", "cached", "--window", "3"], "a window is a setting of method='jacobi'"),
 ])
