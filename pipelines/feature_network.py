@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from shared.config import option
 from shared.errors import UserError
@@ -88,8 +89,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
         super().__init__()
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
         self.path = fid.resolve_inception_weights(weights)
         try:
             metric = FrechetInceptionDistance(feature=fid.INCEPTION_FEATURES, feature_extractor_weights_path=str(self.path),

@@ -5,6 +5,7 @@ import argparse
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from shared.errors import UserError
@@ -122,3 +123,11 @@ def sampling_keywords(args: argparse.Namespace) -> dict[str, Any]:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance_scale,
                 guidance_schedule=args.guidance_schedule, method=args.method, window=args.window, steps=args.steps,
                 confidence_temperature=args.confidence_temperature, precision=args.precision)
+
+
+def known_cells(known_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Which code cells of a (h, w) grid a pixel mask (B, H, W) knows, (B, h, w) bool: a cell is known when
+    every pixel of its window is. Adaptive windows cover every pixel even where the grid's side does not
+    divide the image's (VAR's scale 3 of a 32-pixel image), so no cell that saw an unknown pixel is kept."""
+    unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
+    return F.adaptive_max_pool2d(unknown, tuple(grid))[:, 0] == 0

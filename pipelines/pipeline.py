@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
+from tqdm.auto import tqdm
 
-from pipelines.parts import (check_chain, check_provenance_of, concatenate, convert_images, to_cpu,
+from pipelines.parts import (check_chain, known_cells, check_provenance_of, concatenate, convert_images, to_cpu,
                              to_device)
 from shared.codes import SINGLE_LEVEL
 from shared.config import read_json, write_json_atomic
@@ -157,6 +157,9 @@ class Pipeline:
         anything runs. They are for one call: they run on the priors' weights, which must not change meanwhile."""
         if num_beams is not None:
             check_num_beams(num_beams, method)
+            for member in self.priors:
+                if member.config.spec.family == "masked":
+                    member.beam_search()  # its one-line refusal, before anything runs
             if temperature != 1 or top_k is not None or top_p is not None or strategy != "sample":
                 raise UserError("beam search looks for the grid of the highest total log-probability under the prior: "
                                 "drop temperature, top_k, top_p and strategy, or sample without num_beams")
@@ -205,8 +208,6 @@ class Pipeline:
         Image k is a function of (seed, first_index + k) alone. `labels` covers the num_images
         images of this call. `samplers` (from `samplers()`), or the keywords of `generate`.
         """
-        from tqdm.auto import tqdm
-
         check_num_samples(num_images, "num_images")
         if batch_size is not None and batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -322,11 +323,9 @@ class Pipeline:
                                  guidance_schedule=guidance_schedule, steps=steps,
                                  confidence_temperature=confidence_temperature)
         levels = codes if isinstance(codes, dict) else {SINGLE_LEVEL: codes}
-        unknown = (~known_mask.bool()).float()[:, None]  # (B, 1, H, W)
         known = {}
         for name, grid in levels.items():
-            factor = images.shape[2] // grid.shape[1]
-            cells = F.max_pool2d(unknown, factor)[:, 0] == 0 if factor > 1 else unknown[:, 0] == 0  # (B, h, w)
+            cells = known_cells(known_mask, grid.shape[1:3])  # (B, h, w)
             cells = cells.to(grid.device)
             known[name] = (grid, cells[..., None].expand(grid.shape) if grid.ndim == 4 else cells)
         if seed is None:

@@ -126,6 +126,12 @@ class MultiScaleKind(QuantizerKind):
         if config.levels != 1:
             raise UserError("--quantizer multiscale makes its own pyramid of scales: drop --levels 2")
         check_scales(config.scale_sides, config.latent_shape[0])
+        # the pyramid adds residuals back in the latent space: codes must live there, at full length
+        if config.use_cosine_sim:
+            raise UserError("--quantizer multiscale quantizes residuals, whose length matters: drop --use-cosine-sim")
+        if config.codebook_dim not in (None, config.latent_channels):
+            raise UserError(f"--quantizer multiscale keeps its codes in the latent space: drop --codebook-dim "
+                            f"{config.codebook_dim} (or set it to --latent-channels {config.latent_channels})")
 
     def build(self, config: Any, dim: int) -> nn.Module:
         return MultiScaleQuantizer(config, dim)

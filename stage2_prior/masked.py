@@ -34,6 +34,9 @@ def masked_count(ratios: torch.Tensor, positions: int) -> torch.Tensor:
     return torch.ceil(torch.cos(math.pi / 2 * ratios) * positions).long().clamp(1, positions)
 
 
+VALIDATION_MASK_SEED = 4321  # validation masks: row k's mask is seeded by VALIDATION_MASK_SEED + k
+
+
 def random_masks(batch: int, positions: int, device: torch.device, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
     """Training masks (B, N) bool: per grid a cosine-schedule count of positions, chosen uniformly."""
@@ -92,11 +95,13 @@ class MaskedPrior(Prior):
         return (losses * hidden).sum() / hidden.sum()
 
     def validation_scores(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
-                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, V, h, w), weights (B, h, w)): the masked loss's logits at seeded cosine-schedule masks,
-        and which positions it scores (the hidden ones)."""
+                          rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, V, h, w), weights (B, h, w)): the masked loss's logits at cosine-schedule masks seeded by
+        each row's index in the split (the same masks at every step, batch size and process count), and which
+        positions it scores (the hidden ones)."""
         batch, height, width = codes.shape
-        hidden = random_masks(batch, height * width, codes.device, generator).view(batch, height, width)
+        hidden = torch.cat([random_masks(1, height * width, codes.device, torch.Generator(codes.device).manual_seed(
+            VALIDATION_MASK_SEED + int(row))) for row in rows]).view(batch, height, width)
         return self(codes, labels, condition, hidden=hidden), hidden
 
     def log_prob(self, *args, **kwargs) -> torch.Tensor:
@@ -106,6 +111,8 @@ class MaskedPrior(Prior):
     def beam_search(self, *args, **kwargs):
         raise UserError(f"arch {self.config.arch!r} is a masked prior: beam search extends grids in an order it does "
                         "not have; sample it in rounds (steps=...)")
+
+    beam_search_with = beam_search  # what `Pipeline` calls
 
     def stack_log_prob(self, *args, **kwargs) -> torch.Tensor:
         return self.log_prob()

@@ -262,9 +262,9 @@ class Prior(PretrainedModel):
         return self.head.nll(features, stacked).mean() / self.config.depth
 
     def validation_scores(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
-                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, V, *code_shape), weights (B, *code_shape)): what validation scores, at which positions
-        (an autoregressive prior: the logits of every code given the codes before it, everywhere)."""
+                          rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, V, *code_shape), weights (B, *code_shape)): what validation scores, at which positions, of
+        the split's rows `rows` (B,) (an autoregressive prior: every code given the codes before it, everywhere)."""
         return self(codes, labels, condition), torch.ones(codes.shape[:1] + self.code_shape, dtype=torch.bool,
                                                           device=codes.device)
 

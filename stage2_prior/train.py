@@ -37,7 +37,6 @@ from stage2_prior.registry import ARCHS, arch_spec, option_owners
 FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
                         "condition_shape", "tokenizer_sha256", "level", "condition_level", "scales"})
 SAMPLE_SEED = 1234
-VALIDATION_MASK_SEED = 4321  # the masks masked priors are validated at: the same at every step and on every run
 SAMPLES_PER_ROW = 8
 
 
@@ -218,7 +217,8 @@ def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: 
     batch_size = max(1, min(256, 2 ** 25 // (config.vocab_size * config.num_positions * config.depth)))
     rows = shard_range(len(codes), rank, world_size)
     for start in range(rows.start, rows.stop, batch_size):
-        grids, labels, *condition = codes[torch.arange(start, min(start + batch_size, rows.stop))]
+        indices = torch.arange(start, min(start + batch_size, rows.stop))
+        grids, labels, *condition = codes[indices]
         grids = grids.to(device)  # the stored int type; the model widens it in its embedding
         condition = condition[0].to(device) if condition else None
         labels = labels.to(device) if conditional else None
@@ -226,9 +226,8 @@ def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: 
         if mixture:
             totals[1] += model.nll(grids, labels, condition).double() * targets.numel()  # nll: the mean per code
             totals[0] += targets.numel()
-        else:  # masked priors score their hidden positions, at masks seeded by the first row of the batch
-            generator = torch.Generator(device).manual_seed(VALIDATION_MASK_SEED + start)
-            logits, weights = model.validation_scores(grids, labels, condition, generator)
+        else:  # masked priors score their hidden positions, at masks seeded by each row's index
+            logits, weights = model.validation_scores(grids, labels, condition, indices)
             logits = logits.float()
             totals[1] += (F.cross_entropy(logits, targets, reduction="none") * weights).sum().double()
             totals[2] += ((logits.argmax(1) == targets) & weights).sum().double()

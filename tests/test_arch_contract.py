@@ -15,6 +15,7 @@ import torch
 
 from conftest import stepped_logit_error
 from stage2_prior import ARCHS, Prior, PriorConfig
+from stage2_prior.decoding.rounds import hidden_after
 
 GRID = (4, 5)
 CONDITION_GRID = (2, 5)
@@ -290,8 +291,6 @@ def test_a_masked_prior_never_sees_a_hidden_code_and_sees_every_visible_one(arch
 
 @pytest.mark.parametrize("arch, variant", MASKED)
 def test_masked_rounds_reveal_on_the_cosine_schedule_and_refuse_bad_steps(arch, variant):
-    from stage2_prior.decoding.rounds import hidden_after
-
     model = build(arch, variant)
     positions = model.config.num_positions
     hidden, revealed = torch.tensor([positions]), []
@@ -311,3 +310,22 @@ def test_masked_rounds_reveal_on_the_cosine_schedule_and_refuse_bad_steps(arch, 
                     lambda: model.beam_search(1, labels=labels)):
         with pytest.raises(ValueError, match="masked prior"):
             refused()
+
+
+@pytest.mark.parametrize("arch", sorted({arch for arch, _ in MASKED}))
+@pytest.mark.parametrize("option", [dict(), dict(top_p=0.8), dict(guidance_scale=2.0)])
+def test_masked_rounds_in_float32_re_decide_and_equal_float64(arch, option):
+    """The float32 guard of rounds: draws near a boundary (of a code's CDF or of the kept set) are re-decided
+    from the sample's own float64 forward, so float32 gives float64's codes, and a sample its batch row's.
+    64 samples, vocabulary 16 and seed 1: a batch where the guard fires under every option (1 to 10 draws)."""
+    model = build(arch, LABELLED[arch], vocab_size=16)
+    labels, condition = conditions(model, 64)
+    keywords = dict(seed=1, steps=4, **option)
+    codes, stats = model.sample(64, labels=labels, condition=condition, precision="float32", return_stats=True,
+                                **keywords)
+    assert stats.recomputed > 0  # the guard ran; a test where it never fires could not fail
+    assert torch.equal(codes, model.sample(64, labels=labels, condition=condition, precision="float64", **keywords))
+    for row in range(0, 64, 3):  # a third of the rows, alone
+        alone = model.sample(1, labels=labels[row:row + 1], precision="float32", sample_offset=row, **keywords,
+                             condition=None if condition is None else condition[row:row + 1])
+        assert torch.equal(alone[0], codes[row]), row

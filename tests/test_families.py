@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ import torch
 from conftest import TINY_TOKENIZER_FLAGS, tree_digest
 from pipelines import Pipeline
 from pipelines.generate import main as generate_main
+from pipelines.parts import known_cells
 from shared.codes import open_codes
 from stage1_vqvae import load_tokenizer
 from stage1_vqvae.export import export
+from stage1_vqvae.train import main as tokenizer_main, train
 from stage2_prior import Prior, PriorConfig
 from stage2_prior.decoding.options import GuidanceSchedule
 from stage2_prior.train import main as prior_main, train as train_prior
@@ -27,8 +30,6 @@ PRIOR = ["--hidden-channels", "16", "--num-layers", "2", "--num-heads", "2", "--
 @pytest.fixture(scope="module")
 def pyramid(tmp_path_factory):
     """A multi-scale tokenizer on 16x16 digits (scales 1 2 4 of a 4x4 latent), its export and a VAR prior."""
-    from stage1_vqvae.train import train
-
     root = tmp_path_factory.mktemp("var")
     train(["--output-dir", str(root / "tokenizer"), "--quantizer", "multiscale", "--scales", "1", "2", "4",
            "--max-steps", "30", "--eval-every", "30", "--save-every", "30", *TINY_TOKENIZER_FLAGS])
@@ -94,6 +95,12 @@ def test_maskgit_trains_on_the_raster_codes_and_generates_in_rounds(grid_codes, 
     metrics = json.loads((grid_codes / "maskgit" / "metrics.json").read_text())
     assert "masked_bits_per_code" in metrics and "bits_per_code" not in metrics
     prior = Prior.from_pretrained(grid_codes / "maskgit")
+    # the validation mask of a row is its own: the same in any batch (so on any number of processes)
+    codes = torch.randint(0, prior.config.vocab_size, (6, 4, 4))
+    labels = torch.arange(6) % 4
+    _, whole = prior.validation_scores(codes, labels, None, torch.arange(6))
+    _, part = prior.validation_scores(codes[4:], labels[4:], None, torch.arange(4, 6))
+    assert torch.equal(whole[4:], part) and not torch.equal(whole[4], whole[5])
     pipeline = Pipeline(load_tokenizer(tiny_tokenizer), prior)
     out = pipeline.generate(4, labels=[0, 1, 2, 3], seed=2, steps=3, output_type="pt", progress=False)
     assert out.codes.shape == (4, 4, 4)
@@ -120,7 +127,7 @@ def test_a_prior_on_codes_it_does_not_model_is_refused(pyramid, grid_codes, tmp_
     assert prior_main([*flags({"pyramid": pyramid, "grid": grid_codes}), "--output-dir", str(tmp_path / "run"),
                        "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and __import__("re").search(message, lines[0]), lines
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
     assert tree_digest(tmp_path) == before
 
 
@@ -164,8 +171,6 @@ def test_a_scheduled_scale_changes_the_draws_where_it_differs_and_only_there():
 
 
 def test_bad_scales_and_steps_on_the_command_line_are_one_line_errors(grid_codes, tiny_tokenizer, tmp_path, capsys):
-    from stage1_vqvae.train import main as tokenizer_main
-
     before = tree_digest(tmp_path)
     assert tokenizer_main(["--output-dir", str(tmp_path / "tok"), "--quantizer", "multiscale", "--scales", "1", "3",
                            "2", "8", "--no-progress"]) == 2
@@ -174,10 +179,24 @@ def test_bad_scales_and_steps_on_the_command_line_are_one_line_errors(grid_codes
     pipeline = Pipeline(load_tokenizer(tiny_tokenizer), Prior.from_pretrained(grid_codes / "maskgit"))
     pipeline.save_pretrained(tmp_path / "pipeline")
     before = tree_digest(tmp_path)
-    for steps, message in (("0", "steps must be an integer of at least 1"), ("17", "steps 17 is more rounds than the "
-                                                                                     "16 positions")):
+    for flags, message in ((["--steps", "0"], "steps must be an integer of at least 1"),
+                           (["--steps", "17"], "steps 17 is more rounds than the 16 positions"),
+                           (["--num-beams", "2"], "is a masked prior: beam search extends grids in an order"),
+                           (["--guidance-schedule", "linear"], "a guidance schedule needs --guidance-scale")):
         assert generate_main(["--pipeline", str(tmp_path / "pipeline"), "--num-images", "2", "--output-dir",
-                              str(tmp_path / "out"), "--steps", steps, "--no-progress"]) == 2
+                              str(tmp_path / "out"), *flags, "--no-progress"]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
     assert tree_digest(tmp_path) == before
+
+
+def test_complete_keeps_no_cell_that_saw_an_unknown_pixel_at_any_scale():
+    """A scale whose side does not divide the image's (3 and 6 of 32 pixels): its edge cells still see the
+    edge pixels, so unknown bottom rows make the bottom row of cells unknown at every scale."""
+    known = torch.ones(2, 32, 32, dtype=torch.bool)
+    known[:, 30:] = False  # the bottom two pixel rows
+    for side in (1, 2, 3, 4, 6, 8):
+        cells = known_cells(known, (side, side))
+        assert cells.shape == (2, side, side) and not cells[:, -1].any(), side
+        assert side < 3 or cells[:, :-1].all(), side  # the rows above saw only known pixels
+    assert known_cells(torch.ones(1, 32, 32, dtype=torch.bool), (3, 3)).all()

@@ -126,6 +126,14 @@ def test_bad_scales_get_one_line_errors(scales, message):
         VQVAEConfig(**TINY_VQVAE, scales=(1, 2, 4))
 
 
+@pytest.mark.parametrize("extra, message", [(dict(use_cosine_sim=True), "drop --use-cosine-sim"),
+                                            (dict(codebook_dim=2), "drop --codebook-dim 2")])
+def test_a_multiscale_quantizer_keeps_its_codes_in_the_latent_space(extra, message):
+    """Residuals are added back at full length: cosine or lower-dimensional codes would lose them."""
+    with pytest.raises(ValueError, match=message):
+        VQVAEConfig(**TINY_VQVAE, quantizer="multiscale", scales=(1, 2, 4), **extra)
+
+
 def test_the_multiscale_quantizer_is_vars_residual_pyramid():
     """Each scale quantizes what the coarser ones left: f_hat after scale k is sum of phi(up(z_j)), j <= k, and the
     codes of scale k are the nearest codes to the area-downsampled residual f - f_hat_(k-1) (VAR Algorithm 1)."""

@@ -148,7 +148,7 @@ def run(sampler: Sampler, context: Context, uniforms: torch.Tensor, known: torch
     positions, draws = height * width, height * width * depth
     uniforms = uniforms.to(known.device).view(batch, positions, depth)
     codes = known.clone()  # the start: known codes, zero elsewhere (any start reaches the same point)
-    flat, fixed = codes.view(batch, positions, depth), known_mask.view(batch, positions, depth)
+    flat, fixed = codes.view(batch, positions, depth), known_mask.reshape(batch, positions, depth)
     settled = torch.zeros(batch, dtype=torch.long, device=known.device)
     passes = torch.zeros_like(settled)
     active = torch.arange(batch, device=known.device)
@@ -185,7 +185,7 @@ def run_windowed(sampler: Sampler, context: Context, uniforms: torch.Tensor, kno
     positions = height * width
     uniforms = uniforms.to(known.device).view(batch, positions, depth)
     codes = known.clone()
-    flat, fixed = codes.view(batch, positions, depth), known_mask.view(batch, positions, depth)
+    flat, fixed = codes.view(batch, positions, depth), known_mask.reshape(batch, positions, depth)
     net_context = context.guided(config.null_class) if options.guided else context
     state = model.start(len(net_context.labels) if options.guided else batch, model.conditioning(net_context))
     start, passes, recomputed_before = 0, 0, sampler.recomputed

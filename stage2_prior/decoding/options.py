@@ -112,6 +112,9 @@ class SamplingOptions:
                                 f"{used}: pass method='jacobi' or drop the window")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise UserError(f"steps must be an integer of at least 1 (rounds of a masked prior), got {steps!r}")
+        if guidance_schedule != "constant" and guidance_scale == 0:
+            raise UserError(f"a guidance schedule needs --guidance-scale (guidance_scale > 0): it moves that scale over "
+                            f"the steps; pass one or drop guidance_schedule {guidance_schedule!r}")
         if not confidence_temperature >= 0 or math.isinf(confidence_temperature):
             raise UserError(f"confidence_temperature must be >= 0, got {confidence_temperature}")
         return cls(1.0 if greedy else temperature, top_k, top_p, guidance_scale, greedy, precision, method, window,
@@ -124,7 +127,7 @@ class SamplingOptions:
         method = self.method or methods[0]
         steps = self.steps
         if model.config.spec.family == "masked":
-            steps = steps or model.default_steps
+            steps = steps or min(model.default_steps, model.config.num_positions)
             if steps > model.config.num_positions:
                 raise UserError(f"steps {steps} is more rounds than the {model.config.num_positions} positions to fill; "
                                 f"pass steps between 1 and {model.config.num_positions}")

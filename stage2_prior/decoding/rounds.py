@@ -94,7 +94,7 @@ def run(sampler: Sampler, context: Context, uniforms: torch.Tensor, known: torch
     positions, rounds = height * width, options.steps
     uniforms = uniforms.to(known.device).view(batch, rounds, positions, 2)
     codes = known.clone().view(batch, positions)
-    hidden = ~known_mask.view(batch, positions)
+    hidden = ~known_mask.reshape(batch, positions)
     to_fill = hidden.sum(1)
     scales = options.guidance_schedule.factors(rounds) * options.guidance_scale
     net_context = context.guided(model.config.null_class) if options.guided else context

@@ -26,7 +26,7 @@ def run(sampler: Sampler, context: Context, uniforms: torch.Tensor, known: torch
     uniforms = uniforms.to(known.device)
     any_known = bool(known_mask.any())
     passes, recomputed_before = 0, sampler.recomputed
-    flat_codes, flat_known = codes.view(batch, -1), known_mask.view(batch, -1)  # draws in raster-then-stack order
+    flat_codes, flat_known = codes.view(batch, -1), known_mask.reshape(batch, -1)  # draws in raster-then-stack order
     net_flat = net_codes.view(len(net_codes), -1)
 
     def decide_draws(logits: torch.Tensor, first: int, count: int) -> None:
