@@ -42,18 +42,20 @@ PRIOR_FAST = ["--max-steps", "20", "--hidden-channels", "16", "--num-layers", "4
               "--save-every", "20", "--sample-every", "20"]
 TOKENIZER_FAST = ["--max-steps", "30", "--image-size", "16", "--hidden-channels", "16", "--latent-channels", "8",
                   "--num-res-blocks", "1", "--codebook-size", "32", "--eval-every", "30", "--save-every", "30"]
-TRANSFORMER_FULL = ["--hidden-channels", "128", "--num-layers", "6", "--num-heads", "4", "--max-steps", "1500",
-                    "--dropout", "0.1", "--label-dropout", "0.1", "--learning-rate", "5e-4", "--warmup-steps", "100",
-                    "--eval-every", "250", "--save-every", "500", "--sample-every", "500"]
+# VAR and MaskGIT: 64 channels (a VAR step covers 130 codes and costs about three MaskGIT steps), steps that
+# keep each quickstart near 10 minutes on 2 CPU cores (docs/benchmarks.md)
+TRANSFORMER_FULL = ["--num-layers", "6", "--num-heads", "4", "--dropout", "0.1", "--label-dropout", "0.1",
+                    "--warmup-steps", "50", "--eval-every", "250", "--save-every", "500", "--sample-every", "500"]
 TRANSFORMER_FAST = ["--hidden-channels", "16", "--num-layers", "2", "--num-heads", "2", "--max-steps", "20",
                     "--label-dropout", "0.1", "--eval-every", "20", "--save-every", "20", "--sample-every", "20"]
 RECIPES = {
-    ("var", "full"): (["--quantizer", "multiscale", "--scales", "1", "2", "3", "4", "6", "8", "--max-steps", "1000",
-                       "--codebook-size", "256"], [("prior", ["--arch", "var", *TRANSFORMER_FULL])]),
+    ("var", "full"): (["--quantizer", "multiscale", "--scales", "1", "2", "3", "4", "6", "8", "--max-steps", "800",
+                       "--codebook-size", "256"], [("prior", ["--arch", "var", "--max-steps", "700",
+                                                              *TRANSFORMER_FULL])]),
     ("var", "fast"): (["--quantizer", "multiscale", "--scales", "1", "2", "4", *TOKENIZER_FAST],
                       [("prior", ["--arch", "var", *TRANSFORMER_FAST])]),
     ("maskgit", "full"): (["--max-steps", "1000", "--codebook-size", "256"],
-                          [("prior", ["--arch", "maskgit", *TRANSFORMER_FULL])]),
+                          [("prior", ["--arch", "maskgit", "--max-steps", "1500", *TRANSFORMER_FULL])]),
     ("maskgit", "fast"): (TOKENIZER_FAST, [("prior", ["--arch", "maskgit", *TRANSFORMER_FAST])]),
     (1, "full"): (["--max-steps", "1000", "--codebook-size", "256"], [("prior", PRIOR_FULL)]),
     (1, "fast"): (TOKENIZER_FAST, [("prior", PRIOR_FAST)]),

@@ -10,7 +10,9 @@ independent of each other given the earlier scales. So one network pass draws a 
 Inputs (sec. 3.2 and the teacher forcing of its Algorithm 2): the single token of scale 1 reads the
 class embedding (the null class of classifier-free guidance is one more row) or a learned start
 vector; the tokens of scale k > 1 read the sum of the earlier scales' embedded grids, each upsampled
-(bicubic) to the last side, area-downsampled to s_k. VAR builds that sum from its tokenizer's codebook
+(bicubic) to the last side, area-downsampled to s_k, plus that same class embedding (VAR conditions
+every block by adaptive layer norm; with the class in the first token alone, a prior trained for
+250 steps on the digits drew every class alike). VAR builds that sum from its tokenizer's codebook
 and phi convolutions; here every code has an embedding of the prior's own, so a prior is one folder
 trained from the codes alone. Learned position and scale embeddings are added.
 
@@ -93,10 +95,11 @@ class VARPrior(Prior):
         """The inputs (B, s_k^2, C) of scale `index` from the running sum of the earlier scales (B, C, S, S),
         with its position and scale embeddings."""
         first, count = self.runs[index]
+        prefix = self.prefix(labels, batch_size)[:, None]  # (B, 1, C)
         if index == 0:
-            tokens = self.prefix(labels, batch_size)[:, None]  # (B, 1, C)
-        else:
-            tokens = rearrange(downsample(total, self.config.scales[index]), "b c h w -> b (h w) c")
+            tokens = prefix
+        else:  # every token also reads the class: through the first token alone, 250 steps left it unused
+            tokens = rearrange(downsample(total, self.config.scales[index]), "b c h w -> b (h w) c") + prefix
         return tokens + self.position_embedding[first:first + count] + self.scale_embedding[index]
 
     def grid_of(self, embedded: torch.Tensor, index: int) -> torch.Tensor:
