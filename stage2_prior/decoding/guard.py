@@ -35,10 +35,11 @@ ABSOLUTE_MARGIN = 1e-12  # float64 rounding of the sums themselves
 
 
 def decide(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions,
-           tolerance: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           tolerance: float | None, with_log_probs: bool = False) -> tuple[torch.Tensor, ...]:
     """Codes (B,) from logits (B, V) by inverse CDF at uniforms (B,) after temperature, top-k and
     top-p (or the argmax when greedy); and, with `tolerance` (a bound on the error of each logit),
-    which decisions an error that large could have flipped (B,) bool."""
+    which decisions an error that large could have flipped (B,) bool. `with_log_probs` adds each drawn
+    code's log-probability (B,) float64 under the distribution it was drawn from (greedy: the softmax)."""
     scores = logits.double()
     vocab = scores.shape[-1]
     check = tolerance is not None
@@ -48,6 +49,8 @@ def decide(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOption
         if check and vocab > 1:
             best_two = scores.topk(2, dim=-1).values
             unsure |= best_two[:, 0] - best_two[:, 1] <= 2 * tolerance
+        if with_log_probs:
+            return codes, unsure, F.log_softmax(scores, dim=-1).gather(-1, codes[:, None])[:, 0]
         return codes, unsure
     if options.temperature != 1:
         scores = scores / options.temperature
@@ -86,6 +89,8 @@ def decide(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOption
         distances = (edges - targets[:, None]) * EDGE_SIGNS.to(edges)  # (B, 2): how far inside each edge
         bounds = margin * edges * (total[:, None] - edges) / total[:, None] + ABSOLUTE_MARGIN
         unsure |= (distances <= bounds).any(-1)
+    if with_log_probs:
+        return codes, unsure, torch.log(probabilities.gather(-1, codes[:, None])[:, 0] / total)
     return codes, unsure
 
 

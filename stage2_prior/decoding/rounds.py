@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from stage2_prior.conditioning import Context
 from stage2_prior.decoding.guard import ABSOLUTE_MARGIN, decide, guided_rows
@@ -35,21 +34,6 @@ def hidden_after(round_index: int, rounds: int, to_fill: torch.Tensor, hidden_no
     return torch.minimum(scheduled, (hidden_now - 1).clamp_min(0))
 
 
-def filtered_log_probs(logits: torch.Tensor, options) -> torch.Tensor:
-    """Log-probabilities (..., V) of the distribution codes are drawn from: temperature, top-k, top-p applied."""
-    scores = logits.double() / options.temperature
-    vocab = scores.shape[-1]
-    if options.top_k is not None and options.top_k < vocab:
-        kth = scores.topk(options.top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if options.top_p is not None and options.top_p < 1:
-        probabilities = torch.softmax(scores, dim=-1)
-        ranked, order = probabilities.sort(dim=-1, descending=True)
-        keep = (ranked.cumsum(-1) - ranked) < options.top_p
-        scores = scores.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
-    return F.log_softmax(scores, dim=-1)
-
-
 def round_decisions(sampler: Sampler, logits: torch.Tensor, uniforms: torch.Tensor, hidden: torch.Tensor,
                     keep_hidden: torch.Tensor, round_index: int, tolerance: float | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -57,16 +41,12 @@ def round_decisions(sampler: Sampler, logits: torch.Tensor, uniforms: torch.Tens
     still hidden after the round (n, N), which samples' decisions an error of `tolerance` could change (n,))."""
     options = sampler.options
     count, positions, vocab = logits.shape
-    drawn, unsure = decide(logits.reshape(-1, vocab), uniforms[..., 0].reshape(-1), options, tolerance)
-    drawn = drawn.view(count, positions)
-    rounds = options.steps
-    noise_scale = options.confidence_temperature * (1 - (round_index + 1) / rounds)
-    if options.greedy:
-        log_probs = F.log_softmax(logits.double(), dim=-1)
-    else:
-        log_probs = filtered_log_probs(logits, options)
+    drawn, unsure, log_probs = decide(logits.reshape(-1, vocab), uniforms[..., 0].reshape(-1), options, tolerance,
+                                      with_log_probs=True)
+    drawn, log_probs = drawn.view(count, positions), log_probs.view(count, positions)
+    noise_scale = options.confidence_temperature * (1 - (round_index + 1) / options.steps)
     gumbel = -torch.log(-torch.log(uniforms[..., 1].clamp(1e-300, 1 - 1e-16)))  # (n, N)
-    confidence = log_probs.gather(-1, drawn[..., None])[..., 0] + noise_scale * gumbel
+    confidence = log_probs + noise_scale * gumbel
     confidence = confidence.masked_fill(~hidden, float("inf"))  # what is visible stays visible
     # the keep_hidden[i] least confident hidden positions stay hidden (ties: the earlier position)
     order = torch.sort(confidence, dim=1, stable=True).indices  # (n, N)
