@@ -4,7 +4,8 @@ A codes folder is either a `datasets` folder written with `save_to_disk` or, wit
 one `.npy` array per column + `labels.npy`; both carry `codes.json` with everything needed to trust
 and reuse them. Columns: `codes` (h, w) for a one-level tokenizer (h, w, D with a stack of D codes
 per position: residual quantizers, colour pixels), or one column per level of a hierarchical one
-(`codes_top`, `codes_bottom`); `label` when the source has labels; `source_index`.
+(`codes_top`, `codes_bottom`); `label` when the source has labels; `caption` when it has captions
+(`captions.json` beside the npy arrays); `source_index`.
 
 `codes.json`: format 1 (a single level of one code per position, as the first release wrote it)
 has `vocab_size`, `latent_shape` and `dtype` at the top; format 2 describes each level in `levels`
@@ -17,166 +18,23 @@ has `vocab_size`, `latent_shape` and `dtype` at the top; format 2 describes each
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from shared.codes_format import (CAPTION_COLUMN, CAPTIONS_NAME, CODES_FORMAT_VERSION, CODES_META_NAME, FORMAT1_TOKENIZER_CLASS,
+                                 SINGLE_LEVEL, CodesMetadata, LevelInfo, codes_dtype, default_scales, level_column,
+                                 scale_level_name)
 from shared.config import read_json
 from shared.errors import UserError
 from shared.pretrained import WEIGHTS_NAME, file_sha256
 
-CODES_META_NAME = "codes.json"
-CODES_FORMAT_VERSION = 2
-SINGLE_LEVEL = "codes"
-FORMAT1_TOKENIZER_CLASS = "VQVAE"
-
-
-def codes_dtype(vocab_size: int) -> str:
-    """int16 when every code fits, else int32."""
-    return "int16" if vocab_size <= 32767 else "int32"
-
-
-def default_scales(side: int) -> tuple[int, ...]:
-    """A multi-scale pyramid's default sides for a latent side: 1, then about 1/4, 3/8, 1/2 and 3/4 of it, then
-    the side itself (8: 1 2 3 4 6 8, the scales of VAR's 8x8 example)."""
-    return tuple(sorted({1, *(max(1, round(side * share)) for share in (1 / 4, 3 / 8, 1 / 2, 3 / 4)), side}))
-
-
-def scale_level_name(side: int) -> str:
-    """The level of one scale of a multi-scale export (VAR's token pyramid): "scale_<side>"."""
-    return f"scale_{side}"
-
-
-def level_column(name: str) -> str:
-    """The column of a level in a codes export: "codes" for the single level, "codes_<name>" for the others."""
-    return SINGLE_LEVEL if name == SINGLE_LEVEL else f"{SINGLE_LEVEL}_{name}"
-
-
-@dataclasses.dataclass(frozen=True)
-class LevelInfo:
-    """One grid of codes per row: its column and what it holds."""
-
-    name: str  # "codes", or "top" / "bottom"
-    column: str  # "codes", or "codes_top" / "codes_bottom"
-    vocab_size: int
-    latent_shape: tuple[int, int]
-    depth: int  # codes per position
-    dtype: str
-
-    @property
-    def grid_shape(self) -> tuple[int, ...]:
-        """Shape of one row's codes: (h, w), or (h, w, depth)."""
-        return tuple(self.latent_shape) if self.depth == 1 else (*self.latent_shape, self.depth)
-
-
-@dataclasses.dataclass(frozen=True)
-class CodesMetadata:
-    """The contents of codes.json."""
-
-    format_version: int  # 1: the first release's (one level of one code per position); 2: levels described
-    format: str  # "arrow" or "npy"
-    levels: tuple[LevelInfo, ...]  # in generation order (top before bottom)
-    num_rows: int
-    has_labels: bool
-    label_names: list[str] | None
-    tokenizer_class: str  # the class name of the tokenizer (stage1_vqvae.tokenizer.Tokenizer.registry)
-    tokenizer_config: dict[str, Any]
-    tokenizer_sha256: str
-    tokenizer_path: str  # where the tokenizer was at export time; trust it only if the hash still matches
-    source: dict[str, Any]
-    scales: tuple[int, ...] | None = None  # a multi-scale pyramid: the side of each level's grid, coarse to fine
-
-    def __post_init__(self) -> None:
-        if self.scales is not None and [scale_level_name(side) for side in self.scales] != self.level_names:
-            raise UserError(f"codes.json names the scales {list(self.scales)} but has the levels "
-                            f"{', '.join(self.level_names)}; re-export the codes")
-
-    @property
-    def num_classes(self) -> int | None:
-        return len(self.label_names) if self.label_names else None
-
-    def level(self, name: str | None = None) -> LevelInfo:
-        """The level called `name`, or the only one."""
-        if name is None:
-            if len(self.levels) > 1:
-                raise UserError(f"these codes have levels {', '.join(self.level_names)}: pick one with --level")
-            return self.levels[0]
-        for level in self.levels:
-            if level.name == name:
-                return level
-        raise UserError(f"these codes have no level {name!r} (levels: {', '.join(self.level_names)}); fix --level "
-                        "or --condition-level, or export a tokenizer with that level")
-
-    @property
-    def level_names(self) -> list[str]:
-        return [level.name for level in self.levels]
-
-    # the single level's facts, as format 1 offered them
-    @property
-    def vocab_size(self) -> int:
-        return self.level().vocab_size
-
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        return self.level().latent_shape
-
-    @property
-    def dtype(self) -> str:
-        return self.level().dtype
-
-    @property
-    def fits_first_format(self) -> bool:
-        """A single level of one code per position: what format 1 can describe."""
-        return len(self.levels) == 1 and self.levels[0].depth == 1 and self.levels[0].name == SINGLE_LEVEL
-
-    def to_json(self) -> dict[str, Any]:
-        common = {"num_rows": self.num_rows, "has_labels": self.has_labels, "label_names": self.label_names,
-                  "tokenizer_config": self.tokenizer_config, "tokenizer_sha256": self.tokenizer_sha256,
-                  "tokenizer_path": self.tokenizer_path, "source": self.source}
-        if self.format_version == 1:
-            level = self.levels[0]
-            return {"format_version": 1, "format": self.format, "vocab_size": level.vocab_size,
-                    "latent_shape": list(level.latent_shape), "dtype": level.dtype, **common}
-        levels = [{**dataclasses.asdict(level), "latent_shape": list(level.latent_shape)} for level in self.levels]
-        scales = {} if self.scales is None else {"scales": list(self.scales)}
-        return {"format_version": 2, "format": self.format, "levels": levels, "tokenizer_class": self.tokenizer_class,
-                **scales, **common}
-
-    @classmethod
-    def from_json(cls, values: dict[str, Any], where: str) -> "CodesMetadata":
-        version = values.get("format_version")
-        if version == 1:
-            expected = {"format_version", "format", "vocab_size", "latent_shape", "dtype", "num_rows", "has_labels",
-                        "label_names", "tokenizer_config", "tokenizer_sha256", "tokenizer_path", "source"}
-        elif version == 2:
-            expected = {"format_version", "format", "levels", "tokenizer_class", "num_rows", "has_labels",
-                        "label_names", "tokenizer_config", "tokenizer_sha256", "tokenizer_path", "source"}
-        else:
-            raise UserError(f"{where} has format_version {version}, this vqprior reads 1 and 2; re-export the codes")
-        missing = sorted(expected - set(values))
-        if missing:
-            raise UserError(f"{where} lacks {', '.join(missing)}; re-export the codes with vqvae-export")
-        optional = {"scales"} if version == 2 else set()
-        unknown = sorted(set(values) - expected - optional)
-        if unknown:
-            raise UserError(f"{where}: unknown key {unknown[0]!r}; was it written by a newer vqprior?")
-        common = {key: values[key] for key in ("format", "num_rows", "has_labels", "label_names", "tokenizer_config",
-                                               "tokenizer_sha256", "tokenizer_path", "source")}
-        if version == 1:
-            level = LevelInfo(SINGLE_LEVEL, SINGLE_LEVEL, values["vocab_size"], tuple(values["latent_shape"]), 1,
-                              values["dtype"])
-            # format 1 was written for the VQ-VAE tokenizer alone, and so does not name its class
-            return cls(format_version=1, levels=(level,), tokenizer_class=FORMAT1_TOKENIZER_CLASS, **common)
-        try:
-            levels = tuple(LevelInfo(**{**level, "latent_shape": tuple(level["latent_shape"])})
-                           for level in values["levels"])
-        except TypeError as error:
-            raise UserError(f"{where}: a level is malformed ({error}); re-export the codes") from None
-        scales = tuple(values["scales"]) if values.get("scales") is not None else None
-        return cls(format_version=2, levels=levels, tokenizer_class=values["tokenizer_class"], scales=scales, **common)
+__all__ = ["CAPTIONS_NAME", "CODES_FORMAT_VERSION", "CODES_META_NAME", "FORMAT1_TOKENIZER_CLASS", "SINGLE_LEVEL",
+           "CodeGrids", "CodesDataset", "CodesMetadata", "LevelInfo", "check_tokenizer_matches", "codes_dtype",
+           "default_scales", "level_column", "open_codes", "read_codes_metadata", "scale_level_name"]
 
 
 class CodeGrids:
@@ -227,7 +85,7 @@ class CodesDataset(torch.utils.data.Dataset):
 
     def __init__(self, grids: dict[str, CodeGrids], labels: torch.Tensor, metadata: CodesMetadata,
                  rows: np.ndarray | None = None, level: str | None = None, condition_level: str | None = None,
-                 joined: bool = False) -> None:
+                 joined: bool = False, captions: np.ndarray | None = None, text: torch.Tensor | None = None) -> None:
         self.grids = grids  # level name -> its column
         self.labels = labels  # (N,) int64 for the selected rows
         self.metadata = metadata
@@ -235,6 +93,8 @@ class CodesDataset(torch.utils.data.Dataset):
         self.level = level if level is not None or len(grids) > 1 or joined else next(iter(grids))
         self.condition_level = condition_level
         self.joined = joined  # items hold every level flattened and joined in order (a pyramid's scales)
+        self.captions = captions  # (N,) object: the selected rows' captions (None where a row has none), or None
+        self.text = text  # (N, L) int64 token ids of the captions (`with_text`): the items' last element, or None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -255,6 +115,8 @@ class CodesDataset(torch.utils.data.Dataset):
         item = (codes, labels)
         if self.condition_level is not None:
             item = (codes, labels, self._gather(self.condition_level, rows))
+        if self.text is not None:
+            item = (*item, self.text[torch.as_tensor(np.atleast_1d(indices))])
         if np.ndim(indices) == 0:
             return tuple(value[0] if isinstance(value, torch.Tensor) else {k: v[0] for k, v in value.items()}
                          for value in item)
@@ -262,6 +124,24 @@ class CodesDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple:
         return self[np.asarray(indices, dtype=np.int64)]
+
+    def parts(self, item: tuple) -> tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """An item or batch of this dataset as (codes, labels, condition codes or None, text ids or None)."""
+        codes, labels, *rest = item
+        condition = rest.pop(0) if self.condition_level is not None else None
+        return codes, labels, condition, rest.pop(0) if self.text is not None else None
+
+    def with_text(self, text: torch.Tensor) -> "CodesDataset":
+        """The same rows with each row's caption as token ids (N, L) int64, the items' last element."""
+        if len(text) != len(self):
+            raise ValueError(f"{len(text)} token rows for {len(self)} rows")
+        return self.replace(text=text)
+
+    def replace(self, **changes: Any) -> "CodesDataset":
+        fields = dict(grids=self.grids, labels=self.labels, metadata=self.metadata, rows=self.rows, level=self.level,
+                      condition_level=self.condition_level, joined=self.joined, captions=self.captions,
+                      text=self.text)
+        return CodesDataset(**{**fields, **changes})
 
     @property
     def codes(self) -> torch.Tensor:
@@ -271,15 +151,16 @@ class CodesDataset(torch.utils.data.Dataset):
     def subset(self, indices: np.ndarray | torch.Tensor) -> "CodesDataset":
         indices = np.asarray(indices, dtype=np.int64)
         rows = indices if self.rows is None else self.rows[indices]
-        return CodesDataset(self.grids, self.labels[torch.from_numpy(indices)], self.metadata, rows, self.level,
-                            self.condition_level, self.joined)
+        return self.replace(labels=self.labels[torch.from_numpy(indices)], rows=rows,
+                            captions=None if self.captions is None else self.captions[indices],
+                            text=None if self.text is None else self.text[torch.from_numpy(indices)])
 
     def level_view(self, level: str | None, condition_level: str | None = None) -> "CodesDataset":
         """The same rows with items of `level` (and the codes of `condition_level` as a third element)."""
         info = self.metadata.level(level)
         if condition_level is not None:
             self.metadata.level(condition_level)
-        return CodesDataset(self.grids, self.labels, self.metadata, self.rows, info.name, condition_level)
+        return self.replace(level=info.name, condition_level=condition_level, joined=False)
 
     def pyramid_view(self) -> "CodesDataset":
         """The same rows with items of a multi-scale pyramid's every scale, flattened and joined coarse to fine:
@@ -288,7 +169,7 @@ class CodesDataset(torch.utils.data.Dataset):
             raise UserError(f"these codes are {'one grid' if len(self.metadata.levels) == 1 else 'levels'} "
                             f"{', '.join(self.metadata.level_names)}, not a multi-scale pyramid: a pyramid arch (var) "
                             "needs codes of a --quantizer multiscale tokenizer; pick a raster --arch for these")
-        return CodesDataset(self.grids, self.labels, self.metadata, self.rows, None, None, joined=True)
+        return self.replace(level=None, condition_level=None, joined=True)
 
 
 def read_codes_metadata(path: str | Path) -> CodesMetadata:
@@ -313,7 +194,26 @@ def open_codes(path: str | Path, tokenizer_dir: str | Path | None = None) -> tup
     _check(path, metadata, grids, labels)
     if tokenizer_dir is not None:
         check_tokenizer_matches(metadata, tokenizer_dir, path)
-    return CodesDataset(grids, labels, metadata), metadata
+    return CodesDataset(grids, labels, metadata, captions=_read_captions(path, metadata)), metadata
+
+
+def _read_captions(path: Path, metadata: CodesMetadata) -> np.ndarray | None:
+    """(N,) object: each row's caption or None, from the arrow column or the npy export's captions.json."""
+    if not metadata.has_captions:
+        return None
+    try:
+        if metadata.format == "npy":
+            values = json.loads((path / CAPTIONS_NAME).read_text(encoding="utf-8"))
+        else:
+            import datasets
+
+            values = datasets.load_from_disk(str(path))[CAPTION_COLUMN]
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{CODES_META_NAME} in {path} says the codes have captions, but they cannot be read "
+                        f"({error}); re-export them") from None
+    if len(values) != metadata.num_rows:
+        raise UserError(f"{path}: {len(values)} captions for {metadata.num_rows} rows; re-export the codes")
+    return np.array([value if isinstance(value, str) and value else None for value in values] + [None])[:-1]
 
 
 def check_tokenizer_matches(metadata: CodesMetadata, tokenizer_dir: str | Path, codes_path: Path) -> None:

@@ -47,11 +47,17 @@ def add_fid_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_source_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
     """The flags that pick images for evaluate and export (training takes them from DataConfig)."""
-    parser.add_argument("--dataset", default="digits", help="digits, an image folder, a save_to_disk folder or a Hub name")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits, shapes, an image folder, a save_to_disk folder or a Hub name")
     parser.add_argument("--split", default=default_split)
     parser.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's")
     parser.add_argument("--image-column", default=None)
     parser.add_argument("--label-column", default=None, help="label column; 'none' turns labels off")
+    parser.add_argument("--caption-column", default=None,
+                        help="caption column of a datasets source or of an image folder's metadata.jsonl (default: "
+                             "'text' when present); 'none' turns captions off")
+    parser.add_argument("--strict-captions", action="store_true",
+                        help="refuse rows with an empty or non-string caption instead of warning")
     parser.add_argument("--dataset-config", default=None, help="configuration name of a Hub dataset")
     parser.add_argument("--revision", default=None, help="revision of a Hub dataset")
     parser.add_argument("--num-workers", type=int, default=None,
@@ -67,8 +73,9 @@ def data_config_for(args: argparse.Namespace, tokenizer, strict: bool) -> DataCo
     tokenizer.check_images(torch.zeros(1, tokenizer.config.in_channels, image_size, image_size))
     return DataConfig(dataset=args.dataset, split=args.split, image_size=image_size,
                       channels=tokenizer.config.in_channels, image_column=args.image_column,
-                      label_column=args.label_column, dataset_config=args.dataset_config, revision=args.revision,
-                      strict_images=strict)
+                      label_column=args.label_column, caption_column=args.caption_column,
+                      strict_captions=args.strict_captions, dataset_config=args.dataset_config,
+                      revision=args.revision, strict_images=strict)
 
 
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, float]:

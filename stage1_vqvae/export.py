@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.codes import CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata
+from shared.codes import CAPTIONS_NAME, CODES_FORMAT_VERSION, CODES_META_NAME, CodesMetadata
+from shared.codes_format import CAPTION_COLUMN
 from shared.config import config_to_dict, parse_args, write_json_atomic
-from shared.data import (DataConfig, ImageDataset, first_image_channels, load_split, open_source,
+from shared.data import (DataConfig, ImageDataset, check_captions, first_image_channels, load_split, open_source,
                          resolve_num_workers, sequential_batches)
 from shared.errors import UserError, run_cli
 from shared.runtime import local_process_count, make_accelerator
@@ -69,23 +70,25 @@ def export(argv: Sequence[str] | None = None) -> dict:
     dataset = load_split(data_config, source=source, channels=channels)
     if source.label_column is not None and not dataset.has_labels:
         print(f"note: no row of [{args.split}] has a label; the codes are written without labels", file=sys.stderr)
+    check_captions(dataset.captions, f"{source.description} [{args.split}]", data_config.strict_captions)
     num_workers = resolve_num_workers(args.num_workers, local_process_count())
 
     accelerator = make_accelerator()
     tokenizer.to(accelerator.device)
     staging = output.with_name(f".{output.name}.partial")
     levels = tokenizer.code_layout(image_size)
+    captions = dataset.captions
     metadata = CodesMetadata(
         format_version=1 if tokenizer.first_codes_format and len(levels) == 1 and levels[0].depth == 1
-        else CODES_FORMAT_VERSION,  # the first release's format where it fits, as that release wrote it
+        and captions is None else CODES_FORMAT_VERSION,  # the first release's format where it fits, as that release wrote it
         format=args.format, levels=levels,
         num_rows=len(dataset), has_labels=dataset.has_labels, label_names=dataset.source.label_names,
         tokenizer_class=type(tokenizer).__name__, tokenizer_config=config_to_dict(tokenizer.config),
         tokenizer_sha256=tokenizer.weights_sha256(), tokenizer_path=tokenizer_path(args.tokenizer),
-        scales=tokenizer.scales,
+        scales=tokenizer.scales, has_captions=captions is not None,
         source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
                 "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
-                "label_column": dataset.source.label_column})
+                "label_column": dataset.source.label_column, "caption_column": dataset.source.caption_column})
     job = {"metadata": metadata.to_json(), "chunk_rows": args.chunk_rows}
     created_staging = not staging.exists()
     if accelerator.is_main_process:
@@ -115,9 +118,11 @@ def export(argv: Sequence[str] | None = None) -> dict:
         assembled = staging / "assembled"
         shutil.rmtree(assembled, ignore_errors=True)
         if args.format == "arrow":
-            _assemble_arrow(staging, chunks, assembled, metadata)
+            _assemble_arrow(staging, chunks, assembled, metadata, captions)
         else:
             _assemble_npy(staging, chunks, assembled, metadata)
+            if captions is not None:
+                write_json_atomic(assembled / CAPTIONS_NAME, captions.tolist())
         write_json_atomic(assembled / CODES_META_NAME, metadata.to_json())
         _move_into_place(assembled, output)
         shutil.rmtree(staging, ignore_errors=True)
@@ -206,7 +211,8 @@ def _read_chunk(staging: Path, rows: range) -> tuple[dict[str, np.ndarray], np.n
         return {name: chunk[name] for name in chunk.files if name != "labels"}, chunk["labels"]
 
 
-def _assemble_arrow(staging: Path, chunks: list[range], destination: Path, metadata: CodesMetadata) -> None:
+def _assemble_arrow(staging: Path, chunks: list[range], destination: Path, metadata: CodesMetadata,
+                    captions: np.ndarray | None) -> None:
     import datasets
 
     datasets.disable_progress_bars()
@@ -217,6 +223,8 @@ def _assemble_arrow(staging: Path, chunks: list[range], destination: Path, metad
     if metadata.has_labels:
         features["label"] = (datasets.ClassLabel(names=metadata.label_names) if metadata.label_names
                              else datasets.Value("int64"))
+    if captions is not None:
+        features[CAPTION_COLUMN] = datasets.Value("string")
 
     def rows() -> Iterator[dict]:
         for chunk in chunks:
@@ -226,6 +234,8 @@ def _assemble_arrow(staging: Path, chunks: list[range], destination: Path, metad
                 row["source_index"] = index
                 if metadata.has_labels:
                     row["label"] = int(labels[offset])
+                if captions is not None:
+                    row[CAPTION_COLUMN] = captions[index]
                 yield row
 
     table = datasets.Dataset.from_generator(rows, features=datasets.Features(features),

@@ -13,6 +13,8 @@ from shared.errors import UserError
 
 DIGITS = "digits"
 DIGITS_TEST_FRACTION = 0.1
+CAPTION_COLUMN = "text"  # the caption column of the built-in shapes and of an image folder's metadata.jsonl
+FOLDER_METADATA = "metadata.jsonl"  # an image folder's captions: {"file_name": ..., "text": ...} per line
 VALIDATION_SEED = 0  # fixed, so every run of any seed holds out the same images
 # Held-out splits in order of preference: ImageNet-style sources keep their labelled evaluation set in
 # `validation` and an unlabelled `test`; the tokenizer can use either, `validation` is the usual choice.
@@ -27,13 +29,17 @@ NO_LABEL = -1
 class DataConfig:
     """Where images come from, how they are shaped, and how training reads them."""
 
-    dataset: str = option(DIGITS, "digits, an image folder, a save_to_disk folder, or a Hub dataset name")
+    dataset: str = option(DIGITS, "digits, shapes (captioned), an image folder, a save_to_disk folder, or a Hub "
+                                  "dataset name")
     split: str = option("train", "split to train on (or export)")
     image_size: int = option(32, "images are resized (shorter side) and centre-cropped to this size")
     channels: int | None = option(None, "1 or 3; default: the channel count of the first image")
     image_column: str | None = option(None, "image column of a datasets source (default: the first image column)")
     label_column: str | None = option(None, "label column of a datasets source (default: 'label' when present; "
                                             "'none' turns labels off)")
+    caption_column: str | None = option(None, "caption column of a datasets source or of an image folder's "
+                                              "metadata.jsonl (default: 'text' when present; 'none' turns captions off)")
+    strict_captions: bool = option(False, "refuse a split with empty or non-string captions instead of warning")
     dataset_config: str | None = option(None, "configuration name of a Hub dataset")
     revision: str | None = option(None, "revision (branch, tag or commit) of a Hub dataset")
     validation_fraction: float = option(0.1, "held-out fraction when the source has no held-out split")
@@ -68,6 +74,10 @@ class DataConfig:
     @property
     def labels_off(self) -> bool:
         return self.label_column is not None and self.label_column.lower() == "none"
+
+    @property
+    def captions_off(self) -> bool:
+        return self.caption_column is not None and self.caption_column.lower() == "none"
 
 
 def resolve_num_workers(requested: int | None, local_processes: int = 1) -> int:

@@ -50,6 +50,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def labels(self) -> np.ndarray:
         return self.rows.labels  # (N,) int64, -1 where a row has no label
 
+    @property
+    def captions(self) -> np.ndarray | None:
+        """(N,) object: each row's caption (str), None where it has none; None when the source has no captions."""
+        return self.rows.captions
+
     def where(self, index: int) -> str:
         return f"row {index} of {self.source.description} [{self.split}]"
 

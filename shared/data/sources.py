@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shared.data.config import (DIGITS, DIGITS_TEST_FRACTION, HUB_NAME, IMAGE_SUFFIXES, NO_LABEL, SPLIT_FOLDERS,
-                                VALIDATION_SEED, DataConfig)
+from shared.data.config import (CAPTION_COLUMN, DIGITS, DIGITS_TEST_FRACTION, FOLDER_METADATA, HUB_NAME,
+                                IMAGE_SUFFIXES, NO_LABEL, SPLIT_FOLDERS, VALIDATION_SEED, DataConfig)
+from shared.data.captions import checked_caption_column, clean_caption, folder_captions
+from shared.data.shapes import SHAPES, SPLIT_SIZES, shapes_split
 from shared.errors import UserError, first_line
 
 
@@ -23,8 +25,10 @@ class FolderRows:
     """Image files of one split: paths in one byte buffer (workers share it without copying, unlike a
     list of str whose reference counts would touch every page), and labels as an int64 array."""
 
-    def __init__(self, root: Path, relative_paths: Sequence[str], labels: np.ndarray) -> None:
+    def __init__(self, root: Path, relative_paths: Sequence[str], labels: np.ndarray,
+                 captions: np.ndarray | None = None) -> None:
         self.root = root
+        self.captions = captions  # (N,) object: str, or None where a row has none; None: no caption column
         encoded = [path.encode("utf-8", "surrogateescape") for path in relative_paths]
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(path) for path in encoded], out=self._offsets[1:])
@@ -43,15 +47,19 @@ class FolderRows:
 
     def select(self, indices: np.ndarray) -> "FolderRows":
         return FolderRows(self.root, [str(self.path(int(i)).relative_to(self.root)) for i in indices],
-                          self.labels[indices])
+                          self.labels[indices], None if self.captions is None else self.captions[indices])
 
 
 class ArrowRows:
     """One split of a `datasets.Dataset` with undecoded images; labels are read once as an array."""
 
-    def __init__(self, table: Any, image_column: str, label_column: str | None) -> None:
+    def __init__(self, table: Any, image_column: str, label_column: str | None,
+                 caption_column: str | None = None) -> None:
         self.table = table.select_columns([image_column])
         self.image_column = image_column
+        self.captions = None  # (N,) object: str, or None where a row has none; None: no caption column
+        if caption_column is not None:
+            self.captions = np.array([clean_caption(value) for value in table[caption_column]] + [None])[:-1]
         if label_column is None:
             self.labels = np.full(len(table), NO_LABEL, dtype=np.int64)
         else:
@@ -74,6 +82,7 @@ class ArrowRows:
         selected.table = self.table.select(indices)
         selected.image_column = self.image_column
         selected.labels = self.labels[indices]
+        selected.captions = None if self.captions is None else self.captions[indices]
         return selected
 
 
@@ -89,6 +98,7 @@ class Source:
     _opener: Any  # split name -> rows
     _first_value: Any  # split name -> the undecoded first image and where it is
     _opened: dict[str, Any] = dataclasses.field(default_factory=dict)
+    caption_column: str | None = None  # where the captions come from, or None
 
     def rows(self, split: str) -> FolderRows | ArrowRows:
         if split not in self._opened:
@@ -115,7 +125,16 @@ def open_source(config: DataConfig) -> Source:
             raise UserError("--image-column and --label-column do not apply to --dataset digits; drop them")
         if hub_only:
             raise UserError(f"{hub_only[0]} applies to Hub datasets only, not to --dataset digits; drop it")
+        if config.caption_column is not None and not config.captions_off:
+            raise UserError("--dataset digits has no captions; drop --caption-column, or use --dataset shapes")
         return _wrap_datasets(DIGITS, _digits_splits(), "image", "none" if config.labels_off else "label")
+    if dataset == SHAPES:
+        if config.image_column or (config.label_column and not config.labels_off) or hub_only:
+            raise UserError("--image-column, --label-column, --dataset-config and --revision do not apply to "
+                            "--dataset shapes; drop them")
+        if config.caption_column not in (None, CAPTION_COLUMN) and not config.captions_off:
+            raise UserError(f"--dataset shapes has one caption column, {CAPTION_COLUMN!r}; fix --caption-column")
+        return _wrap_datasets(SHAPES, _shapes_splits(), "image", "none", config.caption_column)
     path = Path(dataset).expanduser()
     if path.is_file():
         raise UserError(f"--dataset {dataset} is a file; pass a folder of images, a save_to_disk folder or 'digits'")
@@ -129,7 +148,7 @@ def open_source(config: DataConfig) -> Source:
         if config.label_column is not None and not config.labels_off:
             raise UserError(f"--label-column {config.label_column} does not apply to the image folder {dataset}: its "
                             "labels are its class subfolders; drop it, or pass --label-column none")
-        return _open_folder(path, labels=not config.labels_off)
+        return _open_folder(path, labels=not config.labels_off, caption_column=config.caption_column)
     if not HUB_NAME.fullmatch(dataset):
         raise UserError(f"dataset folder {dataset} does not exist; pass an existing folder, 'digits', or a Hub name")
     return _open_hub(dataset, config)
@@ -144,7 +163,7 @@ def _open_saved(path: Path, config: DataConfig) -> Source:
     except Exception as error:  # datasets raises several types for a broken folder
         raise UserError(f"cannot open save_to_disk folder {path} ({first_line(error)}); re-create it") from None
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    return _wrap_datasets(str(path), splits, config.image_column, config.label_column)
+    return _wrap_datasets(str(path), splits, config.image_column, config.label_column, config.caption_column)
 
 
 def _open_hub(name: str, config: DataConfig) -> Source:
@@ -157,11 +176,11 @@ def _open_hub(name: str, config: DataConfig) -> Source:
         raise UserError(f"cannot load dataset {name!r}: it is not a local folder and the Hub gave "
                         f"'{first_line(error)}'; pass 'digits', an image folder or a save_to_disk folder") from None
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    return _wrap_datasets(name, splits, config.image_column, config.label_column)
+    return _wrap_datasets(name, splits, config.image_column, config.label_column, config.caption_column)
 
 
 def _wrap_datasets(description: str, splits: dict[str, Any], image_column: str | None,
-                   label_column: str | None) -> Source:
+                   label_column: str | None, caption_column: str | None = None) -> Source:
     """A Source over `datasets.Dataset` splits, after checking the image and label columns."""
     import datasets
 
@@ -190,6 +209,7 @@ def _wrap_datasets(description: str, splits: dict[str, Any], image_column: str |
         raise UserError(f"column {label_column!r} of {description} does not hold integer class ids "
                         f"({features[label_column]}); pick a ClassLabel or integer column with --label-column, "
                         "or pass --label-column none")
+    caption_column = checked_caption_column(description, features, caption_column)
     label_names = None
     if label_column is not None and isinstance(features[label_column], datasets.ClassLabel):
         label_names = list(features[label_column].names)
@@ -204,9 +224,11 @@ def _wrap_datasets(description: str, splits: dict[str, Any], image_column: str |
 
     def open_rows(split: str) -> ArrowRows:  # a split may lack the label column (an unlabelled test split)
         labelled = label_column if label_column in splits[split].column_names else None
-        return ArrowRows(splits[split], image_column, labelled)
+        captioned = caption_column if caption_column in splits[split].column_names else None
+        return ArrowRows(splits[split], image_column, labelled, captioned)
 
-    return Source(description, list(splits), label_names, image_column, label_column, open_rows, first_value)
+    return Source(description, list(splits), label_names, image_column, label_column, open_rows, first_value,
+                  caption_column=caption_column)
 
 
 def _holds_class_ids(feature: Any) -> bool:
@@ -216,7 +238,7 @@ def _holds_class_ids(feature: Any) -> bool:
         isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
 
 
-def _open_folder(root: Path, labels: bool) -> Source:
+def _open_folder(root: Path, labels: bool, caption_column: str | None = None) -> Source:
     """An image folder. Top-level `train/`, `test/`, ... folders are splits; below a split, first-level
     subfolders are classes. Only the top levels are read here; a split is listed when it is used, and
     no folder is ever listed twice (`Listing`)."""
@@ -243,7 +265,8 @@ def _open_folder(root: Path, labels: bool) -> Source:
         if not paths:
             raise UserError(f"image folder {split_root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                             "point --dataset at a folder of images")
-        return FolderRows(split_root, paths, np.asarray(found_labels, dtype=np.int64))
+        return FolderRows(split_root, paths, np.asarray(found_labels, dtype=np.int64),
+                          folder_captions(split_root, paths, caption_column))
 
     def first_value(split: str) -> tuple[Any, str]:
         first = next(_walk_images(split_roots[split], listing), None)
@@ -253,8 +276,10 @@ def _open_folder(root: Path, labels: bool) -> Source:
         path = split_roots[split] / first
         return {"path": str(path), "bytes": None}, f"{path}"
 
+    captioned = not (caption_column is not None and caption_column.lower() == "none") and (
+        caption_column is not None or any((split_root / FOLDER_METADATA).is_file() for split_root in split_roots.values()))
     return Source(str(root), list(split_roots), class_names or None, None, "label" if class_names else None,
-                  list_split, first_value)
+                  list_split, first_value, caption_column=(caption_column or CAPTION_COLUMN) if captioned else None)
 
 
 class Listing:
@@ -307,6 +332,21 @@ def _digits_splits() -> dict[str, Any]:
         return datasets.Dataset.from_dict({"image": images, "label": bunch.target[indices].tolist()}, features=features)
 
     return {"train": build(np.sort(order[num_test:])), "test": build(np.sort(order[:num_test]))}
+
+
+@functools.lru_cache(maxsize=1)
+def _shapes_splits() -> dict[str, Any]:
+    import datasets
+
+    _quiet_datasets()
+    features = datasets.Features({"image": datasets.Image(decode=False), CAPTION_COLUMN: datasets.Value("string")})
+    splits = {}
+    for split in SPLIT_SIZES:
+        images, captions = shapes_split(split)
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [{"bytes": _png_bytes(image), "path": None} for image in images], CAPTION_COLUMN: captions},
+            features=features)
+    return splits
 
 
 def _quiet_datasets() -> None:
