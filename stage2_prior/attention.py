@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from stage2_prior.text import CrossAttention, TextMemory
+
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      position: int | torch.Tensor) -> torch.Tensor:
@@ -62,10 +64,13 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: tor
 
 class TransformerBlock(nn.Module):
     """Pre-norm block over a sequence (B, n, C): x + attention(LN(x)), then x + MLP(LN(x)) (4x width, GELU).
-    With a conditioning map, x first gets a linear projection of the map's features at each token."""
+    With a conditioning map, x first gets a linear projection of the map's features at each token; with
+    text, x + cross-attention(LN(x) -> the encoded caption) comes between attention and MLP (the T5 and
+    Parti decoder block)."""
 
-    def __init__(self, channels: int, heads: int, dropout: float, conditioned: bool) -> None:
+    def __init__(self, channels: int, heads: int, dropout: float, conditioned: bool, text: bool = False) -> None:
         super().__init__()
+        self.cross_attention = CrossAttention(channels, heads, dropout) if text else None
         self.heads = heads
         self.dropout = dropout
         self.condition_projection = nn.Linear(channels, channels) if conditioned else None
@@ -85,40 +90,44 @@ class TransformerBlock(nn.Module):
         q, k, v = (rearrange(t, "b n (heads d) -> b heads n d", heads=self.heads) for t in (q, k, v))
         return x, q, k, v
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The residual stream x (B, n, C) and the attention output (B, heads, n, d) -> the block's output (B, n, C)."""
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, text: TextMemory | None) -> torch.Tensor:
+        """The residual stream x (B, n, C), the attention output (B, heads, n, d) and the encoded caption or
+        None -> the block's output (B, n, C)."""
         update = self.attention_out(rearrange(attended, "b heads n d -> b n (heads d)"))
         x = x + F.dropout(update, self.dropout, self.training)
+        if self.cross_attention is not None:
+            x = x + self.cross_attention(x, text)
         return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None,
-                mask: torch.Tensor | str | None = "causal") -> torch.Tensor:
+                mask: torch.Tensor | str | None = "causal", text: TextMemory | None = None) -> torch.Tensor:
         """x (B, n, C) -> (B, n, C). `mask`: "causal" (token t reads tokens <= t), a bool (n, n) of what each
         token reads, or None (every token reads every token)."""
         x, q, k, v = self.queries_keys_values(x, condition)
         causal = isinstance(mask, str)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
-        return self.finish(x, attended)  # attended: (B, heads, n, d)
+        return self.finish(x, attended, text)  # attended: (B, heads, n, d)
 
     def window(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
-               start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               start: int, text: TextMemory | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens x (B, n, C) at positions start .. start + n - 1 over the cached tokens before `start` (read,
         not written) and each other, causally -> (B, n, C), and their keys and values (B, heads, n, d)."""
         x, q, k, v = self.queries_keys_values(x, condition)
-        return self.finish(x, window_attention(q, k, v, keys, values, start)), k, v
+        return self.finish(x, window_attention(q, k, v, keys, values, start), text), k, v
 
     def step(self, x: torch.Tensor, condition: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
-             position: int | torch.Tensor) -> torch.Tensor:
+             position: int | torch.Tensor, text: TextMemory | None = None) -> torch.Tensor:
         """One token x (B, 1, C) at `position` (an int, or a (1,) tensor in a compiled step); keys and
         values (B, heads, N, d) hold the tokens before it and receive this one's."""
         x, q, k, v = self.queries_keys_values(x, condition)
-        return self.finish(x, cached_attention(q, k, v, keys, values, position))  # (B, 1, C)
+        return self.finish(x, cached_attention(q, k, v, keys, values, position), text)  # (B, 1, C)
 
-    def block(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    def block(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+              text: TextMemory | None = None) -> torch.Tensor:
         """Tokens x (B, n, C) at positions start .. start + n - 1 over the cache and each other, unmasked; their
         keys and values go into the caches (B, heads, N, d) -> (B, n, C)."""
         x, q, k, v = self.queries_keys_values(x, None)
-        return self.finish(x, block_attention(q, k, v, keys, values, start))
+        return self.finish(x, block_attention(q, k, v, keys, values, start), text)
 
 
 def initialize_gpt(blocks: nn.ModuleList) -> None:

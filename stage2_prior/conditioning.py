@@ -2,10 +2,11 @@
 
 - `Context`: a batch of samples' conditions as the user gave them, checked once at the entry point
   (`Prior.sample`, `Pipeline.generate`, ...) and passed down whole: class labels (with the null class
-  of classifier-free guidance), an aligned code map (a coarser tokenizer level).
-- `Conditioning`: what a network reads: the label rows of its class tables and the code map's
-  features on the prior's grid (`ConditionNetwork`, location-dependent conditioning, Gated PixelCNN
-  paper sec. 2.3).
+  of classifier-free guidance), an aligned code map (a coarser tokenizer level), a caption as token ids
+  (with the null caption of guidance; `stage2_prior.text`).
+- `Conditioning`: what a network reads: the label rows of its class tables, the code map's features on
+  the prior's grid (`ConditionNetwork`, location-dependent conditioning, Gated PixelCNN paper sec. 2.3),
+  and the encoded caption its cross-attention reads.
 """
 from __future__ import annotations
 
@@ -16,37 +17,55 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.errors import UserError
+from stage2_prior.text import TextMemory, encode_captions, null_captions
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """The checked conditions of a batch: labels (B,) int64 or None; code_map (B, hc, wc[, Dc]) int or None."""
+    """The checked conditions of a batch: labels (B,) int64 or None; code_map (B, hc, wc[, Dc]) int or None;
+    text (B, L) int64 caption token ids or None."""
 
     labels: torch.Tensor | None = None
     code_map: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+
+    def values(self) -> tuple[torch.Tensor | None, ...]:
+        return self.labels, self.code_map, self.text
+
+    @property
+    def batch_size(self) -> int | None:
+        """The rows of the batch, or None for an unconditional batch (which has no tensor to count)."""
+        return next((len(value) for value in self.values() if value is not None), None)
 
     def select(self, index: torch.Tensor | slice) -> "Context":
         """Rows `index` of the batch (a reorder, a subset, or one sample)."""
-        return Context(*(None if value is None else value[index] for value in (self.labels, self.code_map)))
+        return Context(*(None if value is None else value[index] for value in self.values()))
 
     def repeat_interleave(self, count: int) -> "Context":
-        return Context(*(None if value is None else value.repeat_interleave(count, dim=0)
-                         for value in (self.labels, self.code_map)))
+        return Context(*(None if value is None else value.repeat_interleave(count, dim=0) for value in self.values()))
 
-    def guided(self, null_class: int) -> "Context":
-        """The batch twice: as it is, then with the null class (classifier-free guidance's two branches)."""
-        labels = torch.cat([self.labels, torch.full_like(self.labels, null_class)])
-        code_map = None if self.code_map is None else torch.cat([self.code_map, self.code_map])
-        return Context(labels, code_map)
+    def guided(self, config) -> "Context":
+        """The batch twice: as it is, then unconditioned (classifier-free guidance's two branches): the null
+        class for the labels and the null caption for the text, where the prior has them."""
+        labels, code_map, text = self.values()
+        if labels is not None:
+            dropped = labels if config.null_class is None else torch.full_like(labels, config.null_class)
+            labels = torch.cat([labels, dropped])
+        if text is not None:
+            dropped = text if not config.caption_dropout else null_captions(len(text), text.shape[1], text.device)
+            text = torch.cat([text, dropped])
+        return Context(labels, None if code_map is None else torch.cat([code_map, code_map]), text)
 
 
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
     """What a network reads besides the codes: labels (B,) (rows of its class tables, the null class
-    included) or None; code_map (B, C, h', w): the condition map's features on the rows computed, or None."""
+    included) or None; code_map (B, C, h', w): the condition map's features on the rows computed, or None;
+    text: the encoded caption (`TextMemory`) or None."""
 
     labels: torch.Tensor | None = None
     code_map: torch.Tensor | None = None
+    text: TextMemory | None = None
 
 
 def check_labels(config, labels: torch.Tensor | int | None, batch_size: int,
@@ -91,10 +110,36 @@ def check_code_map(config, code_map: torch.Tensor | None, batch_size: int, devic
     return code_map
 
 
-def check_context(config, labels, condition, batch_size: int, device: torch.device) -> Context:
+def check_prompt(config, prompt: str | list[str] | torch.Tensor | None, batch_size: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """A prompt (one str for every sample, or one per sample; or token ids (B, L)) as token ids (batch_size,
+    text_length) on `device`; None for a prior without text conditioning."""
+    if config.text_encoder is None:
+        if prompt is not None:
+            raise UserError("this prior has no text conditioning: drop the prompt (train on captioned codes for a "
+                            "text-conditioned prior)")
+        return None
+    if prompt is None:
+        raise UserError("this prior is text-conditioned: pass a prompt (one for all samples, or one per sample)")
+    if isinstance(prompt, torch.Tensor):
+        if prompt.shape != (batch_size, config.text_length) or prompt.dtype.is_floating_point:
+            raise UserError(f"prompt token ids must be integers of shape ({batch_size}, {config.text_length}), got "
+                            f"{prompt.dtype} {tuple(prompt.shape)}")
+        return prompt.to(device)
+    prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != batch_size or not all(isinstance(text, str) for text in prompts):
+        raise UserError(f"prompt must be one string or {batch_size} strings, got {len(prompts)} "
+                        f"{'values' if not all(isinstance(text, str) for text in prompts) else 'strings'}")
+    if any(not text.strip() for text in prompts):
+        raise UserError("a prompt is empty: give every sample some text")
+    return encode_captions(config.text_tokenizer, prompts, config.text_length).to(device)
+
+
+def check_context(config, labels, condition, batch_size: int, device: torch.device, prompt=None) -> Context:
     """The checked Context of a batch of `batch_size` samples."""
     return Context(check_labels(config, labels, batch_size, device),
-                   check_code_map(config, condition, batch_size, device))
+                   check_code_map(config, condition, batch_size, device),
+                   check_prompt(config, prompt, batch_size, device))
 
 
 def label_rows(config) -> int:
@@ -109,6 +154,14 @@ def dropped_labels(config, labels: torch.Tensor | None, training: bool) -> torch
         return labels
     drop = torch.rand(labels.shape, device=labels.device) < config.label_dropout
     return torch.where(drop, torch.full_like(labels, null), labels)
+
+
+def dropped_text(config, text: torch.Tensor | None, training: bool) -> torch.Tensor | None:
+    """Caption ids as the network sees them: in training with caption dropout, some become the null caption."""
+    if text is None or not config.caption_dropout or not training:
+        return text
+    drop = torch.rand(len(text), device=text.device) < config.caption_dropout  # (B,)
+    return torch.where(drop[:, None], null_captions(len(text), text.shape[1], text.device), text)
 
 
 class ConditionNetwork(nn.Module):

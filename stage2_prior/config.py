@@ -14,6 +14,7 @@ from shared.config import config_from_dict, option
 from shared.errors import UserError
 from shared.training import LoopConfig
 from stage2_prior.registry import ARCHS, ArchOptions, arch_names, arch_spec, option_owners
+from stage2_prior.text import check_text_encoder, text_vocab_size
 
 PIXEL_LEVELS = (2, 4, 16, 256)
 # The default length of a prior run, in passes over the training codes. On the digits export (1,455
@@ -60,6 +61,14 @@ class PriorConfig:
     # A multi-scale token pyramid (VAR), from codes.json: the side of each scale's grid, coarse to fine; the
     # codes are then one sequence of every scale's grid in raster order, latent_shape (1, sum of sides squared).
     scales: tuple[int, ...] | None = option(None, "the sides of a multi-scale pyramid's grids (arch var)")
+    # Text conditioning (stage2_prior.text): the encoder, and the caption tokenizer trained on the training captions
+    text_encoder: str | None = option(None, "transformer: a text encoder trained with the prior, read by "
+                                            "cross-attention (Parti); None: no text conditioning")
+    text_tokenizer: Any = option(None, "the caption tokenizer (a `tokenizers` BPE, as its JSON object)", flag=False)
+    text_length: int = option(32, "caption tokens the prior reads ([BOS] included); longer prompts are cut")
+    text_layers: int = option(2, "layers of the text encoder")
+    caption_dropout: float = option(0.0, "training: fraction of captions replaced by the null caption, which "
+                                         "enables classifier-free guidance on text")
 
     def __post_init__(self) -> None:
         spec = arch_spec(self.arch)
@@ -98,7 +107,25 @@ class PriorConfig:
                 raise UserError(f"the condition grid {tuple(self.condition_shape[:2])} must divide the prior's grid "
                                 f"{tuple(self.latent_shape)} (an aligned coarser level)")
         self.check_layout(spec)
+        self.check_text(spec)
         self.options.check(self)
+
+    def check_text(self, spec) -> None:
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise UserError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        if self.text_encoder is None:
+            if self.caption_dropout > 0:
+                raise UserError("caption dropout (classifier-free guidance on text) needs a text-conditioned prior")
+            return
+        check_text_encoder(self.text_encoder)
+        if not spec.texts:
+            takers = ", ".join(name for name, other in ARCHS.items() if other.texts)
+            raise UserError(f"arch {self.arch} takes no text conditioning: use --arch {takers}, or --text-encoder none")
+        if self.text_tokenizer is None:
+            raise UserError("a text-conditioned prior needs its caption tokenizer (text_tokenizer)")
+        if self.text_length < 2 or self.text_layers < 0:
+            raise UserError(f"text_length must be at least 2 and text_layers at least 0, got {self.text_length} and "
+                            f"{self.text_layers}")
 
     def check_layout(self, spec) -> None:
         """UserError for codes the arch does not read: a pyramid for a grid arch and the reverse, a stack or a
@@ -154,6 +181,10 @@ class PriorConfig:
     def null_class(self) -> int | None:
         """The label index meaning 'no class' (classifier-free guidance), when the prior has one."""
         return self.num_classes if self.num_classes is not None and self.label_dropout > 0 else None
+
+    @property
+    def text_vocab_size(self) -> int | None:
+        return None if self.text_tokenizer is None else text_vocab_size(self.text_tokenizer)
 
     @property
     def condition_grid(self) -> tuple[int, ...] | None:
@@ -220,6 +251,9 @@ class Stage2TrainConfig(LoopConfig):
     condition_level: str | None = option(None, "a level of the same export to condition on (e.g. top)")
     tokenizer: str | None = option(None, "tokenizer folder for decoded sample grids (default: from codes.json if found)")
     conditional: bool = option(True, "class-conditional when the codes have labels")
+    text_vocab_size: int = option(256, "with captioned codes: at most this many tokens in the caption tokenizer "
+                                       "(a BPE trained on the training captions)")
+    strict_captions: bool = option(False, "refuse codes rows without a caption instead of skipping them")
     validation_fraction: float = option(0.1, "held-out fraction of the codes for validation")
     validation_codes: str | None = option(None, "a separate codes folder to validate on (default: a held-out fraction)")
     sample_every: int = option(1000, "write a decoded sample grid every N steps (needs a tokenizer)")

@@ -71,7 +71,7 @@ class MaskedPrior(Prior):
         return self.head(self.masked_features(stacked, hidden, conditioning), stacked)[..., 0, :]
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-                condition: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None, prompt=None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Codes (B, h, w) -> logits (B, V, h, w) of every position given the codes not `hidden` ((B, h, w)
         bool; default: every position hidden, the first round of sampling)."""
         self.check_codes(codes)
@@ -79,30 +79,31 @@ class MaskedPrior(Prior):
         hidden = torch.ones(codes.shape, dtype=torch.bool, device=codes.device) if hidden is None else hidden.bool()
         if hidden.shape != codes.shape:
             raise UserError(f"hidden must have the shape of codes {tuple(codes.shape)}, got {tuple(hidden.shape)}")
-        context = self.context(labels, condition, codes.shape[0])
+        context = self.context(labels, condition, codes.shape[0], prompt)
         return rearrange(self.masked_logits(stacked, hidden, self.conditioning(context)), "b h w v -> b v h w")
 
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-            condition: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+            condition: torch.Tensor | None = None, prompt=None, generator: torch.Generator | None = None
+            ) -> torch.Tensor:
         """The masked-token loss (nats per hidden code): cosine-schedule masks, cross-entropy at hidden positions."""
         self.check_codes(codes)
         stacked = self.stacked(codes)
         batch, height, width = codes.shape
         hidden = random_masks(batch, height * width, codes.device, generator).view(batch, height, width)
-        context = self.context(labels, condition, batch)
+        context = self.context(labels, condition, batch, prompt)
         features = self.masked_features(stacked, hidden, self.conditioning(context))  # (B, h, w, C)
         losses = self.head.nll(features, stacked)  # (B, h, w)
         return (losses * hidden).sum() / hidden.sum()
 
     def validation_scores(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
-                          rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                          rows: torch.Tensor, prompt=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, V, h, w), weights (B, h, w)): the masked loss's logits at cosine-schedule masks seeded by
         each row's index in the split (the same masks at every step, batch size and process count), and which
         positions it scores (the hidden ones)."""
         batch, height, width = codes.shape
         hidden = torch.cat([random_masks(1, height * width, codes.device, torch.Generator(codes.device).manual_seed(
             VALIDATION_MASK_SEED + int(row))) for row in rows]).view(batch, height, width)
-        return self(codes, labels, condition, hidden=hidden), hidden
+        return self(codes, labels, condition, prompt, hidden=hidden), hidden
 
     def log_prob(self, *args, **kwargs) -> torch.Tensor:
         raise UserError(f"arch {self.config.arch!r} is a masked prior: it defines no exact likelihood of a grid (no "

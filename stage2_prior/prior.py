@@ -38,13 +38,14 @@ from shared.config import read_json
 from shared.errors import UserError
 from shared.pretrained import CONFIG_NAME, PretrainedModel
 from stage2_prior.conditioning import (ConditionNetwork, Conditioning, Context, check_context, dropped_labels,
-                                       label_rows)
+                                       dropped_text, label_rows)
 from stage2_prior.config import PriorConfig, upgrade_format1
 from stage2_prior.decoding import (PRECISIONS, BeamSearchOutput, Sampler, SamplingOptions, SamplingStats, beam_search,
                                    cast_copy, check_num_beams, check_num_samples, draw, evaluation, resolve_seed,
                                    sampling_options)
 from stage2_prior.heads import FORMAT1_HEAD_NAMES, build_head
 from stage2_prior.incremental import IncrementalState
+from stage2_prior.text import TextEncoder
 
 
 
@@ -101,6 +102,9 @@ class Prior(PretrainedModel):
                                                    tuple(config.latent_shape), channels)
                                   if config.condition_vocab_size is not None else None)
         self.head = build_head(config)
+        self.text_encoder = (TextEncoder(config.text_vocab_size, config.text_length, channels, text_heads(channels),
+                                         config.text_layers, config.dropout)
+                             if config.text_encoder is not None else None)
 
     # ------------------------------------------------------------------------------------------
     # The arch's part (see the module docstring)
@@ -191,9 +195,10 @@ class Prior(PretrainedModel):
             raise UserError(f"codes must lie in [0, {self.config.vocab_size}), got values in "
                             f"[{int(codes.min())}, {int(codes.max())}]")
 
-    def context(self, labels: torch.Tensor | int | None, condition: torch.Tensor | None, batch_size: int) -> Context:
-        """The checked conditions of a batch (labels, condition code map) on the model's device."""
-        return check_context(self.config, labels, condition, batch_size, self.device)
+    def context(self, labels: torch.Tensor | int | None, condition: torch.Tensor | None, batch_size: int,
+                prompt: str | list[str] | torch.Tensor | None = None) -> Context:
+        """The checked conditions of a batch (labels, condition code map, prompt) on the model's device."""
+        return check_context(self.config, labels, condition, batch_size, self.device, prompt)
 
     def stacked(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes as (B, h, w, D) whatever their public shape."""
@@ -228,11 +233,14 @@ class Prior(PretrainedModel):
 
     def conditioning(self, context: Context, rows: int | None = None) -> Conditioning:
         """What the network reads for `context`: label rows (some dropped to the null class in training
-        with label dropout) and the code map's features on the first `rows` rows (all by default)."""
-        code_map = None
+        with label dropout), the code map's features on the first `rows` rows (all by default), and the
+        encoded caption (some dropped to the null caption in training with caption dropout)."""
+        code_map = text = None
         if context.code_map is not None:
             code_map = self.condition_network(context.code_map)[:, :, :rows]  # (B, C, rows, w)
-        return Conditioning(dropped_labels(self.config, context.labels, self.training), code_map)
+        if context.text is not None:
+            text = self.text_encoder(dropped_text(self.config, context.text, self.training))
+        return Conditioning(dropped_labels(self.config, context.labels, self.training), code_map, text)
 
     def features(self, stacked: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """Stacked codes (B, h', w, D), h' <= h rows -> network features (B, C, h', w)."""
@@ -244,39 +252,41 @@ class Prior(PretrainedModel):
         return self.head(features, stacked)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None, prompt: str | list[str] | torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Codes (B, h, w[, D]) int -> logits (B, V, h, w[, D]): log-probabilities up to a constant of each
-        code given the codes before it in raster-then-stack order (and the label and condition map)."""
+        code given the codes before it in raster-then-stack order (and the label, condition map and prompt)."""
         self.check_codes(codes)
-        context = self.context(labels, condition, codes.shape[0])
+        context = self.context(labels, condition, codes.shape[0], prompt)
         logits = rearrange(self.stack_logits(self.stacked(codes), self.conditioning(context)), "b h w d v -> b v h w d")
         return logits.reshape(*logits.shape[:2], *self.code_shape)  # (B, V, *code_shape)
 
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-            condition: torch.Tensor | None = None) -> torch.Tensor:
+            condition: torch.Tensor | None = None, prompt: str | list[str] | torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log-likelihood per code in nats (the training loss)."""
         self.check_codes(codes)
-        context = self.context(labels, condition, codes.shape[0])
+        context = self.context(labels, condition, codes.shape[0], prompt)
         stacked = self.stacked(codes)
         features = rearrange(self.features(stacked, self.conditioning(context)), "b c h w -> b h w c")
         return self.head.nll(features, stacked).mean() / self.config.depth
 
     def validation_scores(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
-                          rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                          rows: torch.Tensor, prompt=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, V, *code_shape), weights (B, *code_shape)): what validation scores, at which positions, of
         the split's rows `rows` (B,) (an autoregressive prior: every code given the codes before it, everywhere)."""
-        return self(codes, labels, condition), torch.ones(codes.shape[:1] + self.code_shape, dtype=torch.bool,
+        return self(codes, labels, condition, prompt), torch.ones(codes.shape[:1] + self.code_shape, dtype=torch.bool,
                                                           device=codes.device)
 
     def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-                 condition: torch.Tensor | None = None, precision: str = "float64") -> torch.Tensor:
+                 condition: torch.Tensor | None = None, precision: str = "float64",
+                 prompt: str | list[str] | torch.Tensor | None = None) -> torch.Tensor:
         """Log-likelihood of each grid (B,) in nats (float64): the sum over its codes of log p(code | before).
         The network runs in `precision` (float64 by default, so scores do not depend on the batch)."""
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.check_codes(codes)
-        return self.stack_log_prob(self.stacked(codes.to(self.device)), self.context(labels, condition, len(codes)),
-                                   precision)
+        return self.stack_log_prob(self.stacked(codes.to(self.device)),
+                                   self.context(labels, condition, len(codes), prompt), precision)
 
     def stack_log_prob(self, stacked: torch.Tensor, context: Context, precision: str = "float64") -> torch.Tensor:
         """`log_prob` of checked stacked codes (B, h, w, D) and context."""
@@ -295,7 +305,8 @@ class Prior(PretrainedModel):
                condition: torch.Tensor | None = None, guidance_scale: float = 0.0, strategy: str = "sample",
                precision: str = "float64", window: int | None = None, guidance_schedule: str = "constant",
                steps: int | None = None, confidence_temperature: float = 4.5, options: SamplingOptions | None = None,
-               sampler: Sampler | None = None, return_stats: bool = False
+               sampler: Sampler | None = None, return_stats: bool = False,
+               prompt: str | list[str] | torch.Tensor | None = None
                ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
         """Draw codes (num_samples, h, w[, D]) in raster order, then the stack.
 
@@ -316,7 +327,8 @@ class Prior(PretrainedModel):
         `options`: a SamplingOptions instead of the keywords above. `sampler`: a Sampler of this prior kept
         across calls (it measures its float error once; make a new one after the weights change); its
         options are used. `return_stats`: also return a SamplingStats (network passes per sample, draws
-        re-decided in float64).
+        re-decided in float64). `prompt`: the caption of a text-conditioned prior, one string for every sample
+        or one per sample (guidance on text needs a prior trained with caption dropout).
         """
         check_num_samples(num_samples)
         if sampler is not None and sampler.model is not self:
@@ -327,7 +339,7 @@ class Prior(PretrainedModel):
                                    guidance_schedule=guidance_schedule, steps=steps,
                                    confidence_temperature=confidence_temperature)
         sampler = sampler or Sampler(self, options, copy_weights=False)  # resolves the options: their one check
-        codes, stats = draw(sampler, num_samples, self.context(labels, condition, num_samples),
+        codes, stats = draw(sampler, num_samples, self.context(labels, condition, num_samples, prompt),
                             resolve_seed(seed, generator), sample_offset)
         return (self.public(codes), stats) if return_stats else self.public(codes)
 
@@ -337,7 +349,7 @@ class Prior(PretrainedModel):
                  sample_offset: int = 0, condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
                  strategy: str = "sample", precision: str = "float64", window: int | None = None,
                  guidance_schedule: str = "constant", steps: int | None = None, confidence_temperature: float = 4.5,
-                 options: SamplingOptions | None = None) -> torch.Tensor:
+                 options: SamplingOptions | None = None, prompt: str | list[str] | None = None) -> torch.Tensor:
         """Keep `codes` where `known_mask` (the shape of codes) is True and sample the rest in order.
 
         The prior conditions only on codes earlier in raster order: a known code after an unknown one
@@ -352,7 +364,7 @@ class Prior(PretrainedModel):
                                    window=window, guidance_schedule=guidance_schedule, steps=steps,
                                    confidence_temperature=confidence_temperature)
         sampler = Sampler(self, options, copy_weights=False)
-        completed, _ = draw(sampler, codes.shape[0], self.context(labels, condition, codes.shape[0]),
+        completed, _ = draw(sampler, codes.shape[0], self.context(labels, condition, codes.shape[0], prompt),
                             resolve_seed(seed, generator), sample_offset, self.stacked(codes),
                             self.stacked(known_mask.bool()))
         return self.public(completed)
@@ -360,7 +372,7 @@ class Prior(PretrainedModel):
     def beam_search(self, num_samples: int = 1, labels: torch.Tensor | int | None = None, num_beams: int = 4, *,
                     condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
                     guidance_schedule: str = "constant", method: str | None = None,
-                    precision: str = "float64") -> BeamSearchOutput:
+                    precision: str = "float64", prompt: str | list[str] | None = None) -> BeamSearchOutput:
         """The most likely grids under the prior found by beam search over raster-then-stack order:
         `num_beams` partial grids kept per sample, scored by their total (guided) log-probability.
         Returns the best grid of each sample, its log-probability under the prior (`log_prob`, nats)
@@ -370,7 +382,8 @@ class Prior(PretrainedModel):
         sampler = Sampler(self, SamplingOptions.build(guidance_scale=guidance_scale, precision=precision,
                                                       method=method, guidance_schedule=guidance_schedule),
                           guarded=False, copy_weights=False)
-        return self.beam_search_with(sampler, num_samples, self.context(labels, condition, num_samples), num_beams)
+        return self.beam_search_with(sampler, num_samples, self.context(labels, condition, num_samples, prompt),
+                                     num_beams)
 
     def beam_search_with(self, sampler: Sampler, num_samples: int, context: Context,
                          num_beams: int) -> BeamSearchOutput:
@@ -379,6 +392,11 @@ class Prior(PretrainedModel):
             codes, score = beam_search(sampler, num_samples, context, num_beams)
         return BeamSearchOutput(self.public(codes), self.stack_log_prob(codes, context, sampler.options.precision),
                                 score)
+
+
+def text_heads(channels: int) -> int:
+    """Attention heads of the text encoder and cross-attention: 64-channel heads, or fewer that divide the width."""
+    return next(heads for heads in (max(1, channels // 64), 4, 2, 1) if channels % heads == 0)
 
 
 def bits_per_code(nats: float) -> float:

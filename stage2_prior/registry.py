@@ -66,6 +66,7 @@ class ArchSpec:
     # pyramid, coarse to fine, as one sequence: VAR)
     reads: str = "grid"
     code_maps: bool = True  # takes a conditioning code map (--condition-level)
+    texts: bool = False  # takes text conditioning (a caption, read by cross-attention; stage2_prior.text)
     stacks: bool = True  # takes a stack of codes per position (depth > 1)
     # the benchmark recipe: general fields and options of the arch's default-size run (64 channels)
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)

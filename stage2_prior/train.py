@@ -18,6 +18,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
@@ -32,10 +33,11 @@ from stage1_vqvae.tokenizer import load_tokenizer, tokenizer_class, tokenizer_fo
 from stage2_prior.config import PriorConfig, Stage2TrainConfig, check_option_names, default_max_steps
 from stage2_prior.prior import Prior
 from stage2_prior.registry import ARCHS, arch_spec, option_owners
+from stage2_prior.text import encode_captions, train_text_tokenizer
 
 # PriorConfig fields that come from the codes, not from flags (the run's --level and --condition-level pick them)
 FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
-                        "condition_shape", "tokenizer_sha256", "level", "condition_level", "scales"})
+                        "condition_shape", "tokenizer_sha256", "level", "condition_level", "scales", "text_tokenizer"})
 SAMPLE_SEED = 1234
 SAMPLES_PER_ROW = 8
 
@@ -118,6 +120,8 @@ def prior_config_for(args, train_config: Stage2TrainConfig, metadata: CodesMetad
         raise UserError("--label-dropout trains an unconditional branch for classifier-free guidance and needs "
                         "labelled codes; drop it, or export a labelled split")
     shape = (1, sum(side * side for side in metadata.scales)) if pyramid else tuple(level.latent_shape)
+    values.update(text_settings(args.arch if hasattr(args, "arch") else PriorConfig.arch, values, train_config,
+                                train_codes))
     return PriorConfig(vocab_size=level.vocab_size, latent_shape=shape, depth=level.depth,
                        num_classes=num_classes,
                        condition_vocab_size=condition.vocab_size if condition else None,
@@ -125,6 +129,45 @@ def prior_config_for(args, train_config: Stage2TrainConfig, metadata: CodesMetad
                        tokenizer_sha256=metadata.tokenizer_sha256, level=None if pyramid else level.name,
                        condition_level=condition.name if condition else None,
                        scales=tuple(metadata.scales) if pyramid else None, options=options, **values)
+
+
+def text_settings(arch: str, values: dict, train_config: Stage2TrainConfig, train_codes: CodesDataset) -> dict:
+    """The text encoder and caption tokenizer: a text-conditioned prior when the codes have captions and the arch
+    reads text (--text-encoder none turns it off), its BPE trained on the training captions."""
+    captions = train_codes.captions
+    encoder = values.get("text_encoder", "transformer" if captions is not None and arch_spec(arch).texts else None)
+    if encoder is None:
+        if captions is not None and "text_encoder" not in values:
+            print(f"note: these codes have captions, and arch {arch} takes no text: the prior ignores them",
+                  file=sys.stderr)
+        return {"text_encoder": None}
+    if captions is None:
+        raise UserError(f"--text-encoder {encoder}: these codes have no captions; export a captioned source "
+                        "(vqvae-export --caption-column ...), or drop --text-encoder")
+    if train_config.text_vocab_size < 8:
+        raise UserError(f"--text-vocab-size must be at least 8, got {train_config.text_vocab_size}")
+    known = [caption for caption in captions if caption is not None]
+    if not known:
+        raise UserError("no training row has a caption; export a captioned source, or pass --text-encoder none")
+    return {"text_encoder": encoder, "text_tokenizer": train_text_tokenizer(known, train_config.text_vocab_size)}
+
+
+def with_captions(codes: CodesDataset, config: PriorConfig, strict: bool, what: str) -> CodesDataset:
+    """The rows of `codes` that have a caption, with their token ids as the items' last element (rows without
+    one are skipped with a warning, or refused with --strict-captions)."""
+    if config.text_encoder is None:
+        return codes
+    missing = np.array([caption is None for caption in codes.captions], dtype=bool)
+    if missing.any():
+        if strict:
+            raise UserError(f"{int(missing.sum())} of the {len(codes)} {what} rows have no caption; drop "
+                            "--strict-captions to skip them, or export captions for every row")
+        print(f"warning: {int(missing.sum())} of the {len(codes)} {what} rows have no caption and are skipped "
+              "(--strict-captions refuses them)", file=sys.stderr)
+        codes = codes.subset(np.flatnonzero(~missing))
+    if not len(codes):
+        raise UserError(f"no {what} row has a caption; export a captioned source, or pass --text-encoder none")
+    return codes.with_text(encode_captions(config.text_tokenizer, list(codes.captions), config.text_length))
 
 
 class TrainingObjective(torch.nn.Module):
@@ -136,8 +179,8 @@ class TrainingObjective(torch.nn.Module):
         self.prior = prior
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
-        return self.prior.nll(codes, labels, condition)
+                condition: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prior.nll(codes, labels, condition, text)
 
     def save_pretrained(self, directory) -> None:
         self.prior.save_pretrained(directory)
@@ -156,6 +199,8 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         global_batch = train_config.batch_size * train_config.gradient_accumulation_steps * PartialState().num_processes
         train_config = dataclasses.replace(train_config, max_steps=default_max_steps(len(train_codes), global_batch))
     model_config = prior_config_for(args, train_config, metadata, train_codes)
+    train_codes = with_captions(train_codes, model_config, train_config.strict_captions, "training")
+    validation_codes = with_captions(validation_codes, model_config, train_config.strict_captions, "validation")
     tokenizer = load_tokenizer(train_config.tokenizer) if train_config.tokenizer else tokenizer_for_codes(metadata)
     if tokenizer is not None and train_config.tokenizer and tokenizer.weights_sha256() != metadata.tokenizer_sha256:
         raise UserError(f"--tokenizer {train_config.tokenizer} did not make these codes (its weights differ from the "
@@ -175,10 +220,11 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
                            train_config.num_workers or 0, pin_memory=session.device.type == "cuda")
 
     def compute_loss(micro_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        codes, labels, *condition = next(batches)
+        codes, labels, condition, text = train_codes.parts(next(batches))
         codes = codes.to(session.device, non_blocking=True)  # (B, h, w[, D]) in the stored int type
-        condition = condition[0].to(session.device) if condition else None
-        loss = objective(codes, labels.to(session.device) if conditional else None, condition)
+        condition = condition.to(session.device) if condition is not None else None
+        text = text.to(session.device) if text is not None else None  # (B, L) caption token ids
+        loss = objective(codes, labels.to(session.device) if conditional else None, condition, text)
         return loss, {"bits": loss.item() / math.log(2)}
 
     def evaluate(step: int) -> dict[str, float]:
@@ -218,16 +264,17 @@ def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: 
     rows = shard_range(len(codes), rank, world_size)
     for start in range(rows.start, rows.stop, batch_size):
         indices = torch.arange(start, min(start + batch_size, rows.stop))
-        grids, labels, *condition = codes[indices]
+        grids, labels, condition, text = codes.parts(codes[indices])
         grids = grids.to(device)  # the stored int type; the model widens it in its embedding
-        condition = condition[0].to(device) if condition else None
+        condition = condition.to(device) if condition is not None else None
+        text = text.to(device) if text is not None else None
         labels = labels.to(device) if conditional else None
         targets = grids.long()
         if mixture:
-            totals[1] += model.nll(grids, labels, condition).double() * targets.numel()  # nll: the mean per code
+            totals[1] += model.nll(grids, labels, condition, text).double() * targets.numel()  # the mean per code
             totals[0] += targets.numel()
         else:  # masked priors score their hidden positions, at masks seeded by each row's index
-            logits, weights = model.validation_scores(grids, labels, condition, indices)
+            logits, weights = model.validation_scores(grids, labels, condition, indices, text)
             logits = logits.float()
             totals[1] += (F.cross_entropy(logits, targets, reduction="none") * weights).sum().double()
             totals[2] += ((logits.argmax(1) == targets) & weights).sum().double()
@@ -251,13 +298,15 @@ def sample_grid(prior: Prior, tokenizer, per_row: int, validation: CodesDataset,
     num_classes = prior.config.num_classes
     labels = torch.arange(min(num_classes, 10)).repeat_interleave(per_row) if num_classes else None
     count = len(labels) if labels is not None else 4 * per_row
-    condition = None
+    condition = prompt = None
+    rows = torch.arange(count) % len(validation)
     if prior.config.condition_level is not None:
-        rows = torch.arange(count) % len(validation)
-        _, _, condition = validation[rows]
+        _, _, condition, _ = validation.parts(validation[rows])
+    if prior.config.text_encoder is not None:  # the captions of validation rows, a row of samples each
+        prompt = validation.parts(validation[torch.arange(count) // per_row % len(validation)])[3]
     if set(prior.level_names) | {prior.config.condition_level} - {None} != set(tokenizer.level_names):
         return None  # a top prior alone: nothing to decode
-    levels = prior.split_levels(prior.sample(count, labels=labels, seed=seed, condition=condition))
+    levels = prior.split_levels(prior.sample(count, labels=labels, seed=seed, condition=condition, prompt=prompt))
     if condition is not None:
         levels[prior.config.condition_level] = condition
     device = next(iter(tokenizer.buffers())).device

@@ -44,7 +44,8 @@ class MaskGITPrior(MaskedPrior):
         self.label_embedding = nn.Embedding(self.label_rows, channels) if self.label_rows else None
         self.start_token = None if self.label_rows else nn.Parameter(torch.randn(channels))
         self.position_embedding = nn.Parameter(torch.randn(config.num_positions + 1, channels) * 0.02)
-        self.blocks = nn.ModuleList(TransformerBlock(channels, config.options.num_heads, config.dropout, False)
+        text = config.text_encoder is not None
+        self.blocks = nn.ModuleList(TransformerBlock(channels, config.options.num_heads, config.dropout, False, text)
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         initialize_gpt(self.blocks)
@@ -58,12 +59,12 @@ class MaskGITPrior(MaskedPrior):
             first = self.start_token.expand(len(x), -1)
         tokens = torch.cat([first[:, None], tokens], dim=1) + self.position_embedding  # (B, N + 1, C)
         for block in self.blocks:
-            tokens = block(tokens, None, mask=None)
+            tokens = block(tokens, None, mask=None, text=conditioning.text)
         return rearrange(self.final_norm(tokens[:, 1:]), "b (h w) c -> b c h w", h=height)  # (B, C, h, w)
 
 
 register_arch(ArchSpec(
     "maskgit", MaskGITPrior, "a bidirectional transformer filling masked codes in a few rounds (MaskGIT)",
-    options=MaskGITOptions, family="masked", code_maps=False, stacks=False, heads=("softmax",),
+    options=MaskGITOptions, family="masked", code_maps=False, stacks=False, heads=("softmax",), texts=True,
     recipe=dict(num_layers=6, options=dict(num_heads=4)),
     tiny=dict(hidden_channels=12, num_layers=2, options=dict(num_heads=2))))

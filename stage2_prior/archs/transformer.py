@@ -36,6 +36,7 @@ from stage2_prior.incremental import IncrementalState
 from stage2_prior.attention import TransformerBlock, initialize_gpt
 from stage2_prior.prior import Prior
 from stage2_prior.registry import ArchOptions, ArchSpec, check_heads, register_arch
+from stage2_prior.text import TextMemory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +58,14 @@ class TransformerOptions(ArchOptions):
 
 def transformer_chain(token: torch.Tensor, condition: torch.Tensor | None, position: int | torch.Tensor,
                       blocks: nn.ModuleList, keys: list[torch.Tensor], values: list[torch.Tensor],
-                      final_norm: nn.LayerNorm) -> torch.Tensor:
+                      final_norm: nn.LayerNorm, text_states: torch.Tensor | None = None,
+                      text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The cached state's per-position step: one token (B, 1, C), input and position embedding added,
-    with the condition features there (B, 1, C) or None, through every block -> features (B, C)."""
+    with the condition features there (B, 1, C) or None and the encoded caption (B, L, C) and its mask
+    (B, L) or None, through every block -> features (B, C)."""
+    text = None if text_states is None else TextMemory(text_states, text_mask)
     for block, block_keys, block_values in zip(blocks, keys, values):
-        token = block.step(token, condition, block_keys, block_values, position)
+        token = block.step(token, condition, block_keys, block_values, position, text)
     return final_norm(token)[:, 0]
 
 
@@ -85,8 +89,8 @@ class TransformerPrior(Prior):
             self.column_embedding = nn.Parameter(torch.zeros(width, channels))
         else:
             self.position_table = nn.Parameter(torch.zeros(options.max_positions or config.num_positions, channels))
-        conditioned = config.condition_vocab_size is not None
-        self.blocks = nn.ModuleList(TransformerBlock(channels, options.num_heads, config.dropout, conditioned)
+        conditioned, text = config.condition_vocab_size is not None, config.text_encoder is not None
+        self.blocks = nn.ModuleList(TransformerBlock(channels, options.num_heads, config.dropout, conditioned, text)
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         self.initialize_weights()
@@ -135,7 +139,7 @@ class TransformerPrior(Prior):
         if condition is not None:
             condition = rearrange(condition, "b c h w -> b (h w) c")  # (B, N', C): known in full, no shift
         for block in self.blocks:
-            tokens = block(tokens, condition)
+            tokens = block(tokens, condition, text=conditioning.text)
         return rearrange(self.final_norm(tokens), "b (h w) c -> b c h w", h=rows)  # (B, C, h', w)
 
     # ------------------------------------------------------------------------------------------
@@ -152,7 +156,8 @@ class KVCache(IncrementalState):
     batch on their first dimension, which `reorder` indexes."""
 
     chain = staticmethod(transformer_chain)
-    graph_inputs = ("position_tensor", "keys", "values")  # the blocks' weights are parameters: static already
+    # the blocks' weights are parameters: static already
+    graph_inputs = ("position_tensor", "keys", "values", "text_states", "text_mask")
 
     def __init__(self, model: TransformerPrior, batch: int, conditioning: Conditioning) -> None:
         super().__init__(model.device)
@@ -166,6 +171,8 @@ class KVCache(IncrementalState):
         self.prefix = model.prefix(conditioning.labels, batch)  # (B, C)
         self.pending: tuple[int | None, list] = (None, [])  # the last window's start and keys and values
         self.condition = None  # (B, N, C): the condition network's features in raster order
+        text = conditioning.text
+        self.text_states, self.text_mask = (None, None) if text is None else (text.states, text.mask)  # (B, L, C), (B, L)
         if conditioning.code_map is not None:
             self.condition = rearrange(conditioning.code_map, "b c h w -> b (h w) c")
 
@@ -187,7 +194,7 @@ class KVCache(IncrementalState):
         token = self.tokens(codes, position, 1)  # (B, 1, C)
         condition = None if self.condition is None else self.condition[:, position:position + 1]  # (B, 1, C)
         return self.chain(token, condition, self.position_input(position), model.blocks, self.keys, self.values,
-                          model.final_norm)  # (B, C)
+                          model.final_norm, self.text_states, self.text_mask)  # (B, C)
 
     def window(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:
         """Features (B, n, C) of positions start .. start + n - 1 from the cache of the positions before
@@ -198,8 +205,9 @@ class KVCache(IncrementalState):
         x = self.tokens(codes, start, count)
         condition = None if self.condition is None else self.condition[:, start:start + count]  # (B, n, C)
         self.pending = (start, [])
+        text = None if self.text_states is None else TextMemory(self.text_states, self.text_mask)
         for block, keys, values in zip(model.blocks, self.keys, self.values):
-            x, k, v = block.window(x, condition, keys, values, start)
+            x, k, v = block.window(x, condition, keys, values, start, text)
             self.pending[1].append((k, v))
         return model.final_norm(x)
 
@@ -218,9 +226,11 @@ class KVCache(IncrementalState):
             tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses
         self.prefix = self.prefix[index]
         self.condition = None if self.condition is None else self.condition[index]
+        if self.text_states is not None:
+            self.text_states, self.text_mask = self.text_states[index], self.text_mask[index]
 
 
 register_arch(ArchSpec(
     "transformer", TransformerPrior, "a decoder-only transformer (ImageGPT, the VQGAN prior) with a KV cache",
-    options=TransformerOptions, full_context=True, recipe=dict(num_layers=6, options=dict(num_heads=4)),
+    options=TransformerOptions, full_context=True, texts=True, recipe=dict(num_layers=6, options=dict(num_heads=4)),
     tiny=dict(hidden_channels=12, num_layers=2, options=dict(num_heads=2))))

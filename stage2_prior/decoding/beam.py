@@ -27,7 +27,7 @@ def beam_search(sampler: Sampler, num_samples: int, context: Context, num_beams:
     device = sampler.model.device
     rows = num_samples * num_beams
     beam_context = context.repeat_interleave(num_beams)
-    net_context = beam_context.guided(config.null_class) if options.guided else beam_context
+    net_context = beam_context.guided(config) if options.guided else beam_context
     steps = sampler.steps(net_context, rows * (2 if options.guided else 1))
     codes = torch.zeros(rows, height, width, config.depth, dtype=torch.long, device=device)
     scores = torch.full((num_samples, num_beams), float("-inf"), dtype=torch.float64, device=device)

@@ -131,9 +131,12 @@ def probe(model, count: int = 2) -> tuple[torch.Tensor, Context]:
     code_map = None
     if config.condition_grid is not None:
         code_map = torch.randint(0, config.condition_vocab_size, (count, *config.condition_grid), generator=generator)
+    text = None
+    if config.text_encoder is not None:  # [BOS] and random caption tokens, padding in the second half
+        text = torch.randint(3, max(4, config.text_vocab_size), (count, config.text_length), generator=generator)
+        text[:, 0], text[:, config.text_length // 2 + 1:] = 1, 0
     device = model.device
-    return codes.to(device), Context(None if labels is None else labels.to(device),
-                                     None if code_map is None else code_map.to(device))
+    return codes.to(device), Context(*(None if value is None else value.to(device) for value in (labels, code_map, text)))
 
 
 def measure_tolerance(model, double, method: str) -> float:
@@ -206,11 +209,11 @@ def canonical_logits(double, grids: torch.Tensor, context: Context, draws: torch
     guided at `scales` (n,) (the schedule's scale at each draw; None: unguided). `alone`: n is 1 and each
     guidance branch is its own forward over the rows up to the draw (the canonical computation itself); else
     one forward of every grid and branch together."""
-    net_context = context.guided(double.config.null_class) if options.guided else context
+    net_context = context.guided(double.config) if options.guided else context
     cut = prefixes(grids, draws)
     if alone:
         branches = [double.stack_logits(cut, double.conditioning(net_context.select(slice(k, k + 1)), cut.shape[1]))
-                    for k in range(len(net_context.labels) if options.guided else 1)]
+                    for k in range(net_context.batch_size if options.guided else 1)]
         logits = torch.cat(branches)  # (1 or 2, rows, w, D, V)
     else:
         net_cut = torch.cat([cut, cut]) if options.guided else cut

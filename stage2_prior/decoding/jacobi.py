@@ -67,7 +67,7 @@ def draw_positions(sampler: Sampler, features: torch.Tensor | None, codes: torch
     if features is None:
         height, width = model.config.latent_shape
         grid = codes.view(len(codes), height, width, -1)
-        net_context = context.guided(model.config.null_class) if options.guided else context
+        net_context = context.guided(model.config) if options.guided else context
         net_grid = torch.cat([grid, grid]) if options.guided else grid
         logits = model.stack_logits(net_grid, model.conditioning(net_context)).flatten(1, 2)  # (B or 2B, n, D, V)
         drawn, flags = decide_all(sampler, guided_rows(logits, scales), uniforms)
@@ -157,7 +157,7 @@ def run(sampler: Sampler, context: Context, uniforms: torch.Tensor, known: torch
         current, sample_context = flat[active], context.select(active)
         features = None
         if head_ordered(model.config):
-            net_context = sample_context.guided(model.config.null_class) if options.guided else sample_context
+            net_context = sample_context.guided(model.config) if options.guided else sample_context
             grid = codes[active]
             net_grid = torch.cat([grid, grid]) if options.guided else grid
             features = model.features(net_grid, model.conditioning(net_context)).flatten(2).transpose(1, 2)
@@ -186,8 +186,8 @@ def run_windowed(sampler: Sampler, context: Context, uniforms: torch.Tensor, kno
     uniforms = uniforms.to(known.device).view(batch, positions, depth)
     codes = known.clone()
     flat, fixed = codes.view(batch, positions, depth), known_mask.reshape(batch, positions, depth)
-    net_context = context.guided(config.null_class) if options.guided else context
-    state = model.start(len(net_context.labels) if options.guided else batch, model.conditioning(net_context))
+    net_context = context.guided(config) if options.guided else context
+    state = model.start(net_context.batch_size if options.guided else batch, model.conditioning(net_context))
     start, passes, recomputed_before = 0, 0, sampler.recomputed
     settled = torch.zeros(batch, dtype=torch.long, device=known.device)  # draws settled inside the window
     while start < positions:

@@ -143,13 +143,14 @@ class SamplingOptions:
         if method == "graph" and model.device.type != "cuda":
             raise UserError("method='graph' captures the per-position step in a CUDA graph and needs the model on a "
                             "CUDA device; on this machine use method='cached'")
-        if self.guidance_scale > 0:
-            if model.config.num_classes is None:
-                raise UserError("guidance_scale needs a class-conditional prior; this one is unconditional: "
+        config = model.config
+        if self.guidance_scale > 0 and config.null_class is None and not config.caption_dropout:
+            if config.num_classes is None and config.text_encoder is None:
+                raise UserError("guidance_scale needs a class- or text-conditional prior; this one is unconditional: "
                                 "pass guidance_scale=0")
-            if model.config.null_class is None:
-                raise UserError("this prior was trained without label dropout, so it has no unconditional "
-                                "branch for guidance: pass guidance_scale=0, or train with --label-dropout 0.1")
+            dropout = "--label-dropout 0.1" if config.text_encoder is None else "--caption-dropout 0.1"
+            raise UserError(f"this prior was trained without {dropout.split()[0][2:].replace('-', ' ')}, so it has "
+                            f"no unconditional branch for guidance: pass guidance_scale=0, or train with {dropout}")
         return dataclasses.replace(self, method=method, steps=steps)
 
     @property

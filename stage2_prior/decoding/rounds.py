@@ -77,7 +77,7 @@ def run(sampler: Sampler, context: Context, uniforms: torch.Tensor, known: torch
     hidden = ~known_mask.reshape(batch, positions)
     to_fill = hidden.sum(1)
     scales = options.guidance_schedule.factors(rounds) * options.guidance_scale
-    net_context = context.guided(model.config.null_class) if options.guided else context
+    net_context = context.guided(model.config) if options.guided else context
     conditioning = compute.conditioning(net_context)
     recomputed = 0
     for round_index in range(rounds):
@@ -109,7 +109,7 @@ def canonical_round_logits(sampler: Sampler, codes: torch.Tensor, hidden: torch.
                            scale: float | None, height: int, width: int) -> torch.Tensor:
     """The float64 guided logits (1, N, V) of one sample's round, each guidance branch its own forward."""
     double = sampler.double
-    branches = [context] if scale is None else [context, context.guided(double.config.null_class).select(slice(1, 2))]
+    branches = [context] if scale is None else [context, context.guided(double.config).select(slice(1, 2))]
     logits = [double.masked_logits(codes.view(1, height, width, 1), hidden.view(1, height, width),
                                    double.conditioning(branch)) for branch in branches]
     return guided_rows(torch.cat(logits).flatten(1, 2).double(), scale)

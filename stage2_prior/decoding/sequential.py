@@ -19,8 +19,8 @@ def run(sampler: Sampler, context: Context, uniforms: torch.Tensor, known: torch
     the full forward)."""
     options, model = sampler.options, sampler.model
     batch, height, width, depth_count = known.shape
-    net_context = context.guided(model.config.null_class) if options.guided else context
-    steps = sampler.steps(net_context, len(net_context.labels) if options.guided else batch)
+    net_context = context.guided(model.config) if options.guided else context
+    steps = sampler.steps(net_context, net_context.batch_size if options.guided else batch)
     codes = known.clone()
     net_codes = torch.cat([codes, codes]) if options.guided else codes
     uniforms = uniforms.to(known.device)

@@ -48,6 +48,8 @@ def compile_state(state, method: str, pool: dict) -> None:
 
     for name in state.graph_inputs:
         value = getattr(state, name)
+        if value is None:  # an input this state does not use (a prior without text: no caption memory)
+            continue
         if isinstance(value, (list, tuple)):
             setattr(state, name, type(value)(fixed(name, index, tensor) for index, tensor in enumerate(value)))
         else:
