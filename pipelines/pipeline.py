@@ -28,7 +28,7 @@ from shared.errors import UserError
 from shared.pretrained import staged_folder
 from stage1_vqvae.tokenizer import load_tokenizer
 from stage2_prior import Prior, Sampler, SamplingOptions
-from stage2_prior.conditioning import Context, check_labels
+from stage2_prior.conditioning import Context, check_labels, check_prompt
 from stage2_prior.decoding import SEED_STRIDE, check_num_beams, check_num_samples, draw, sampling_options
 
 PIPELINE_NAME = "pipeline.json"
@@ -147,6 +147,14 @@ class Pipeline:
                 labels = check_labels(member.config, labels, num_images, torch.device("cpu"))
         return labels
 
+    def resolve_prompts(self, num_images: int, prompt: str | list[str] | None) -> list[str] | None:
+        """Prompts (num_images,) for a text-conditioned chain, checked against its text priors; None otherwise."""
+        prompts = [prompt] * num_images if isinstance(prompt, str) else prompt
+        text_priors = [member for member in self.priors if member.config.text_encoder is not None]
+        for member in text_priors or self.priors[:1]:  # a missing prompt, or one for a chain without text
+            check_prompt(member.config, prompts, num_images, torch.device("cpu"))
+        return None if prompts is None else list(prompts)
+
     def samplers(self, options: SamplingOptions | None = None, num_beams: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  guidance_scale: float = 0.0, strategy: str = "sample", method: str | None = None,
@@ -171,7 +179,7 @@ class Pipeline:
 
     def _sample_chain(self, samplers: list[Sampler], count: int, labels: torch.Tensor | None, seed: int,
                       first_index: int, known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                      num_beams: int | None = None) -> dict[str, torch.Tensor]:
+                      num_beams: int | None = None, prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Codes of every level for `count` images, each level's prior conditioned on the earlier ones.
         Level k draws its uniforms from seed + k * SEED_STRIDE, so levels do not share them. With
         `num_beams`, each level is the most likely grid beam search finds instead of a draw."""
@@ -180,7 +188,8 @@ class Pipeline:
             config = member.config
             member_labels = None if config.num_classes is None or labels is None else labels.to(member.device)
             code_map = codes[config.condition_level] if config.condition_level else None
-            context = Context(member_labels, code_map)
+            text = check_prompt(config, prompts if config.text_encoder else None, count, member.device)
+            context = Context(member_labels, code_map, text)
             level = config.level or SINGLE_LEVEL
             if num_beams is not None:  # the best grid of this level (given the levels before) beam search finds
                 codes[level] = member.beam_search_with(sampler, count, context, num_beams).codes
@@ -202,7 +211,8 @@ class Pipeline:
 
     def iter_generate(self, num_images: int, *, labels=None, seed: int | None = None, batch_size: int | None = None,
                       first_index: int = 0, progress: bool = True, samplers: list[Sampler] | None = None,
-                      num_beams: int | None = None, **keywords: Any) -> Iterator[tuple[torch.Tensor, Any]]:
+                      num_beams: int | None = None, prompt: str | list[str] | None = None,
+                      **keywords: Any) -> Iterator[tuple[torch.Tensor, Any]]:
         """Yield (images (b, C, H, W) in [0, 1] on the CPU, codes) batch by batch.
 
         Image k is a function of (seed, first_index + k) alone. `labels` covers the num_images
@@ -215,6 +225,7 @@ class Pipeline:
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
         all_labels = self.resolve_labels(num_images, labels, seed)
+        all_prompts = self.resolve_prompts(num_images, prompt)
         batch_size = batch_size or min(num_images, 64)
         with tqdm(total=num_images, desc="generating", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, num_images, batch_size):
@@ -222,7 +233,8 @@ class Pipeline:
                 batch_labels = None if all_labels is None else all_labels[start:start + count]
                 with torch.inference_mode():
                     codes = self._sample_chain(samplers, count, batch_labels, seed, first_index + start,
-                                               num_beams=num_beams)
+                                               num_beams=num_beams,
+                                               prompts=None if all_prompts is None else all_prompts[start:start + count])
                     images = self.decode_in_fixed_chunks(self._public(codes))
                 bar.update(count)
                 yield images.float().add(1).div(2).clamp(0, 1).cpu(), to_cpu(self._public(codes))
@@ -233,11 +245,13 @@ class Pipeline:
                  strategy: str = "sample", method: str | None = None, precision: str = "float64",
                  window: int | None = None, num_beams: int | None = None, guidance_schedule: str = "constant",
                  steps: int | None = None, confidence_temperature: float = 4.5,
-                 options: SamplingOptions | None = None) -> GenerationOutput:
+                 options: SamplingOptions | None = None, prompt: str | list[str] | None = None) -> GenerationOutput:
         """Sample `num_images` code grids from the prior chain and decode them.
 
         labels: an int (every image), a list of num_images ints, or None: an unconditional prior
         samples freely; a class-conditional one draws each image's class uniformly from the seed.
+        prompt: a text-conditioned chain's caption, one string for every image or one per image (an image
+        does not depend on the other prompts of its batch).
         The same seed gives the same images whatever `batch_size` is; seed=None draws one.
         guidance_scale and guidance_schedule, strategy ("sample" or "greedy"), method (e.g. "jacobi": a few
         parallel network passes per level instead of one per code), window, precision, and a masked prior's
@@ -256,7 +270,7 @@ class Pipeline:
                                  window=window, guidance_schedule=guidance_schedule, steps=steps,
                                  confidence_temperature=confidence_temperature)
         batches = list(self.iter_generate(num_images, labels=labels, seed=seed, batch_size=batch_size,
-                                          progress=progress, samplers=samplers, num_beams=num_beams))
+                                          progress=progress, samplers=samplers, num_beams=num_beams, prompt=prompt))
         for sampler in samplers:
             sampler.release()
         images = torch.cat([images for images, _ in batches])

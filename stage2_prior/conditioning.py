@@ -116,11 +116,12 @@ def check_prompt(config, prompt: str | list[str] | torch.Tensor | None, batch_si
     text_length) on `device`; None for a prior without text conditioning."""
     if config.text_encoder is None:
         if prompt is not None:
-            raise UserError("this prior has no text conditioning: drop the prompt (train on captioned codes for a "
-                            "text-conditioned prior)")
+            raise UserError("this prior has no text conditioning: drop the prompt (prompt=, --prompt, --prompts-file); "
+                            "train on captioned codes for a text-conditioned prior")
         return None
     if prompt is None:
-        raise UserError("this prior is text-conditioned: pass a prompt (one for all samples, or one per sample)")
+        raise UserError("this prior is text-conditioned: pass a prompt (prompt= one string or one per sample; "
+                        "--prompt or --prompts-file on the command line)")
     if isinstance(prompt, torch.Tensor):
         if prompt.shape != (batch_size, config.text_length) or prompt.dtype.is_floating_point:
             raise UserError(f"prompt token ids must be integers of shape ({batch_size}, {config.text_length}), got "
