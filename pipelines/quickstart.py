@@ -11,6 +11,11 @@ conditioned on the top, chained in one pipeline.
 `--family var`: VAR, a multi-scale tokenizer (scales 1 2 3 4 6 8 of an 8x8 latent) and a next-scale
 prior, 6 network passes per image. `--family maskgit`: the VQ-VAE tokenizer and a MaskGIT prior that
 fills the 8x8 grid in 8 rounds.
+
+`--dataset shapes`: text to image. A tokenizer of the captioned shapes (RGB), and a transformer prior
+conditioned on the captions (a text encoder read by cross-attention, caption dropout for guidance);
+samples.png shows prompts beside their samples, seen and held-out compositions, and the summary gives
+their caption accuracy by the shapes checker.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.captions import caption_accuracy, save_prompt_grid
 from pipelines.pipeline import Pipeline
 from shared.config import parse_args
 from shared.data import DataConfig, load_split, save_image_grid
@@ -70,6 +76,23 @@ RECIPES = {
                    ("prior_bottom", ["--level", "bottom", "--condition-level", "top", *PRIOR_FAST])]),
 }
 SAMPLES_PER_CLASS = 10
+# Text to image on shapes: 32x32 RGB, the same tokenizer recipe; a transformer with a text encoder
+TEXT_PRIOR_FULL = ["--arch", "transformer", "--num-layers", "6", "--num-heads", "4", "--dropout", "0.1",
+                   "--caption-dropout", "0.1", "--max-steps", "1500", "--warmup-steps", "50", "--eval-every", "250",
+                   "--save-every", "500", "--sample-every", "500"]
+TEXT_PRIOR_FAST = ["--arch", "transformer", "--hidden-channels", "16", "--num-layers", "2", "--num-heads", "2",
+                   "--text-layers", "1", "--caption-dropout", "0.1", "--max-steps", "20", "--eval-every", "20",
+                   "--save-every", "20", "--sample-every", "20"]
+RECIPES[("shapes", "full")] = (["--dataset", "shapes", "--max-steps", "1000", "--codebook-size", "256"],
+                               [("prior", TEXT_PRIOR_FULL)])
+RECIPES[("shapes", "fast")] = (["--dataset", "shapes", *TOKENIZER_FAST], [("prior", TEXT_PRIOR_FAST)])
+# the picture's prompts: one object and relations, seen and held-out (blue triangles, green circles) compositions
+PROMPTS = ("a large red circle", "a small yellow square", "a large green triangle", "a small blue circle",
+           "a large blue triangle", "a small green circle",
+           "a small red square left of a large yellow circle", "a large blue square above a small red triangle",
+           "a large green circle right of a small yellow square")
+SAMPLES_PER_PROMPT = 8
+GUIDANCE = 3.0  # the picture's guidance scale on text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", type=int, default=1, choices=[1, 2],
                         help="1: VQ-VAE + Gated PixelCNN; 2: VQ-VAE-2 with a PixelSNAIL top prior and a bottom prior "
                              "conditioned on the top codes")
+    parser.add_argument("--dataset", default="digits", choices=["digits", "shapes"],
+                        help="digits: class-conditional; shapes: text-conditional (prompts), raster family only")
     parser.add_argument("--family", default="raster", choices=["raster", "var", "maskgit"],
                         help="raster: priors drawing one code at a time (--levels); var: a multi-scale tokenizer and "
                              "next-scale prediction; maskgit: masked decoding in rounds")
@@ -99,8 +124,10 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     if args.family != "raster" and args.levels != 1:
         raise UserError(f"--levels 2 is VQ-VAE-2's raster chain; --family {args.family} has one level: drop --levels")
+    if args.dataset == "shapes" and (args.family != "raster" or args.levels != 1):
+        raise UserError("--dataset shapes trains one text-conditioned transformer: drop --family and --levels")
     started = time.perf_counter()
-    family = args.levels if args.family == "raster" else args.family
+    family = "shapes" if args.dataset == "shapes" else args.levels if args.family == "raster" else args.family
     tokenizer_flags, prior_recipes = RECIPES[(family, "fast" if args.fast else "full")]
     common = ["--seed", str(args.seed)] + ([] if args.progress else ["--no-progress"])
     steps = 3 + len(prior_recipes)
@@ -108,22 +135,34 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     print(f"[1/{steps}] training the tokenizer", file=sys.stderr)
     tokenizer_metrics = train_tokenizer(["--output-dir", str(output / "tokenizer"), *tokenizer_flags, *common])
     print(f"[2/{steps}] exporting the codes", file=sys.stderr)
-    export(["--tokenizer", str(output / "tokenizer"), "--output", str(output / "codes"),
+    export(["--tokenizer", str(output / "tokenizer"), "--output", str(output / "codes"), "--dataset", args.dataset,
             *([] if args.progress else ["--no-progress"])])
     prior_metrics = {}
     for index, (folder, flags) in enumerate(prior_recipes):
-        print(f"[{3 + index}/{steps}] training the class-conditional prior {folder}", file=sys.stderr)
+        what = "text" if args.dataset == "shapes" else "class"
+        print(f"[{3 + index}/{steps}] training the {what}-conditional prior {folder}", file=sys.stderr)
         prior_metrics[folder] = train_prior(["--codes", str(output / "codes"), "--output-dir", str(output / folder),
                                              *flags, *common])
     print(f"[{steps}/{steps}] saving the pipeline and drawing samples", file=sys.stderr)
     pipeline = Pipeline(load_tokenizer(output / "tokenizer"),
                         [Prior.from_pretrained(output / folder) for folder, _ in prior_recipes])
     pipeline.save_pretrained(output / "pipeline")
-    labels = torch.arange(10).repeat_interleave(SAMPLES_PER_CLASS)  # one row per digit
-    samples = pipeline.generate(len(labels), labels=labels.tolist(), seed=args.seed, output_type="pt",
-                                progress=args.progress)
-    save_image_grid(samples.images.mul(2).sub(1), output / "samples.png", nrow=SAMPLES_PER_CLASS)
-    test_set = load_split(DataConfig(dataset="digits", split="test", image_size=pipeline.tokenizer.config.image_size))
+    accuracy = None
+    if args.dataset == "shapes":  # a row per prompt, its caption accuracy by the shapes checker
+        prompts = [prompt for prompt in PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
+        samples = pipeline.generate(len(prompts), prompt=prompts, seed=args.seed, output_type="pt",
+                                    guidance_scale=GUIDANCE, progress=args.progress)
+        save_prompt_grid(samples.images, prompts, SAMPLES_PER_PROMPT, output / "samples.png")
+        images = samples.images.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+        accuracy = caption_accuracy(images, prompts)
+    else:
+        labels = torch.arange(10).repeat_interleave(SAMPLES_PER_CLASS)  # one row per digit
+        samples = pipeline.generate(len(labels), labels=labels.tolist(), seed=args.seed, output_type="pt",
+                                    progress=args.progress)
+        save_image_grid(samples.images.mul(2).sub(1), output / "samples.png", nrow=SAMPLES_PER_CLASS)
+    held_out = "heldout" if args.dataset == "shapes" else "test"
+    test_set = load_split(DataConfig(dataset=args.dataset, split=held_out,
+                                     image_size=pipeline.tokenizer.config.image_size))
     originals = torch.stack([test_set[index][0] for index in range(SAMPLES_PER_CLASS * 2)])
     reconstructions = pipeline.reconstruct(originals).cpu()
     row_shape = (2, SAMPLES_PER_CLASS, *originals.shape[1:])  # a row of originals, then their reconstructions
@@ -131,7 +170,7 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     save_image_grid(pairs.flatten(0, 2), output / "reconstructions.png", nrow=SAMPLES_PER_CLASS)
 
     summary = {
-        "output_dir": str(output), "family": args.family, "levels": args.levels,
+        "output_dir": str(output), "dataset": args.dataset, "family": args.family, "levels": args.levels,
         "seconds": time.perf_counter() - started,
         "tokenizer": {"psnr_db": tokenizer_metrics["psnr"], "codebook_usage_percent": tokenizer_metrics["codebook_usage"],
                       "perplexity": tokenizer_metrics["perplexity"]},
@@ -143,9 +182,13 @@ def quickstart(argv: Sequence[str] | None = None) -> dict:
     }
     if len(prior_metrics) == 1:
         summary["prior"] = next(iter(summary["priors"].values()))
+    if accuracy is not None:
+        summary["caption_accuracy"] = accuracy
     prior_lines = "\n".join(f"  {folder}: {describe_prior(metrics)}" for folder, metrics in prior_metrics.items())
+    rows = "one row per digit 0-9" if accuracy is None else (
+        f"one row per prompt, guidance {GUIDANCE:g}; caption accuracy {accuracy['all']:.0%}")
     print(f"\nDone in {summary['seconds']:.0f} s. Pipeline: {output / 'pipeline'}\n"
-          f"  samples: {output / 'samples.png'} (one row per digit 0-9)\n"
+          f"  samples: {output / 'samples.png'} ({rows})\n"
           f"  reconstructions: {output / 'reconstructions.png'} (originals above reconstructions)\n"
           f"  tokenizer: PSNR {tokenizer_metrics['psnr']:.1f} dB, "
           f"codebook usage {tokenizer_metrics['codebook_usage']:.1f}%\n{prior_lines}", file=sys.stderr)

@@ -1,0 +1,59 @@
+"""Caption accuracy of generated images, and a picture of prompts beside their samples.
+
+`caption_accuracy` scores images against their prompts with the shapes checker
+(`shared.data.shapes.caption_matches`: colours by palette, shape by fill and taper, relation by
+centroids), split by the prompts' kind: one object or a relation of two, and whether the prompt names a
+held-out (colour, shape) pair that no training caption names.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from shared.data.shapes import HELD_OUT_PAIRS, caption_matches, parse_caption
+
+
+def prompt_kind(prompt: str) -> str:
+    """"single" or "relation", with "_heldout" when it names a held-out (colour, shape) pair."""
+    things, relation = parse_caption(prompt)
+    kind = "single" if relation is None else "relation"
+    held_out = any((thing.colour, thing.shape) in HELD_OUT_PAIRS for thing in things)
+    return f"{kind}_heldout" if held_out else kind
+
+
+def caption_accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    """Images (N, H, W, 3) uint8 and their prompts -> the share the checker accepts: overall ("all") and per
+    kind of prompt (`prompt_kind`), with the count of each ("n_<kind>")."""
+    matches: dict[str, list[bool]] = {}
+    for image, prompt in zip(images, prompts):
+        matched = caption_matches(image, prompt)
+        for key in ("all", prompt_kind(prompt)):
+            matches.setdefault(key, []).append(matched)
+    scores = {key: float(np.mean(values)) for key, values in matches.items()}
+    scores.update({f"n_{key}": len(values) for key, values in matches.items()})
+    return scores
+
+
+def save_prompt_grid(images: torch.Tensor, prompts: list[str], per_row: int, path: str | os.PathLike,
+                     scale: int = 2, text_width: int = 300) -> None:
+    """Images (N, C, H, W) in [0, 1], `per_row` per prompt, as one PNG: each row's prompt, then its samples."""
+    rows = len(images) // per_row
+    side = images.shape[-1] * scale
+    pixels = (images.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())  # (N, H, W, C)
+    canvas = Image.new("RGB", (text_width + per_row * (side + 2), rows * (side + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row in range(rows):
+        top = row * (side + 2)
+        draw.text((4, top + side // 2 - 6), prompts[row * per_row], fill="black")
+        for column in range(per_row):
+            tile = Image.fromarray(pixels[row * per_row + column].squeeze()).resize((side, side), Image.NEAREST)
+            canvas.paste(tile, (text_width + column * (side + 2), top))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    canvas.save(temporary)
+    os.replace(temporary, path)
