@@ -119,8 +119,9 @@ class PriorConfig:
             return
         check_text_encoder(self.text_encoder)
         if not spec.texts:
-            takers = ", ".join(name for name, other in ARCHS.items() if other.texts)
-            raise UserError(f"arch {self.arch} takes no text conditioning: use --arch {takers}, or --text-encoder none")
+            takers = " or ".join(name for name, other in ARCHS.items() if other.texts)
+            raise UserError(f"arch {self.arch} takes no text conditioning: use --arch {takers}, or pass "
+                            "--text-encoder none")
         if self.text_tokenizer is None:
             raise UserError("a text-conditioned prior needs its caption tokenizer (text_tokenizer)")
         if self.text_length < 2 or self.text_layers < 0:

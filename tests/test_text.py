@@ -1,0 +1,257 @@
+"""Text to image: the shapes dataset and its checker, captions through sources and exports, the caption
+tokenizer, text-conditioned priors (exact seeded sampling over every method, guidance on text), training
+from captioned codes, prompts through the pipeline and the CLI, and the bad input of each."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TOKENIZER_FLAGS, run_module, tree_digest
+from pipelines.captions import caption_accuracy, prompt_kind
+from shared.codes import open_codes
+from shared.data import DataConfig, load_split, open_source
+from shared.data.images import resize_and_centre_crop
+from shared.data.shapes import HELD_OUT_PAIRS, caption_matches, parse_caption, shapes_split
+from shared.errors import UserError
+from stage1_vqvae.export import export
+from stage2_prior import ARCHS, Prior, PriorConfig
+from stage2_prior.text import encode_captions, train_text_tokenizer
+
+TEXT_ARCHS = [name for name, spec in ARCHS.items() if spec.texts]
+PROMPTS = ["a small red circle", "a large blue square left of a small yellow triangle", "a large green triangle"]
+
+
+@pytest.fixture(scope="module")
+def caption_tokenizer():
+    return train_text_tokenizer(shapes_split("train", 300)[1], 48)
+
+
+def text_prior(arch: str, tokenizer, caption_dropout: float = 0.1, dtype=torch.float64) -> Prior:
+    torch.manual_seed(0)
+    values = {**ARCHS[arch].tiny, "vocab_size": 9, "latent_shape": (3, 4), "dropout": 0.0, "text_encoder": "transformer",
+              "text_tokenizer": tokenizer, "text_length": 12, "text_layers": 1, "caption_dropout": caption_dropout}
+    model = Prior.from_config(PriorConfig.build(arch=arch, **values)).to(dtype).eval()
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.4)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# The dataset and its checker
+# ------------------------------------------------------------------------------------------------
+
+def test_shapes_checker_accepts_real_images_and_refuses_wrong_captions():
+    images, captions = shapes_split("heldout", 250)
+    small = [resize_and_centre_crop(Image.fromarray(image), 32).transpose(1, 2, 0) for image in images]
+    for pictures in (images, small):  # 64x64 as generated, and 32x32 as the quickstart reads them
+        assert np.mean([caption_matches(image, caption) for image, caption in zip(pictures, captions)]) > 0.98
+    shifted = captions[1:] + captions[:1]  # each image with another image's caption
+    assert np.mean([caption_matches(image, caption) for image, caption in zip(small, shifted)]) < 0.1
+    # a relation reversed, on two-object images, is refused
+    swapped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    two = [(image, caption) for image, caption in zip(small, captions) if parse_caption(caption)[1]]
+    for old, new in swapped.items():
+        refused = [not caption_matches(image, caption.replace(old, new)) for image, caption in two if old in caption]
+        assert np.mean(refused) > 0.9, old
+
+
+def test_shapes_splits_are_deterministic_and_held_out_compositions_never_train():
+    images, captions = shapes_split("train", 400)
+    again, _ = shapes_split("train", 400)
+    assert all(np.array_equal(a, b) for a, b in zip(images, again))
+    named = [{(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} for caption in captions]
+    assert not any(pairs & HELD_OUT_PAIRS for pairs in named)
+    held = [{(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} for caption in shapes_split("heldout", 200)[1]]
+    assert all(pairs & HELD_OUT_PAIRS for pairs in held)
+    assert {prompt_kind(caption) for caption in captions} == {"single", "relation"}
+
+
+def test_caption_accuracy_by_kind():
+    images, captions = shapes_split("heldout", 40)
+    scores = caption_accuracy(np.stack(images), captions)
+    assert scores["all"] == 1.0 and scores["n_all"] == 40
+    assert scores["n_single_heldout"] + scores["n_relation_heldout"] == 40
+
+
+# ------------------------------------------------------------------------------------------------
+# Captions through sources and exports
+# ------------------------------------------------------------------------------------------------
+
+def saved_captioned(root, captions, column="text"):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in captions]
+    datasets.Dataset.from_dict({"image": images, column: captions}).save_to_disk(str(root))
+    return root
+
+
+def test_captions_of_saved_datasets_and_image_folders(tmp_path):
+    saved = saved_captioned(tmp_path / "saved", ["one", "two", "", "four"])
+    split = load_split(DataConfig(dataset=str(saved), image_size=8))
+    assert split.captions.tolist() == ["one", "two", None, "four"]
+    assert load_split(DataConfig(dataset=str(saved), image_size=8, caption_column="none")).captions is None
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("RGB", (8, 8), (index * 50, 0, 0)).save(folder / f"{index}.png")
+    lines = [{"file_name": f"{index}.png", "text": f"image {index}"} for index in (2, 0)]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    rows = load_split(DataConfig(dataset=str(folder), image_size=8))
+    assert rows.captions.tolist() == ["image 0", None, "image 2"]
+    with pytest.raises(UserError, match=r"has no column 'caption' \(columns: file_name, text\)"):
+        load_split(DataConfig(dataset=str(folder), image_size=8, caption_column="caption"))
+    with pytest.raises(UserError, match=r"has no column 'words' \(columns: image, text\); fix --caption-column"):
+        open_source(DataConfig(dataset=str(saved), caption_column="words"))
+    with pytest.raises(UserError, match="does not hold text"):
+        open_source(DataConfig(dataset=str(saved), caption_column="image"))
+    with pytest.raises(UserError, match="--dataset digits has no captions"):
+        open_source(DataConfig(caption_column="text"))
+
+
+def test_export_carries_captions_and_strict_captions_refuses(tmp_path, capsys):
+    saved = saved_captioned(tmp_path / "saved", ["a red one", None, "a blue one"])
+    for form in ("arrow", "npy"):
+        export(["--tokenizer", "pixels:4", "--dataset", str(saved), "--image-size", "4", "--output",
+                str(tmp_path / form), "--format", form, "--no-progress"])
+        codes, metadata = open_codes(tmp_path / form)
+        assert metadata.has_captions and codes.captions.tolist() == ["a red one", None, "a blue one"]
+        assert codes.subset(np.array([2, 0])).captions.tolist() == ["a blue one", "a red one"]
+    assert "1 of the 3 rows" in capsys.readouterr().err
+    before = tree_digest(tmp_path)
+    result = run_module("stage1_vqvae.export", "--tokenizer", "pixels:4", "--dataset", str(saved), "--image-size", "4",
+                        "--output", str(tmp_path / "strict"), "--strict-captions", "--no-progress")
+    assert result.returncode == 2 and "empty or non-string caption" in result.stderr and "Traceback" not in result.stderr
+    assert tree_digest(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-conditioned priors
+# ------------------------------------------------------------------------------------------------
+
+def test_caption_tokenizer_pads_truncates_and_warns(caption_tokenizer, capsys):
+    ids = encode_captions(caption_tokenizer, ["a small red circle", None, "a " * 40], 8)
+    assert ids.shape == (3, 8) and (ids[:, 0] == 1).all()
+    assert (ids[0, 1:] > 2).sum() >= 4 and (ids[1, 1:] == 0).all() and (ids[2] != 0).all()
+    assert "longer than the prior's 7 text tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_text_samples_are_exact_for_every_method_batch_and_guidance(arch, caption_tokenizer):
+    model = text_prior(arch, caption_tokenizer)
+    for guidance in (0.0, 2.0):
+        reference = model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance)
+        # the compiled step once (compiling costs seconds); a CUDA graph needs a GPU
+        methods = [m for m in model.sampling_methods if m != "graph" and (m != "compiled" or not guidance)]
+        for method in methods:
+            assert torch.equal(model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance, method=method),
+                               reference), (method, guidance)
+        # a prompt's sample does not depend on the other prompts of its batch
+        alone = model.sample(1, prompt=PROMPTS[1], seed=5, sample_offset=1, guidance_scale=guidance)
+        assert torch.equal(alone, reference[1:2])
+        assert torch.equal(model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance, precision="float32"),
+                           reference)
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_text_reaches_every_position_and_trains(arch, caption_tokenizer, tmp_path):
+    model = text_prior(arch, caption_tokenizer)
+    codes = torch.randint(0, 9, (2, 3, 4), generator=torch.Generator().manual_seed(1))
+    first = model(codes, prompt=[PROMPTS[0]] * 2)
+    second = model(codes, prompt=[PROMPTS[0], PROMPTS[1]])
+    assert torch.equal(first[0], second[0])  # rows do not mix
+    assert (first[1] - second[1]).abs().amax(0).min() > 1e-9  # the caption reaches every position
+    model.train()
+    model.nll(codes, prompt=PROMPTS[:2]).backward()
+    assert all(parameter.grad is not None for parameter in model.text_encoder.parameters())
+    model.eval().save_pretrained(tmp_path / "prior")
+    loaded = Prior.from_pretrained(tmp_path / "prior")
+    assert loaded.config.text_tokenizer == model.config.text_tokenizer
+    assert torch.equal(loaded.sample(2, prompt=PROMPTS[:2], seed=1), model.sample(2, prompt=PROMPTS[:2], seed=1))
+
+
+def test_prompt_errors(caption_tokenizer):
+    model = text_prior("transformer", caption_tokenizer, caption_dropout=0.0)
+    with pytest.raises(UserError, match="this prior is text-conditioned: pass a prompt"):
+        model.sample(2, seed=0)
+    with pytest.raises(UserError, match="prompt must be one string or 2 strings, got 3"):
+        model.sample(2, prompt=PROMPTS, seed=0)
+    with pytest.raises(UserError, match="a prompt is empty"):
+        model.sample(1, prompt="  ", seed=0)
+    with pytest.raises(UserError, match="trained without caption dropout.*--caption-dropout 0.1"):
+        model.sample(1, prompt=PROMPTS[0], seed=0, guidance_scale=2.0)
+    plain = Prior.from_config(PriorConfig.build(arch="transformer", **ARCHS["transformer"].tiny, vocab_size=9,
+                                                latent_shape=(2, 2)))
+    with pytest.raises(UserError, match="this prior has no text conditioning: drop the prompt"):
+        plain.sample(1, prompt=PROMPTS[0], seed=0)
+    with pytest.raises(UserError, match="arch gated takes no text conditioning: use --arch maskgit or transformer, or pass --text-encoder none"):
+        PriorConfig.build(arch="gated", text_encoder="transformer", text_tokenizer=caption_tokenizer)
+    with pytest.raises(UserError, match="caption dropout .* needs a text-conditioned prior"):
+        PriorConfig.build(arch="transformer", caption_dropout=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training, the pipeline and the CLI
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A tiny tokenizer, captioned export and text prior on shapes, and their pipeline."""
+    from pipelines.pipeline import Pipeline
+    from stage1_vqvae.tokenizer import load_tokenizer
+    from stage1_vqvae.train import train as train_tokenizer
+    from stage2_prior.train import train as train_prior
+
+    root = tmp_path_factory.mktemp("shapes")
+    train_tokenizer(["--dataset", "shapes", "--output-dir", str(root / "tokenizer"), "--max-steps", "4",
+                     "--eval-every", "4", "--save-every", "4", *TINY_TOKENIZER_FLAGS])
+    export(["--tokenizer", str(root / "tokenizer"), "--dataset", "shapes", "--split", "test", "--output",
+            str(root / "codes"), "--no-progress"])
+    train_prior(["--codes", str(root / "codes"), "--output-dir", str(root / "prior"), "--arch", "transformer",
+                 "--hidden-channels", "16", "--num-layers", "1", "--num-heads", "2", "--text-layers", "1",
+                 "--caption-dropout", "0.2", "--max-steps", "6", "--eval-every", "6", "--save-every", "6",
+                 "--sample-every", "6", "--no-progress"])
+    Pipeline(load_tokenizer(root / "tokenizer"), Prior.from_pretrained(root / "prior")).save_pretrained(root / "pipeline")
+    return root
+
+
+def test_training_on_captioned_codes(shapes_run, tmp_path, capsys):
+    from stage2_prior.train import main
+
+    prior = Prior.from_pretrained(shapes_run / "prior")
+    assert prior.config.text_encoder == "transformer" and prior.config.caption_dropout == 0.2
+    assert (shapes_run / "prior" / "samples" / "samples_00000006.png").is_file()
+    code = main(["--codes", str(shapes_run / "codes"), "--output-dir", str(tmp_path / "gated"), "--max-steps", "1",
+                 "--num-layers", "1", "--no-progress", "--text-encoder", "transformer"])
+    assert code == 2 and "arch gated takes no text conditioning" in capsys.readouterr().err
+    assert not (tmp_path / "gated").exists()
+
+
+def test_pipeline_prompts(shapes_run, tmp_path, capsys):
+    from pipelines.generate import main
+    from pipelines.pipeline import Pipeline
+
+    pipeline = Pipeline.from_pretrained(shapes_run / "pipeline", device="cpu")
+    batch = pipeline.generate(3, prompt=PROMPTS, seed=2, progress=False, guidance_scale=2.0, output_type="pt")
+    # image k is a function of (seed, k) and its own prompt: drawn alone at index 2, the third image again
+    shifted = pipeline.iter_generate(1, prompt=PROMPTS[2:], seed=2, first_index=2, progress=False,
+                                     guidance_scale=2.0)
+    assert torch.equal(next(shifted)[1], batch.codes[2:])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
+    result = run_module("pipelines.generate", "--pipeline", str(shapes_run / "pipeline"), "--num-images", "2",
+                        "--prompts-file", str(prompts), "--output-dir", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "prompts.json").read_text()) == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert np.load(tmp_path / "out" / "codes.npy").shape[0] == 4
+    for flags, message in ((["--num-images", "1"], "this prior is text-conditioned: pass a prompt"),
+                           (["--prompt", "x", "--prompts-file", str(prompts)], "not both"),
+                           (["--prompts-file", str(tmp_path / "none.txt")], "does not exist")):
+        code = main(["--pipeline", str(shapes_run / "pipeline"), *flags, "--output-dir", str(tmp_path / "bad"),
+                     "--no-progress"])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
