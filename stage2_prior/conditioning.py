@@ -61,11 +61,13 @@ class Context:
 class Conditioning:
     """What a network reads besides the codes: labels (B,) (rows of its class tables, the null class
     included) or None; code_map (B, C, h', w): the condition map's features on the rows computed, or None;
-    text: the encoded caption (`TextMemory`) or None."""
+    text: the encoded caption (`TextMemory`, text encoder "transformer") or None; text_ids (B, L): the caption's
+    token ids (the null caption where dropped) or None."""
 
     labels: torch.Tensor | None = None
     code_map: torch.Tensor | None = None
     text: TextMemory | None = None
+    text_ids: torch.Tensor | None = None
 
 
 def check_labels(config, labels: torch.Tensor | int | None, batch_size: int,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from shared.config import config_from_dict, option
 from shared.errors import UserError
 from shared.training import LoopConfig
-from stage2_prior.registry import ARCHS, ArchOptions, arch_names, arch_spec, option_owners
+from stage2_prior.registry import ARCHS, ArchOptions, arch_names, arch_spec, option_owners, text_archs
 from stage2_prior.text import check_text_encoder, text_vocab_size
 
 PIXEL_LEVELS = (2, 4, 16, 256)
@@ -63,10 +63,13 @@ class PriorConfig:
     scales: tuple[int, ...] | None = option(None, "the sides of a multi-scale pyramid's grids (arch var)")
     # Text conditioning (stage2_prior.text): the encoder, and the caption tokenizer trained on the training captions
     text_encoder: str | None = option(None, "transformer: a text encoder trained with the prior, read by "
-                                            "cross-attention (Parti); None: no text conditioning")
+                                            "cross-attention (Parti); bpe: caption tokens prefix the code tokens in "
+                                            "one causal stream (DALL-E; arch transformer); None: no text conditioning")
     text_tokenizer: Any = option(None, "the caption tokenizer (a `tokenizers` BPE, as its JSON object)", flag=False)
     text_length: int = option(32, "caption tokens the prior reads ([BOS] included); longer prompts are cut")
     text_layers: int = option(2, "layers of the text encoder")
+    text_loss_weight: float = option(0.125, "with text_encoder bpe: the weight of the caption tokens' loss, "
+                                            "the code tokens' weight is 1 minus it (DALL-E: 1/8 and 7/8)")
     caption_dropout: float = option(0.0, "training: fraction of captions replaced by the null caption, which "
                                          "enables classifier-free guidance on text")
 
@@ -118,12 +121,14 @@ class PriorConfig:
                 raise UserError("caption dropout (classifier-free guidance on text) needs a text-conditioned prior")
             return
         check_text_encoder(self.text_encoder)
-        if not spec.texts:
-            takers = " or ".join(name for name, other in ARCHS.items() if other.texts)
-            raise UserError(f"arch {self.arch} takes no text conditioning: use --arch {takers}, or pass "
-                            "--text-encoder none")
+        if self.text_encoder not in spec.text_encoders:
+            takers = " or ".join(text_archs(self.text_encoder))
+            what = "no text conditioning" if not spec.text_encoders else f"no text encoder {self.text_encoder!r}"
+            raise UserError(f"arch {self.arch} takes {what}: use --arch {takers}, or pass --text-encoder none")
         if self.text_tokenizer is None:
             raise UserError("a text-conditioned prior needs its caption tokenizer (text_tokenizer)")
+        if not 0.0 <= self.text_loss_weight < 1.0:
+            raise UserError(f"text_loss_weight must lie in [0, 1), got {self.text_loss_weight}")
         if self.text_length < 2 or self.text_layers < 0:
             raise UserError(f"text_length must be at least 2 and text_layers at least 0, got {self.text_length} and "
                             f"{self.text_layers}")

@@ -104,7 +104,7 @@ class Prior(PretrainedModel):
         self.head = build_head(config)
         self.text_encoder = (TextEncoder(config.text_vocab_size, config.text_length, channels, text_heads(channels),
                                          config.text_layers, config.dropout)
-                             if config.text_encoder is not None else None)
+                             if config.text_encoder == "transformer" else None)
 
     # ------------------------------------------------------------------------------------------
     # The arch's part (see the module docstring)
@@ -238,9 +238,14 @@ class Prior(PretrainedModel):
         code_map = text = None
         if context.code_map is not None:
             code_map = self.condition_network(context.code_map)[:, :, :rows]  # (B, C, rows, w)
-        if context.text is not None:
-            text = self.text_encoder(dropped_text(self.config, context.text, self.training))
-        return Conditioning(dropped_labels(self.config, context.labels, self.training), code_map, text)
+        text_ids = dropped_text(self.config, context.text, self.training)
+        if text_ids is not None and self.text_encoder is not None:
+            text = self.text_encoder(text_ids)
+        return Conditioning(dropped_labels(self.config, context.labels, self.training), code_map, text, text_ids)
+
+    def text_nll(self, conditioning: Conditioning) -> torch.Tensor | None:
+        """The mean NLL (nats) of the caption tokens, for an arch that models them (text encoder "bpe"), else None."""
+        return None
 
     def features(self, stacked: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """Stacked codes (B, h', w, D), h' <= h rows -> network features (B, C, h', w)."""
@@ -267,8 +272,14 @@ class Prior(PretrainedModel):
         self.check_codes(codes)
         context = self.context(labels, condition, codes.shape[0], prompt)
         stacked = self.stacked(codes)
-        features = rearrange(self.features(stacked, self.conditioning(context)), "b c h w -> b h w c")
-        return self.head.nll(features, stacked).mean() / self.config.depth
+        conditioning = self.conditioning(context)
+        features = rearrange(self.features(stacked, conditioning), "b c h w -> b h w c")
+        loss = self.head.nll(features, stacked).mean() / self.config.depth
+        text_loss = self.text_nll(conditioning)
+        if text_loss is None:
+            return loss
+        # DALL-E's weighting of the two kinds of token (Ramesh et al. 2021, sec. 2.2: 1/8 text, 7/8 image)
+        return (1 - self.config.text_loss_weight) * loss + self.config.text_loss_weight * text_loss
 
     def validation_scores(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
                           rows: torch.Tensor, prompt=None) -> tuple[torch.Tensor, torch.Tensor]:

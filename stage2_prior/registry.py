@@ -66,7 +66,9 @@ class ArchSpec:
     # pyramid, coarse to fine, as one sequence: VAR)
     reads: str = "grid"
     code_maps: bool = True  # takes a conditioning code map (--condition-level)
-    texts: bool = False  # takes text conditioning (a caption, read by cross-attention; stage2_prior.text)
+    # the text encoders it takes (stage2_prior.text): "transformer" (an encoder read by cross-attention, Parti),
+    # "bpe" (caption tokens prefixing the code tokens in one causal stream, DALL-E); none: no text conditioning
+    text_encoders: tuple[str, ...] = ()
     stacks: bool = True  # takes a stack of codes per position (depth > 1)
     # the benchmark recipe: general fields and options of the arch's default-size run (64 channels)
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -75,6 +77,11 @@ class ArchSpec:
 
 
 ARCHS: dict[str, ArchSpec] = {}
+
+
+def text_archs(encoder: str | None = None) -> list[str]:
+    """The archs that take text conditioning (with `encoder`, when given)."""
+    return [name for name, spec in ARCHS.items() if spec.text_encoders and (encoder is None or encoder in spec.text_encoders)]
 
 
 FAMILIES = ("autoregressive", "masked")

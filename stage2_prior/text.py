@@ -29,7 +29,7 @@ from shared.errors import UserError
 
 PAD, BOS, UNK = "[PAD]", "[BOS]", "[UNK]"  # ids 0, 1, 2
 PAD_ID, BOS_ID = 0, 1
-TEXT_ENCODERS = ("transformer",)
+TEXT_ENCODERS = ("transformer", "bpe")
 
 
 def train_text_tokenizer(captions: Sequence[str], vocab_size: int) -> dict[str, Any]:

@@ -135,7 +135,8 @@ def text_settings(arch: str, values: dict, train_config: Stage2TrainConfig, trai
     """The text encoder and caption tokenizer: a text-conditioned prior when the codes have captions and the arch
     reads text (--text-encoder none turns it off), its BPE trained on the training captions."""
     captions = train_codes.captions
-    encoder = values.get("text_encoder", "transformer" if captions is not None and arch_spec(arch).texts else None)
+    encoder = values.get("text_encoder", "transformer" if captions is not None and arch_spec(arch).text_encoders
+                                         else None)
     if encoder is None:
         if captions is not None and "text_encoder" not in values:
             print(f"note: these codes have captions, and arch {arch} takes no text: the prior ignores them",

@@ -21,7 +21,7 @@ from stage1_vqvae.export import export
 from stage2_prior import ARCHS, Prior, PriorConfig
 from stage2_prior.text import encode_captions, train_text_tokenizer
 
-TEXT_ARCHS = [name for name, spec in ARCHS.items() if spec.texts]
+TEXT_CASES = [(name, encoder) for name, spec in ARCHS.items() for encoder in spec.text_encoders]
 PROMPTS = ["a small red circle", "a large blue square left of a small yellow triangle", "a large green triangle"]
 
 
@@ -30,9 +30,10 @@ def caption_tokenizer():
     return train_text_tokenizer(shapes_split("train", 300)[1], 48)
 
 
-def text_prior(arch: str, tokenizer, caption_dropout: float = 0.1, dtype=torch.float64) -> Prior:
+def text_prior(arch: str, tokenizer, caption_dropout: float = 0.1, dtype=torch.float64, encoder: str = "transformer",
+               **extra) -> Prior:
     torch.manual_seed(0)
-    values = {**ARCHS[arch].tiny, "vocab_size": 9, "latent_shape": (3, 4), "dropout": 0.0, "text_encoder": "transformer",
+    values = {**ARCHS[arch].tiny, "vocab_size": 9, "latent_shape": (3, 4), "dropout": 0.0, "text_encoder": encoder, **extra,
               "text_tokenizer": tokenizer, "text_length": 12, "text_layers": 1, "caption_dropout": caption_dropout}
     model = Prior.from_config(PriorConfig.build(arch=arch, **values)).to(dtype).eval()
     for parameter in model.parameters():
@@ -140,9 +141,9 @@ def test_caption_tokenizer_pads_truncates_and_warns(caption_tokenizer, capsys):
     assert "longer than the prior's 7 text tokens" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arch", TEXT_ARCHS)
-def test_text_samples_are_exact_for_every_method_batch_and_guidance(arch, caption_tokenizer):
-    model = text_prior(arch, caption_tokenizer)
+@pytest.mark.parametrize("arch, encoder", TEXT_CASES)
+def test_text_samples_are_exact_for_every_method_batch_and_guidance(arch, encoder, caption_tokenizer):
+    model = text_prior(arch, caption_tokenizer, encoder=encoder)
     for guidance in (0.0, 2.0):
         reference = model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance)
         # the compiled step once (compiling costs seconds); a CUDA graph needs a GPU
@@ -157,9 +158,9 @@ def test_text_samples_are_exact_for_every_method_batch_and_guidance(arch, captio
                            reference)
 
 
-@pytest.mark.parametrize("arch", TEXT_ARCHS)
-def test_text_reaches_every_position_and_trains(arch, caption_tokenizer, tmp_path):
-    model = text_prior(arch, caption_tokenizer)
+@pytest.mark.parametrize("arch, encoder", TEXT_CASES)
+def test_text_reaches_every_position_and_trains(arch, encoder, caption_tokenizer, tmp_path):
+    model = text_prior(arch, caption_tokenizer, encoder=encoder)
     codes = torch.randint(0, 9, (2, 3, 4), generator=torch.Generator().manual_seed(1))
     first = model(codes, prompt=[PROMPTS[0]] * 2)
     second = model(codes, prompt=[PROMPTS[0], PROMPTS[1]])
@@ -167,7 +168,7 @@ def test_text_reaches_every_position_and_trains(arch, caption_tokenizer, tmp_pat
     assert (first[1] - second[1]).abs().amax(0).min() > 1e-9  # the caption reaches every position
     model.train()
     model.nll(codes, prompt=PROMPTS[:2]).backward()
-    assert all(parameter.grad is not None for parameter in model.text_encoder.parameters())
+    assert all(parameter.grad is not None for parameter in model.parameters())
     model.eval().save_pretrained(tmp_path / "prior")
     loaded = Prior.from_pretrained(tmp_path / "prior")
     assert loaded.config.text_tokenizer == model.config.text_tokenizer
@@ -255,3 +256,25 @@ def test_pipeline_prompts(shapes_run, tmp_path, capsys):
                      "--no-progress"])
         assert code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_bpe_caption_prefix_with_labels_and_a_code_map(caption_tokenizer):
+    """DALL-E's arrangement with every other condition: exact over methods and batches, the caption tokens' loss
+    weighted 1/8 against the codes' 7/8, and the caption's cached keys equal to the full forward's."""
+    model = text_prior("transformer", caption_tokenizer, encoder="bpe", num_classes=3, label_dropout=0.1,
+                       condition_vocab_size=4, condition_shape=(3, 2))
+    labels, condition = torch.tensor([0, 2, 1]), torch.randint(0, 4, (3, 3, 2), generator=torch.Generator().manual_seed(3))
+    reference = model.sample(3, labels=labels, condition=condition, prompt=PROMPTS, seed=4, guidance_scale=1.5)
+    for method, window in (("naive", None), ("jacobi", None), ("jacobi", 5)):
+        assert torch.equal(model.sample(3, labels=labels, condition=condition, prompt=PROMPTS, seed=4,
+                                        guidance_scale=1.5, method=method, window=window), reference)
+    alone = model.sample(1, labels=labels[2:], condition=condition[2:], prompt=PROMPTS[2], seed=4, sample_offset=2,
+                         guidance_scale=1.5)
+    assert torch.equal(alone, reference[2:])
+    codes = torch.randint(0, 9, (3, 3, 4), generator=torch.Generator().manual_seed(5))
+    context = model.context(labels, condition, 3, PROMPTS)
+    conditioning = model.conditioning(context)
+    image = model.head.nll(model.features(model.stacked(codes), conditioning).permute(0, 2, 3, 1),
+                           model.stacked(codes)).mean()
+    expected = 0.875 * image + 0.125 * model.text_nll(conditioning)
+    assert torch.allclose(model.nll(codes, labels, condition, PROMPTS), expected)

@@ -65,6 +65,6 @@ class MaskGITPrior(MaskedPrior):
 
 register_arch(ArchSpec(
     "maskgit", MaskGITPrior, "a bidirectional transformer filling masked codes in a few rounds (MaskGIT)",
-    options=MaskGITOptions, family="masked", code_maps=False, stacks=False, heads=("softmax",), texts=True,
+    options=MaskGITOptions, family="masked", code_maps=False, stacks=False, heads=("softmax",), text_encoders=("transformer",),
     recipe=dict(num_layers=6, options=dict(num_heads=4)),
     tiny=dict(hidden_channels=12, num_layers=2, options=dict(num_heads=2))))

@@ -15,8 +15,13 @@ then x + MLP(LN(x)), and one LN after the last block. A conditioning code map is
 sampling, so it needs no shift: each block adds its own linear projection of the map's features at p
 to token p's residual stream (location-dependent conditioning, Gated PixelCNN paper sec. 2.3).
 
+Text: with text encoder "transformer", each block reads the encoded caption by cross-attention (Parti);
+with "bpe", the caption's tokens come first in the one causal stream, as in DALL-E (Ramesh et al. 2021,
+sec. 2.2): L text tokens (their own embedding and positions), then the code tokens, which thus read the
+whole caption; the caption tokens are also predicted, each from those before it (`text_nll`).
+
 Cached sampling keeps, per block, the keys and values of the tokens seen so far, preallocated for the
-whole grid. Each position runs one token through the blocks, writes its key and value at p and
+whole grid (after the caption's, which are computed once when sampling starts). Each position runs one token through the blocks, writes its key and value at p and
 attends over 0..p: the same arithmetic as the full forward, up to rounding.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import dataclasses
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -36,7 +42,7 @@ from stage2_prior.incremental import IncrementalState
 from stage2_prior.attention import TransformerBlock, initialize_gpt
 from stage2_prior.prior import Prior
 from stage2_prior.registry import ArchOptions, ArchSpec, check_heads, register_arch
-from stage2_prior.text import TextMemory
+from stage2_prior.text import PAD_ID, TextMemory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +95,15 @@ class TransformerPrior(Prior):
             self.column_embedding = nn.Parameter(torch.zeros(width, channels))
         else:
             self.position_table = nn.Parameter(torch.zeros(options.max_positions or config.num_positions, channels))
-        conditioned, text = config.condition_vocab_size is not None, config.text_encoder is not None
+        conditioned, text = config.condition_vocab_size is not None, config.text_encoder == "transformer"
         self.blocks = nn.ModuleList(TransformerBlock(channels, options.num_heads, config.dropout, conditioned, text)
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
+        self.text_prefix = config.text_encoder == "bpe"
+        if self.text_prefix:  # DALL-E: caption tokens first in the stream, with their own tables and output layer
+            self.text_embedding = nn.Embedding(config.text_vocab_size, channels)
+            self.text_positions = nn.Parameter(torch.randn(config.text_length, channels) * 0.02)
+            self.text_head = nn.Linear(channels, config.text_vocab_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -129,6 +140,10 @@ class TransformerPrior(Prior):
             return self.row_embedding[row] + self.column_embedding[column]
         return self.position_table[position]
 
+    def caption_tokens(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Caption token ids (B, L) -> the stream's first L inputs (B, L, C) (text encoder "bpe")."""
+        return self.text_embedding(text_ids) + self.text_positions[:text_ids.shape[1]]
+
     def network(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         labels, condition = conditioning.labels, conditioning.code_map
         rows = x.shape[2]
@@ -138,9 +153,31 @@ class TransformerPrior(Prior):
         tokens = tokens + self.positions(rows)
         if condition is not None:
             condition = rearrange(condition, "b c h w -> b (h w) c")  # (B, N', C): known in full, no shift
+        caption = 0
+        if self.text_prefix:  # the caption first; the code map's features only on the code tokens
+            caption = conditioning.text_ids.shape[1]
+            tokens = torch.cat([self.caption_tokens(conditioning.text_ids), tokens], dim=1)  # (B, L + N', C)
+            if condition is not None:
+                condition = torch.cat([condition.new_zeros(len(tokens), caption, condition.shape[2]), condition], 1)
         for block in self.blocks:
             tokens = block(tokens, condition, text=conditioning.text)
-        return rearrange(self.final_norm(tokens), "b (h w) c -> b c h w", h=rows)  # (B, C, h', w)
+        return rearrange(self.final_norm(tokens[:, caption:]), "b (h w) c -> b c h w", h=rows)  # (B, C, h', w)
+
+    def text_nll(self, conditioning: Conditioning) -> torch.Tensor | None:
+        """The caption tokens' mean NLL (nats), each predicted from those before it, padding not scored. The caption
+        reads nothing after it, so its own causal pass gives the same features as the joint one."""
+        if not self.text_prefix:
+            return None
+        ids = conditioning.text_ids
+        tokens = self.caption_tokens(ids)
+        for block in self.blocks:
+            tokens = block(tokens, None if self.blocks[0].condition_projection is None else
+                           tokens.new_zeros(tokens.shape))
+        logits = self.text_head(self.final_norm(tokens[:, :-1]))  # (B, L - 1, text vocabulary)
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == PAD_ID, -100)  # (B, L - 1): padding ignored
+        if (targets == -100).all():
+            return logits.sum() * 0  # every caption dropped: nothing to predict
+        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100)
 
     # ------------------------------------------------------------------------------------------
     # The cached state
@@ -164,7 +201,9 @@ class KVCache(IncrementalState):
         self.model = model
         config = model.config
         heads = config.options.num_heads
-        shape = (batch, heads, config.num_positions, config.hidden_channels // heads)
+        # the caption's tokens first (text encoder "bpe"): code position p is entry offset + p of the cache
+        self.offset = conditioning.text_ids.shape[1] if model.text_prefix else 0
+        shape = (batch, heads, self.offset + config.num_positions, config.hidden_channels // heads)
         dtype = model.embedding.weight.dtype
         self.keys = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
         self.values = [torch.zeros(shape, device=model.device, dtype=dtype) for _ in model.blocks]
@@ -175,6 +214,12 @@ class KVCache(IncrementalState):
         self.text_states, self.text_mask = (None, None) if text is None else (text.states, text.mask)  # (B, L, C), (B, L)
         if conditioning.code_map is not None:
             self.condition = rearrange(conditioning.code_map, "b c h w -> b (h w) c")
+        if self.offset:  # the caption's keys and values, once: it reads only itself, causally
+            x = model.caption_tokens(conditioning.text_ids)
+            zeros = None if self.condition is None else x.new_zeros(x.shape)
+            for block, keys, values in zip(model.blocks, self.keys, self.values):
+                x, k, v = block.window(x, zeros, keys, values, 0)
+                keys[:, :, :self.offset], values[:, :, :self.offset] = k, v
 
     def tokens(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:
         """The inputs (B, n, C) of positions start .. start + n - 1: the code before each (the prefix at 0),
@@ -193,8 +238,8 @@ class KVCache(IncrementalState):
         position = row * model.config.latent_shape[1] + column
         token = self.tokens(codes, position, 1)  # (B, 1, C)
         condition = None if self.condition is None else self.condition[:, position:position + 1]  # (B, 1, C)
-        return self.chain(token, condition, self.position_input(position), model.blocks, self.keys, self.values,
-                          model.final_norm, self.text_states, self.text_mask)  # (B, C)
+        return self.chain(token, condition, self.position_input(self.offset + position), model.blocks, self.keys,
+                          self.values, model.final_norm, self.text_states, self.text_mask)  # (B, C)
 
     def window(self, codes: torch.Tensor, start: int, count: int) -> torch.Tensor:
         """Features (B, n, C) of positions start .. start + n - 1 from the cache of the positions before
@@ -207,7 +252,7 @@ class KVCache(IncrementalState):
         self.pending = (start, [])
         text = None if self.text_states is None else TextMemory(self.text_states, self.text_mask)
         for block, keys, values in zip(model.blocks, self.keys, self.values):
-            x, k, v = block.window(x, condition, keys, values, start, text)
+            x, k, v = block.window(x, condition, keys, values, self.offset + start, text)
             self.pending[1].append((k, v))
         return model.final_norm(x)
 
@@ -216,9 +261,10 @@ class KVCache(IncrementalState):
         i's come from the code at i - 1, which has settled when i does (else step through them)."""
         if self.pending[0] != start:
             return super().commit(codes, start, count)
+        first = self.offset + start
         for (k, v), keys, values in zip(self.pending[1], self.keys, self.values):
-            keys[:, :, start:start + count] = k[:, :, :count]
-            values[:, :, start:start + count] = v[:, :, :count]
+            keys[:, :, first:first + count] = k[:, :, :count]
+            values[:, :, first:first + count] = v[:, :, :count]
         self.pending = (None, [])
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -232,5 +278,5 @@ class KVCache(IncrementalState):
 
 register_arch(ArchSpec(
     "transformer", TransformerPrior, "a decoder-only transformer (ImageGPT, the VQGAN prior) with a KV cache",
-    options=TransformerOptions, full_context=True, texts=True, recipe=dict(num_layers=6, options=dict(num_heads=4)),
+    options=TransformerOptions, full_context=True, text_encoders=("transformer", "bpe"), recipe=dict(num_layers=6, options=dict(num_heads=4)),
     tiny=dict(hidden_channels=12, num_layers=2, options=dict(num_heads=2))))

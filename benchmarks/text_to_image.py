@@ -1,0 +1,100 @@
+"""Text to image on the built-in shapes: caption accuracy of samples by the shapes checker, on seen and on
+held-out compositions, for each text encoder and guidance scale, at equal training CPU time.
+
+    python benchmarks/text_to_image.py --output-dir runs/text --cpu-seconds 300
+    python benchmarks/text_to_image.py --output-dir runs/text --archs transformer maskgit --guidance 0 1 3
+
+One VQ-VAE tokenizer on shapes (32x32 RGB, 256 codes, 8x8 grid) and its captioned export of the train
+split; then for each arch (and text encoder), a prior trained for `--cpu-seconds` of CPU time (two short
+runs measure the cost of a step), with caption dropout 0.1 for guidance. Prompts: the captions of the
+first `--prompts` rows of the `test` split (seen compositions) and of the `heldout` split (each names a
+blue triangle or a green circle, which no training caption does), `--samples` images each, at every
+guidance scale. The checker (`shared.data.shapes.caption_matches`) scores each image: one object, or two
+and their relation. Everything goes to <output>/results.json; the table is printed as markdown, and
+<output>/<arch>_guidance<g>.png shows a few prompts with their samples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_module, steps_for_cpu_seconds  # noqa: E402
+
+from pipelines import Pipeline  # noqa: E402
+from pipelines.captions import caption_accuracy, save_prompt_grid  # noqa: E402
+from shared.data.shapes import shapes_split  # noqa: E402
+from stage1_vqvae import load_tokenizer  # noqa: E402
+from stage2_prior import Prior  # noqa: E402
+from stage2_prior.registry import recipe_flags  # noqa: E402
+
+TOKENIZER = ["--dataset", "shapes", "--codebook-size", "256", "--max-steps", "1000"]
+COMMON = ["--dropout", "0.1", "--caption-dropout", "0.1", "--warmup-steps", "50", "--sample-every", "1000000"]
+KINDS = ("single", "relation", "single_heldout", "relation_heldout")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--cpu-seconds", type=float, default=300.0, help="training CPU time of each prior")
+    parser.add_argument("--archs", nargs="+", default=["transformer"], help="text-conditioned archs to compare")
+    parser.add_argument("--text-encoders", nargs="+", default=["transformer"])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 3.0])
+    parser.add_argument("--prompts", type=int, default=100, help="prompts from each of test and heldout")
+    parser.add_argument("--samples", type=int, default=2, help="images per prompt")
+    parser.add_argument("--tokenizer-steps", type=int, default=None)
+    args = parser.parse_args()
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer_flags = TOKENIZER + (["--max-steps", str(args.tokenizer_steps)] if args.tokenizer_steps else [])
+    tokenizer, codes = output / "tokenizer", output / "codes"
+    if not (tokenizer / "model.safetensors").exists():
+        tokenizer_metrics, _ = run_module("stage1_vqvae.train", "--output-dir", str(tokenizer), "--overwrite",
+                                          *tokenizer_flags, "--no-progress")
+    else:
+        tokenizer_metrics = json.loads((tokenizer / "metrics.json").read_text())
+    if not (codes / "codes.json").exists():
+        run_module("stage1_vqvae.export", "--tokenizer", str(tokenizer), "--dataset", "shapes", "--output", str(codes),
+                   "--no-progress")
+    prompts = [caption for split in ("test", "heldout") for caption in shapes_split(split, args.prompts)[1]]
+    prompts = [prompt for prompt in prompts for _ in range(args.samples)]
+    results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")},
+               "cpu_seconds": args.cpu_seconds, "prompts": len(prompts), "runs": []}
+    for arch in args.archs:
+        for encoder in args.text_encoders:
+            name = f"{arch}_{encoder}"
+            flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON]
+            steps = steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}", args.cpu_seconds)
+            metrics, seconds = run_module("stage2_prior.train", *flags, "--output-dir", str(output / name),
+                                          "--overwrite", "--max-steps", str(steps), "--eval-every",
+                                          str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
+            pipeline = Pipeline(load_tokenizer(tokenizer), Prior.from_pretrained(output / name), check_provenance=True)
+            for guidance in args.guidance:
+                samples = pipeline.generate(len(prompts), prompt=prompts, seed=0, guidance_scale=guidance,
+                                            output_type="pt", progress=False)
+                images = samples.images.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+                accuracy = caption_accuracy(images, prompts)
+                picked = [index for index in range(0, len(prompts), len(prompts) // 8 // args.samples * args.samples)][:8]
+                rows = [index + offset for index in picked for offset in range(args.samples)]
+                save_prompt_grid(samples.images[rows], [prompts[index] for index in rows], args.samples,
+                                 output / f"{name}_guidance{guidance:g}.png")
+                results["runs"].append({"arch": arch, "text_encoder": encoder, "steps": steps, "train_cpu_seconds":
+                                        seconds, "bits_per_code": metrics.get("bits_per_code",
+                                                                              metrics.get("masked_bits_per_code")),
+                                        "guidance": guidance, "accuracy": accuracy})
+                print(f"{name} guidance {guidance:g}: {accuracy}", file=sys.stderr)
+            (output / "results.json").write_text(json.dumps(results, indent=2))
+    print("| arch | text encoder | steps (CPU s) | bits/code | guidance | all | one object | relation | one object, "
+          "held out | relation, held out |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run in results["runs"]:
+        scores = run["accuracy"]
+        cells = " | ".join(f"{scores[kind]:.1%} ({scores['n_' + kind]})" if kind in scores else "-" for kind in KINDS)
+        print(f"| {run['arch']} | {run['text_encoder']} | {run['steps']} ({run['train_cpu_seconds']:.0f}) | "
+              f"{run['bits_per_code']:.2f} | {run['guidance']:g} | {scores['all']:.1%} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
