@@ -20,6 +20,9 @@ from shared.errors import UserError
 from stage2_prior.text import TextMemory, encode_captions, null_captions
 
 
+Prompt = str | list[str] | torch.Tensor | None  # one caption for every sample, one per sample, or token ids
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
     """The checked conditions of a batch: labels (B,) int64 or None; code_map (B, hc, wc[, Dc]) int or None;

@@ -130,3 +130,12 @@ def build_head(config) -> nn.Module:
 # Format 1 kept the head's layers on the prior itself.
 FORMAT1_HEAD_NAMES = {"head_hidden.": "head.hidden.", "head_out.": "head.out.",
                       "depth_embedding.": "head.depth_embedding.", "depth_position": "head.depth_position"}
+
+
+def upgrade_format1_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Format-1 weights (the head's layers on the prior itself) under the current names."""
+    renamed = {}
+    for name, tensor in weights.items():
+        old = next((prefix for prefix in FORMAT1_HEAD_NAMES if name.startswith(prefix)), None)
+        renamed[FORMAT1_HEAD_NAMES[old] + name[len(old):] if old else name] = tensor
+    return renamed

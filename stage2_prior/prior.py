@@ -37,16 +37,15 @@ from shared.codes import SINGLE_LEVEL, scale_level_name
 from shared.config import read_json
 from shared.errors import UserError
 from shared.pretrained import CONFIG_NAME, PretrainedModel
-from stage2_prior.conditioning import (ConditionNetwork, Conditioning, Context, check_context, dropped_labels,
-                                       dropped_text, label_rows)
+from stage2_prior.conditioning import (ConditionNetwork, Conditioning, Context, Prompt, check_context,
+                                       dropped_labels, dropped_text, label_rows)
 from stage2_prior.config import PriorConfig, upgrade_format1
 from stage2_prior.decoding import (PRECISIONS, BeamSearchOutput, Sampler, SamplingOptions, SamplingStats, beam_search,
                                    cast_copy, check_num_beams, check_num_samples, draw, evaluation, resolve_seed,
                                    sampling_options)
-from stage2_prior.heads import FORMAT1_HEAD_NAMES, build_head
+from stage2_prior.heads import build_head, upgrade_format1_weights
 from stage2_prior.incremental import IncrementalState
-from stage2_prior.text import TextEncoder
-
+from stage2_prior.text import TextEncoder, text_heads
 
 
 class Prior(PretrainedModel):
@@ -84,11 +83,7 @@ class Prior(PretrainedModel):
 
     @classmethod
     def upgrade_weights(cls, weights: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
-        renamed = {}
-        for name, tensor in weights.items():
-            old = next((prefix for prefix in FORMAT1_HEAD_NAMES if name.startswith(prefix)), None)
-            renamed[FORMAT1_HEAD_NAMES[old] + name[len(old):] if old else name] = tensor
-        return renamed
+        return upgrade_format1_weights(weights)
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__(config)
@@ -196,7 +191,7 @@ class Prior(PretrainedModel):
                             f"[{int(codes.min())}, {int(codes.max())}]")
 
     def context(self, labels: torch.Tensor | int | None, condition: torch.Tensor | None, batch_size: int,
-                prompt: str | list[str] | torch.Tensor | None = None) -> Context:
+                prompt: Prompt = None) -> Context:
         """The checked conditions of a batch (labels, condition code map, prompt) on the model's device."""
         return check_context(self.config, labels, condition, batch_size, self.device, prompt)
 
@@ -257,7 +252,7 @@ class Prior(PretrainedModel):
         return self.head(features, stacked)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-                condition: torch.Tensor | None = None, prompt: str | list[str] | torch.Tensor | None = None
+                condition: torch.Tensor | None = None, prompt: Prompt = None
                 ) -> torch.Tensor:
         """Codes (B, h, w[, D]) int -> logits (B, V, h, w[, D]): log-probabilities up to a constant of each
         code given the codes before it in raster-then-stack order (and the label, condition map and prompt)."""
@@ -267,7 +262,7 @@ class Prior(PretrainedModel):
         return logits.reshape(*logits.shape[:2], *self.code_shape)  # (B, V, *code_shape)
 
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-            condition: torch.Tensor | None = None, prompt: str | list[str] | torch.Tensor | None = None) -> torch.Tensor:
+            condition: torch.Tensor | None = None, prompt: Prompt = None) -> torch.Tensor:
         """Mean negative log-likelihood per code in nats (the training loss)."""
         self.check_codes(codes)
         context = self.context(labels, condition, codes.shape[0], prompt)
@@ -290,7 +285,7 @@ class Prior(PretrainedModel):
 
     def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
                  condition: torch.Tensor | None = None, precision: str = "float64",
-                 prompt: str | list[str] | torch.Tensor | None = None) -> torch.Tensor:
+                 prompt: Prompt = None) -> torch.Tensor:
         """Log-likelihood of each grid (B,) in nats (float64): the sum over its codes of log p(code | before).
         The network runs in `precision` (float64 by default, so scores do not depend on the batch)."""
         if precision not in PRECISIONS:
@@ -317,7 +312,7 @@ class Prior(PretrainedModel):
                precision: str = "float64", window: int | None = None, guidance_schedule: str = "constant",
                steps: int | None = None, confidence_temperature: float = 4.5, options: SamplingOptions | None = None,
                sampler: Sampler | None = None, return_stats: bool = False,
-               prompt: str | list[str] | torch.Tensor | None = None
+               prompt: Prompt = None
                ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
         """Draw codes (num_samples, h, w[, D]) in raster order, then the stack.
 
@@ -360,7 +355,7 @@ class Prior(PretrainedModel):
                  sample_offset: int = 0, condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
                  strategy: str = "sample", precision: str = "float64", window: int | None = None,
                  guidance_schedule: str = "constant", steps: int | None = None, confidence_temperature: float = 4.5,
-                 options: SamplingOptions | None = None, prompt: str | list[str] | None = None) -> torch.Tensor:
+                 options: SamplingOptions | None = None, prompt: Prompt = None) -> torch.Tensor:
         """Keep `codes` where `known_mask` (the shape of codes) is True and sample the rest in order.
 
         The prior conditions only on codes earlier in raster order: a known code after an unknown one
@@ -383,7 +378,7 @@ class Prior(PretrainedModel):
     def beam_search(self, num_samples: int = 1, labels: torch.Tensor | int | None = None, num_beams: int = 4, *,
                     condition: torch.Tensor | None = None, guidance_scale: float = 0.0,
                     guidance_schedule: str = "constant", method: str | None = None,
-                    precision: str = "float64", prompt: str | list[str] | None = None) -> BeamSearchOutput:
+                    precision: str = "float64", prompt: Prompt = None) -> BeamSearchOutput:
         """The most likely grids under the prior found by beam search over raster-then-stack order:
         `num_beams` partial grids kept per sample, scored by their total (guided) log-probability.
         Returns the best grid of each sample, its log-probability under the prior (`log_prob`, nats)
@@ -403,11 +398,6 @@ class Prior(PretrainedModel):
             codes, score = beam_search(sampler, num_samples, context, num_beams)
         return BeamSearchOutput(self.public(codes), self.stack_log_prob(codes, context, sampler.options.precision),
                                 score)
-
-
-def text_heads(channels: int) -> int:
-    """Attention heads of the text encoder and cross-attention: 64-channel heads, or fewer that divide the width."""
-    return next(heads for heads in (max(1, channels // 64), 4, 2, 1) if channels % heads == 0)
 
 
 def bits_per_code(nats: float) -> float:

@@ -147,6 +147,11 @@ class CrossAttention(nn.Module):
         return F.dropout(update, self.dropout, self.training)
 
 
+def text_heads(channels: int) -> int:
+    """Attention heads of the text encoder and cross-attention: 64-channel heads, or fewer that divide the width."""
+    return next(heads for heads in (max(1, channels // 64), 4, 2, 1) if channels % heads == 0)
+
+
 def check_text_encoder(name: str | None) -> None:
     if name is not None and name not in TEXT_ENCODERS:
         raise UserError(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)} (or None), got {name!r}")
