@@ -49,6 +49,12 @@ class PretrainedModel(torch.nn.Module):
         """Weights saved with format `version` under the current names (the base class renames nothing)."""
         return weights
 
+    @classmethod
+    def resolve_config(cls, config: Any, directory: Path) -> Any:
+        """The config of a folder as the model is built from it: paths it holds relative to `directory` made
+        absolute (the base class's configs hold none)."""
+        return config
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
@@ -82,7 +88,7 @@ class PretrainedModel(torch.nn.Module):
     def from_pretrained(cls: type[ModelT], directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ModelT:
         """Rebuild a model from a folder written by `save_pretrained`, in eval mode."""
         config, version = load_pretrained_config(cls, directory)
-        model = cls(config)
+        model = cls(cls.resolve_config(config, Path(directory)))
         weights = load_weights(Path(directory) / WEIGHTS_NAME, map_location)
         if version != cls.format_version:
             weights = cls.upgrade_weights(weights, version)

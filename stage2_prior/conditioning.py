@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.errors import UserError
-from stage2_prior.text import TextMemory, encode_captions, null_captions
+from stage2_prior.pretrained_text import encode_with
+from stage2_prior.text import TextMemory, encode_captions
 
 
 Prompt = str | list[str] | torch.Tensor | None  # one caption for every sample, one per sample, or token ids
@@ -55,7 +56,7 @@ class Context:
             dropped = labels if config.null_class is None else torch.full_like(labels, config.null_class)
             labels = torch.cat([labels, dropped])
         if text is not None:
-            dropped = text if not config.caption_dropout else null_captions(len(text), text.shape[1], text.device)
+            dropped = text if not config.caption_dropout else null_prompts(config, len(text), text.device)
             text = torch.cat([text, dropped])
         return Context(labels, None if code_map is None else torch.cat([code_map, code_map]), text)
 
@@ -138,7 +139,20 @@ def check_prompt(config, prompt: str | list[str] | torch.Tensor | None, batch_si
                         f"{'values' if not all(isinstance(text, str) for text in prompts) else 'strings'}")
     if any(not text.strip() for text in prompts):
         raise UserError("a prompt is empty: give every sample some text")
-    return encode_captions(config.text_tokenizer, prompts, config.text_length).to(device)
+    return encode_prompts(config, prompts).to(device)
+
+
+def encode_prompts(config, captions: list[str | None], warn_truncated: bool = True) -> torch.Tensor:
+    """Captions -> token ids (B, text_length) by the prior's tokenizer (its own BPE, or a pretrained encoder's);
+    a None caption is the null caption."""
+    if config.text_encoder_path is not None:
+        return encode_with(config.text_encoder_path, captions, config.text_length, warn_truncated)
+    return encode_captions(config.text_tokenizer, captions, config.text_length, warn_truncated)
+
+
+def null_prompts(config, count: int, device: torch.device) -> torch.Tensor:
+    """The null caption of classifier-free guidance, `count` times: (count, text_length) int64."""
+    return encode_prompts(config, [None], warn_truncated=False).to(device).expand(count, -1)
 
 
 def check_context(config, labels, condition, batch_size: int, device: torch.device, prompt=None) -> Context:
@@ -167,7 +181,7 @@ def dropped_text(config, text: torch.Tensor | None, training: bool) -> torch.Ten
     if text is None or not config.caption_dropout or not training:
         return text
     drop = torch.rand(len(text), device=text.device) < config.caption_dropout  # (B,)
-    return torch.where(drop[:, None], null_captions(len(text), text.shape[1], text.device), text)
+    return torch.where(drop[:, None], null_prompts(config, len(text), text.device), text)
 
 
 class ConditionNetwork(nn.Module):

@@ -66,6 +66,10 @@ class PriorConfig:
                                             "cross-attention (Parti); bpe: caption tokens prefix the code tokens in "
                                             "one causal stream (DALL-E; arch transformer); None: no text conditioning")
     text_tokenizer: Any = option(None, "the caption tokenizer (a `tokenizers` BPE, as its JSON object)", flag=False)
+    text_encoder_path: str | None = option(None, "a local transformers folder (T5 or CLIP text model): its frozen "
+                                                 "hidden states, read by cross-attention, instead of a trained encoder "
+                                                 "(the prior keeps a copy in its folder)")
+    text_encoder_sha256: str | None = option(None, "sha256 of the pretrained text encoder's weights", flag=False)
     text_length: int = option(32, "caption tokens the prior reads ([BOS] included); longer prompts are cut")
     text_layers: int = option(2, "layers of the text encoder")
     text_loss_weight: float = option(0.125, "with text_encoder bpe: the weight of the caption tokens' loss, "
@@ -117,15 +121,20 @@ class PriorConfig:
         if not 0.0 <= self.caption_dropout < 1.0:
             raise UserError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if self.text_encoder is None:
-            if self.caption_dropout > 0:
-                raise UserError("caption dropout (classifier-free guidance on text) needs a text-conditioned prior")
+            if self.caption_dropout > 0 or self.text_encoder_path is not None:
+                raise UserError("caption dropout and --text-encoder-path need a text-conditioned prior "
+                                "(--text-encoder transformer)")
             return
         check_text_encoder(self.text_encoder)
         if self.text_encoder not in spec.text_encoders:
             takers = " or ".join(text_archs(self.text_encoder))
             what = "no text conditioning" if not spec.text_encoders else f"no text encoder {self.text_encoder!r}"
             raise UserError(f"arch {self.arch} takes {what}: use --arch {takers}, or pass --text-encoder none")
-        if self.text_tokenizer is None:
+        if self.text_encoder_path is not None:
+            if self.text_encoder != "transformer":
+                raise UserError("--text-encoder-path gives the encoder that cross-attention reads: use it with "
+                                "--text-encoder transformer")
+        elif self.text_tokenizer is None:
             raise UserError("a text-conditioned prior needs its caption tokenizer (text_tokenizer)")
         if not 0.0 <= self.text_loss_weight < 1.0:
             raise UserError(f"text_loss_weight must lie in [0, 1), got {self.text_loss_weight}")

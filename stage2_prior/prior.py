@@ -45,6 +45,7 @@ from stage2_prior.decoding import (PRECISIONS, BeamSearchOutput, Sampler, Sampli
                                    sampling_options)
 from stage2_prior.heads import build_head, upgrade_format1_weights
 from stage2_prior.incremental import IncrementalState
+from stage2_prior.pretrained_text import PretrainedTextEncoder, resolve_encoder_path, save_with_encoder
 from stage2_prior.text import TextEncoder, text_heads
 
 
@@ -78,6 +79,15 @@ class Prior(PretrainedModel):
         return super().from_pretrained.__func__(cls, directory, map_location)  # its one-line errors
 
     @classmethod
+    def resolve_config(cls, config: PriorConfig, directory: Path) -> PriorConfig:
+        """A saved prior's pretrained text encoder is its own copy, `text_encoder/` in its folder."""
+        return resolve_encoder_path(config, directory)
+
+    def save_pretrained(self, directory) -> Path:
+        """config.json + model.safetensors, and a pretrained text encoder's folder beside them (`text_encoder/`)."""
+        return save_with_encoder(self, directory, super().save_pretrained)
+
+    @classmethod
     def upgrade_config(cls, values: dict[str, Any], version: int, source: str) -> dict[str, Any]:
         return upgrade_format1(values)
 
@@ -97,9 +107,12 @@ class Prior(PretrainedModel):
                                                    tuple(config.latent_shape), channels)
                                   if config.condition_vocab_size is not None else None)
         self.head = build_head(config)
-        self.text_encoder = (TextEncoder(config.text_vocab_size, config.text_length, channels, text_heads(channels),
-                                         config.text_layers, config.dropout)
-                             if config.text_encoder == "transformer" else None)
+        self.text_encoder = None
+        if config.text_encoder_path is not None:  # frozen, pretrained: kept as its own folder (text_encoder/)
+            self.text_encoder = PretrainedTextEncoder(config.text_encoder_path, channels)
+        elif config.text_encoder == "transformer":
+            self.text_encoder = TextEncoder(config.text_vocab_size, config.text_length, channels, text_heads(channels),
+                                            config.text_layers, config.dropout)
 
     # ------------------------------------------------------------------------------------------
     # The arch's part (see the module docstring)

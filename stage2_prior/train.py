@@ -17,6 +17,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,11 +34,14 @@ from stage1_vqvae.tokenizer import load_tokenizer, tokenizer_class, tokenizer_fo
 from stage2_prior.config import PriorConfig, Stage2TrainConfig, check_option_names, default_max_steps
 from stage2_prior.prior import Prior
 from stage2_prior.registry import ARCHS, arch_spec, option_owners
-from stage2_prior.text import encode_captions, train_text_tokenizer
+from stage2_prior.conditioning import encode_prompts
+from stage2_prior.pretrained_text import check_encoder_folder, encoder_sha256
+from stage2_prior.text import train_text_tokenizer
 
 # PriorConfig fields that come from the codes, not from flags (the run's --level and --condition-level pick them)
 FROM_CODES = frozenset({"vocab_size", "latent_shape", "num_classes", "depth", "condition_vocab_size",
-                        "condition_shape", "tokenizer_sha256", "level", "condition_level", "scales", "text_tokenizer"})
+                        "condition_shape", "tokenizer_sha256", "level", "condition_level", "scales", "text_tokenizer",
+                        "text_encoder_sha256"})
 SAMPLE_SEED = 1234
 SAMPLES_PER_ROW = 8
 
@@ -145,6 +149,11 @@ def text_settings(arch: str, values: dict, train_config: Stage2TrainConfig, trai
     if captions is None:
         raise UserError(f"--text-encoder {encoder}: these codes have no captions; export a captioned source "
                         "(vqvae-export --caption-column ...), or drop --text-encoder")
+    path = values.get("text_encoder_path")
+    if path is not None:  # a pretrained encoder brings its own tokenizer
+        check_encoder_folder(path)
+        path = str(Path(path).expanduser().resolve())
+        return {"text_encoder": encoder, "text_encoder_path": path, "text_encoder_sha256": encoder_sha256(path)}
     if train_config.text_vocab_size < 8:
         raise UserError(f"--text-vocab-size must be at least 8, got {train_config.text_vocab_size}")
     known = [caption for caption in captions if caption is not None]
@@ -168,7 +177,7 @@ def with_captions(codes: CodesDataset, config: PriorConfig, strict: bool, what: 
         codes = codes.subset(np.flatnonzero(~missing))
     if not len(codes):
         raise UserError(f"no {what} row has a caption; export a captioned source, or pass --text-encoder none")
-    return codes.with_text(encode_captions(config.text_tokenizer, list(codes.captions), config.text_length))
+    return codes.with_text(encode_prompts(config, list(codes.captions)))
 
 
 class TrainingObjective(torch.nn.Module):

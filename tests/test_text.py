@@ -230,6 +230,22 @@ def test_training_on_captioned_codes(shapes_run, tmp_path, capsys):
                  "--num-layers", "1", "--no-progress", "--text-encoder", "transformer"])
     assert code == 2 and "arch gated takes no text conditioning" in capsys.readouterr().err
     assert not (tmp_path / "gated").exists()
+    code = main(["--codes", str(shapes_run / "codes"), "--output-dir", str(tmp_path / "bad"), "--arch", "transformer",
+                 "--text-encoder-path", str(tmp_path), "--no-progress"])
+    assert code == 2 and "is not a transformers model folder" in capsys.readouterr().err
+
+
+def test_training_with_a_pretrained_text_encoder(shapes_run, caption_tokenizer, tmp_path):
+    from stage2_prior.train import train
+
+    folder = tiny_encoder_folder(tmp_path / "clip", "clip", caption_tokenizer)
+    train(["--codes", str(shapes_run / "codes"), "--output-dir", str(tmp_path / "prior"), "--arch", "transformer",
+           "--hidden-channels", "16", "--num-layers", "1", "--num-heads", "2", "--text-encoder-path", str(folder),
+           "--text-length", "12", "--max-steps", "2", "--eval-every", "2", "--save-every", "2", "--sample-every", "2",
+           "--no-progress"])
+    prior = Prior.from_pretrained(tmp_path / "prior")
+    assert (tmp_path / "prior" / "text_encoder" / "tokenizer.json").is_file() and prior.config.text_tokenizer is None
+    assert prior.sample(2, prompt=PROMPTS[:2], seed=0).shape == (2, 4, 4)
 
 
 def test_pipeline_prompts(shapes_run, tmp_path, capsys):
@@ -278,3 +294,69 @@ def test_bpe_caption_prefix_with_labels_and_a_code_map(caption_tokenizer):
                            model.stacked(codes)).mean()
     expected = 0.875 * image + 0.125 * model.text_nll(conditioning)
     assert torch.allclose(model.nll(codes, labels, condition, PROMPTS), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# A pretrained text encoder from a local transformers folder (a tiny random one: nothing is downloaded)
+# ------------------------------------------------------------------------------------------------
+
+def tiny_encoder_folder(root, kind: str, caption_tokenizer):
+    """A random tiny CLIP or T5 text encoder saved with a tokenizer (a BPE wrapped by transformers)."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(caption_tokenizer)),
+                                                     pad_token="[PAD]", bos_token="[BOS]", unk_token="[UNK]")
+    if kind == "clip":
+        config = transformers.CLIPTextConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, max_position_embeddings=16,
+                                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = transformers.CLIPTextModel(config)
+    else:
+        model = transformers.T5EncoderModel(transformers.T5Config(vocab_size=48, d_model=16, d_kv=8, d_ff=32,
+                                                                  num_layers=1, num_heads=2))
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_pretrained_text_encoder_from_a_local_folder(kind, caption_tokenizer, tmp_path):
+    folder = tiny_encoder_folder(tmp_path / kind, kind, caption_tokenizer)
+    torch.manual_seed(0)
+    model = Prior.from_config(PriorConfig.build(arch="transformer", **ARCHS["transformer"].tiny, vocab_size=9,
+                                                latent_shape=(3, 4), dropout=0.0, text_encoder="transformer",
+                                                text_encoder_path=str(folder), text_length=10,
+                                                caption_dropout=0.1)).eval()
+    frozen = {name: value.clone() for name, value in model.text_encoder.encoder.state_dict().items()}
+    codes = torch.randint(0, 9, (2, 3, 4), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model.nll(codes, prompt=PROMPTS[:2]).backward()
+    assert model.text_encoder.projection.weight.grad is not None
+    assert not any(name.startswith("text_encoder.encoder") for name in model.state_dict())
+    model.eval()
+    reference = model.sample(3, prompt=PROMPTS, seed=2, guidance_scale=2.0)
+    assert torch.equal(model.sample(1, prompt=PROMPTS[2], seed=2, sample_offset=2, guidance_scale=2.0), reference[2:])
+    assert torch.equal(model.sample(3, prompt=PROMPTS, seed=2, guidance_scale=2.0, method="naive"), reference)
+    model.save_pretrained(tmp_path / "prior")
+    saved = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert saved["text_encoder_path"] == "text_encoder" and (tmp_path / "prior" / "text_encoder" / "config.json").is_file()
+    import shutil
+
+    shutil.rmtree(folder)  # the saved prior needs nothing outside its folder
+    loaded = Prior.from_pretrained(tmp_path / "prior")
+    assert all(torch.equal(value, loaded.text_encoder.encoder.state_dict()[name]) for name, value in frozen.items())
+    assert torch.equal(loaded.sample(3, prompt=PROMPTS, seed=2, guidance_scale=2.0), reference)
+
+
+def test_bad_text_encoder_folders(tmp_path, caption_tokenizer):
+    from stage2_prior.pretrained_text import check_encoder_folder
+
+    with pytest.raises(UserError, match="is not a transformers model folder"):
+        check_encoder_folder(tmp_path)
+    import transformers
+
+    transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=48)).save_pretrained(
+        tmp_path / "gpt2")
+    with pytest.raises(UserError, match="holds a 'gpt2' model, not a text encoder"):
+        check_encoder_folder(tmp_path / "gpt2")

@@ -355,6 +355,11 @@ class TrainingSession:
                         raise UserError(f"{best / WEIGHTS_NAME} changed after step {record['step']} recorded it; "
                                         "restore it, or pass --no-keep-best to keep the last model")
                     os.replace(temporary, self.output_dir / name)
+                for folder in sorted(path for path in best.iterdir() if path.is_dir()):  # a model's own parts
+                    staging = self.output_dir / f".{folder.name}.tmp-{os.getpid()}"
+                    shutil.copytree(folder, staging, dirs_exist_ok=True)
+                    shutil.rmtree(self.output_dir / folder.name, ignore_errors=True)
+                    os.replace(staging, self.output_dir / folder.name)
             else:
                 self.unwrapped_model.save_pretrained(self.output_dir)
             for name, values in (extra_files or {}).items():

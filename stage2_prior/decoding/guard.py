@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stage2_prior.conditioning import Context
+from stage2_prior.conditioning import Context, encode_prompts
 from stage2_prior.decoding.options import SamplingOptions
 from stage2_prior.decoding.steps import CachedSteps
 
@@ -132,9 +132,9 @@ def probe(model, count: int = 2) -> tuple[torch.Tensor, Context]:
     if config.condition_grid is not None:
         code_map = torch.randint(0, config.condition_vocab_size, (count, *config.condition_grid), generator=generator)
     text = None
-    if config.text_encoder is not None:  # [BOS] and random caption tokens, padding in the second half
-        text = torch.randint(3, max(4, config.text_vocab_size), (count, config.text_length), generator=generator)
-        text[:, 0], text[:, config.text_length // 2 + 1:] = 1, 0
+    if config.text_encoder is not None:  # captions of different lengths, the null one among them
+        text = encode_prompts(config, [("a probe caption " * (k + 1)).strip() if k % 3 else None for k in range(count)],
+                              warn_truncated=False)
     device = model.device
     return codes.to(device), Context(*(None if value is None else value.to(device) for value in (labels, code_map, text)))
 
