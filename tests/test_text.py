@@ -33,7 +33,8 @@ def caption_tokenizer():
 def text_prior(arch: str, tokenizer, caption_dropout: float = 0.1, dtype=torch.float64, encoder: str = "transformer",
                **extra) -> Prior:
     torch.manual_seed(0)
-    values = {**ARCHS[arch].tiny, "vocab_size": 9, "latent_shape": (3, 4), "dropout": 0.0, "text_encoder": encoder, **extra,
+    shape = (1, 14) if ARCHS[arch].reads == "scales" else (3, 4)  # a pyramid of scales 1 2 3 is one row of 14
+    values = {**ARCHS[arch].tiny, "vocab_size": 9, "latent_shape": shape, "dropout": 0.0, "text_encoder": encoder, **extra,
               "text_tokenizer": tokenizer, "text_length": 12, "text_layers": 1, "caption_dropout": caption_dropout}
     model = Prior.from_config(PriorConfig.build(arch=arch, **values)).to(dtype).eval()
     for parameter in model.parameters():
@@ -161,7 +162,7 @@ def test_text_samples_are_exact_for_every_method_batch_and_guidance(arch, encode
 @pytest.mark.parametrize("arch, encoder", TEXT_CASES)
 def test_text_reaches_every_position_and_trains(arch, encoder, caption_tokenizer, tmp_path):
     model = text_prior(arch, caption_tokenizer, encoder=encoder)
-    codes = torch.randint(0, 9, (2, 3, 4), generator=torch.Generator().manual_seed(1))
+    codes = torch.randint(0, 9, (2, *model.code_shape), generator=torch.Generator().manual_seed(1))
     first = model(codes, prompt=[PROMPTS[0]] * 2)
     second = model(codes, prompt=[PROMPTS[0], PROMPTS[1]])
     assert torch.equal(first[0], second[0])  # rows do not mix

@@ -69,7 +69,8 @@ class VARPrior(Prior):
         self.start_token = None if self.label_rows else nn.Parameter(torch.randn(channels))
         self.position_embedding = nn.Parameter(torch.randn(config.num_positions, channels) * 0.02)
         self.scale_embedding = nn.Parameter(torch.randn(len(scales), channels) * 0.02)
-        self.blocks = nn.ModuleList(TransformerBlock(channels, config.options.num_heads, config.dropout, False)
+        text = config.text_encoder == "transformer"  # a caption read by cross-attention in every block
+        self.blocks = nn.ModuleList(TransformerBlock(channels, config.options.num_heads, config.dropout, False, text)
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         initialize_gpt(self.blocks)
@@ -116,7 +117,7 @@ class VARPrior(Prior):
             total = total + upsample(self.grid_of(embedded[:, first:first + count], index), side)
         tokens = torch.cat(inputs, dim=1)  # (B, N, C)
         for block in self.blocks:
-            tokens = block(tokens, None, mask=self.attention_mask)
+            tokens = block(tokens, None, mask=self.attention_mask, text=conditioning.text)
         return rearrange(self.final_norm(tokens), "b n c -> b c 1 n")  # (B, C, 1, N)
 
     def state_class(self) -> type[IncrementalState]:
@@ -140,6 +141,7 @@ class ScaleCache(IncrementalState):
         side = config.scales[-1]
         self.total = torch.zeros(batch, channels, side, side, device=model.device, dtype=dtype)
         self.labels = conditioning.labels
+        self.text = conditioning.text  # the encoded caption, or None
         self.scales_done = 0  # scales whose features were computed (and whose predecessor is in the sum)
         self.features: torch.Tensor | None = None  # (B, s^2, C) of the last scale computed
 
@@ -154,7 +156,7 @@ class ScaleCache(IncrementalState):
             self.total = self.total + upsample(model.grid_of(embedded, index - 1), model.config.scales[-1])
         tokens = model.scale_input(self.total, index, len(self.total), self.labels)  # (B, s_k^2, C)
         for block, keys, values in zip(model.blocks, self.keys, self.values):
-            tokens = block.block(tokens, keys, values, start)
+            tokens = block.block(tokens, keys, values, start, self.text)
         self.scales_done += 1
         self.features = model.final_norm(tokens)
         return self.features
@@ -173,11 +175,12 @@ class ScaleCache(IncrementalState):
         self.values = [tensor[index] for tensor in self.values]
         self.total = self.total[index]
         self.labels = None if self.labels is None else self.labels[index]
+        self.text = None if self.text is None else self.text.select(index)
         self.features = None if self.features is None else self.features[index]
 
 
 register_arch(ArchSpec(
     "var", VARPrior, "next-scale prediction over a multi-scale token pyramid (VAR): one pass per scale",
-    options=VAROptions, full_context=True, reads="scales", code_maps=False, stacks=False,
+    options=VAROptions, full_context=True, reads="scales", code_maps=False, stacks=False, text_encoders=("transformer",),
     heads=("softmax",), recipe=dict(num_layers=6, options=dict(num_heads=4)),
     tiny=dict(hidden_channels=12, num_layers=2, options=dict(num_heads=2), scales=(1, 2, 3))))
