@@ -153,7 +153,11 @@ class VQVAE(Tokenizer):
         """Encode, quantize (updating EMA codebooks in training mode) and decode."""
         self.check_images(images)
         codes, decoder_input, loss = self._encode(images)
-        reconstruction = self.decoder(decoder_input).clamp(-1.0, 1.0)  # (B, C, H, W)
+        raw = self.decoder(decoder_input)  # (B, C, H, W)
+        # clamped to the image range in value, with the gradient of the raw output: a plain clamp gives no
+        # gradient where the output left the range, and on images that are mostly background (-1: the shapes)
+        # the decoder pushed every pixel below -1 early on and never brought the objects back
+        reconstruction = raw + (raw.clamp(-1.0, 1.0) - raw).detach()
         return TokenizerOutput(reconstruction, self._public(codes), loss)
 
     def encode(self, images: torch.Tensor) -> Codes:
