@@ -320,13 +320,14 @@ class Pipeline:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  guidance_scale: float = 0.0, method: str | None = None, precision: str = "float64",
                  window: int | None = None, guidance_schedule: str = "constant", steps: int | None = None,
-                 confidence_temperature: float = 4.5, options: SamplingOptions | None = None) -> GenerationOutput:
+                 confidence_temperature: float = 4.5, options: SamplingOptions | None = None,
+                 prompt: str | list[str] | None = None) -> GenerationOutput:
         """Fill in the unknown part of images (B, C, H, W) in [-1, 1].
 
         known_mask (B, H, W) bool marks known pixels. A code keeps its value only when every pixel
         it covers is known (in pixel mode: the pixel itself); the others are sampled in raster order,
-        level by level, then everything is decoded. labels as in generate() (drawn from the seed for
-        a conditional prior when None). Returns images in [0, 1] (B, C, H, W) and the codes.
+        level by level, then everything is decoded. labels and prompt as in generate() (labels drawn from
+        the seed for a conditional prior when None). Returns images in [0, 1] (B, C, H, W) and the codes.
         """
         codes = self.encode(images)  # checks the images
         if known_mask.shape != (images.shape[0], *images.shape[2:]):
@@ -345,7 +346,8 @@ class Pipeline:
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
         labels = self.resolve_labels(images.shape[0], labels, seed)
+        prompts = self.resolve_prompts(images.shape[0], prompt)
         with torch.inference_mode():
-            completed = self._sample_chain(samplers, images.shape[0], labels, seed, 0, known=known)
+            completed = self._sample_chain(samplers, images.shape[0], labels, seed, 0, known=known, prompts=prompts)
             decoded = self.tokenizer.decode(self._public(completed))
         return GenerationOutput(decoded.float().add(1).div(2).clamp(0, 1).cpu(), to_cpu(self._public(completed)))

@@ -259,6 +259,11 @@ def test_pipeline_prompts(shapes_run, tmp_path, capsys):
     shifted = pipeline.iter_generate(1, prompt=PROMPTS[2:], seed=2, first_index=2, progress=False,
                                      guidance_scale=2.0)
     assert torch.equal(next(shifted)[1], batch.codes[2:])
+    images = batch.images * 2 - 1
+    known = torch.zeros(3, *images.shape[2:], dtype=torch.bool)
+    known[:, :8] = True  # the top rows kept, the rest drawn for each prompt
+    completed = pipeline.complete(images, known, prompt=PROMPTS, seed=3)
+    assert torch.equal(completed.codes[:, :2], pipeline.encode(images)[:, :2])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
     result = run_module("pipelines.generate", "--pipeline", str(shapes_run / "pipeline"), "--num-images", "2",
