@@ -64,7 +64,8 @@ class PriorConfig:
     # Text conditioning (stage2_prior.text): the encoder, and the caption tokenizer trained on the training captions
     text_encoder: str | None = option(None, "transformer: a text encoder trained with the prior, read by "
                                             "cross-attention (Parti); bpe: caption tokens prefix the code tokens in "
-                                            "one causal stream (DALL-E; arch transformer); None: no text conditioning")
+                                            "one causal stream (DALL-E; arch transformer); none: no text conditioning. "
+                                            "Unset: transformer on captioned codes for an arch that reads text")
     text_tokenizer: Any = option(None, "the caption tokenizer (a `tokenizers` BPE, as its JSON object)", flag=False)
     text_encoder_path: str | None = option(None, "a local transformers folder (T5 or CLIP text model): its frozen "
                                                  "hidden states, read by cross-attention, instead of a trained encoder "
