@@ -78,12 +78,13 @@ RECIPES = {
 SAMPLES_PER_CLASS = 10
 # Text to image on shapes: 32x32 RGB, the same tokenizer recipe; a transformer with a text encoder
 TEXT_PRIOR_FULL = ["--arch", "transformer", "--num-layers", "6", "--num-heads", "4", "--dropout", "0.1",
-                   "--caption-dropout", "0.1", "--max-steps", "1500", "--warmup-steps", "50", "--eval-every", "250",
-                   "--save-every", "500", "--sample-every", "500"]
+                   "--caption-dropout", "0.1", "--max-steps", "1200", "--warmup-steps", "50", "--eval-every", "300",
+                   "--save-every", "600", "--sample-every", "600"]
 TEXT_PRIOR_FAST = ["--arch", "transformer", "--hidden-channels", "16", "--num-layers", "2", "--num-heads", "2",
                    "--text-layers", "1", "--caption-dropout", "0.1", "--max-steps", "20", "--eval-every", "20",
                    "--save-every", "20", "--sample-every", "20"]
-RECIPES[("shapes", "full")] = (["--dataset", "shapes", "--max-steps", "1000", "--codebook-size", "256"],
+# (about 10 minutes on 2 CPU cores; a run of 1,000 tokenizer and 1,500 prior steps took 16: docs/benchmarks.md)
+RECIPES[("shapes", "full")] = (["--dataset", "shapes", "--max-steps", "600", "--codebook-size", "256"],
                                [("prior", TEXT_PRIOR_FULL)])
 RECIPES[("shapes", "fast")] = (["--dataset", "shapes", *TOKENIZER_FAST], [("prior", TEXT_PRIOR_FAST)])
 # the picture's prompts: one object and relations, seen and held-out (blue triangles, green circles) compositions

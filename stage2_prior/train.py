@@ -167,6 +167,9 @@ def with_captions(codes: CodesDataset, config: PriorConfig, strict: bool, what: 
     one are skipped with a warning, or refused with --strict-captions)."""
     if config.text_encoder is None:
         return codes
+    if codes.captions is None:
+        raise UserError(f"the {what} codes have no captions, and this prior is text-conditioned; export them from a "
+                        "captioned source (or validate on a held-out fraction: drop --validation-codes)")
     missing = np.array([caption is None for caption in codes.captions], dtype=bool)
     if missing.any():
         if strict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_TOKENIZER_FLAGS, run_module, tree_digest
+from conftest import run_module, tree_digest
 from pipelines.captions import caption_accuracy, prompt_kind
 from shared.codes import open_codes
 from shared.data import DataConfig, load_split, open_source
@@ -202,31 +202,29 @@ def test_prompt_errors(caption_tokenizer):
 
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory):
-    """A tiny tokenizer, captioned export and text prior on shapes, and their pipeline."""
-    from pipelines.pipeline import Pipeline
-    from stage1_vqvae.tokenizer import load_tokenizer
-    from stage1_vqvae.train import train as train_tokenizer
-    from stage2_prior.train import train as train_prior
+    """The text-to-image quickstart's fast run: a tiny tokenizer, captioned export and text prior on shapes, and
+    their pipeline; its summary."""
+    from pipelines.quickstart import quickstart
 
-    root = tmp_path_factory.mktemp("shapes")
-    train_tokenizer(["--dataset", "shapes", "--output-dir", str(root / "tokenizer"), "--max-steps", "4",
-                     "--eval-every", "4", "--save-every", "4", *TINY_TOKENIZER_FLAGS])
-    export(["--tokenizer", str(root / "tokenizer"), "--dataset", "shapes", "--split", "test", "--output",
-            str(root / "codes"), "--no-progress"])
-    train_prior(["--codes", str(root / "codes"), "--output-dir", str(root / "prior"), "--arch", "transformer",
-                 "--hidden-channels", "16", "--num-layers", "1", "--num-heads", "2", "--text-layers", "1",
-                 "--caption-dropout", "0.2", "--max-steps", "6", "--eval-every", "6", "--save-every", "6",
-                 "--sample-every", "6", "--no-progress"])
-    Pipeline(load_tokenizer(root / "tokenizer"), Prior.from_pretrained(root / "prior")).save_pretrained(root / "pipeline")
+    root = tmp_path_factory.mktemp("shapes") / "qs"
+    summary = quickstart(["--dataset", "shapes", "--fast", "--output-dir", str(root), "--no-progress"])
+    (root / "summary.json").write_text(json.dumps(summary))
     return root
+
+
+def test_quickstart_on_shapes(shapes_run):
+    summary = json.loads((shapes_run / "summary.json").read_text())
+    scores = summary["caption_accuracy"]
+    assert scores["n_all"] == 72 and 0 <= scores["all"] <= 1 and scores["n_relation_heldout"] > 0
+    assert Image.open(shapes_run / "samples.png").size[1] == 9 * (16 * 2 + 2)  # a row per prompt, tiles doubled
 
 
 def test_training_on_captioned_codes(shapes_run, tmp_path, capsys):
     from stage2_prior.train import main
 
     prior = Prior.from_pretrained(shapes_run / "prior")
-    assert prior.config.text_encoder == "transformer" and prior.config.caption_dropout == 0.2
-    assert (shapes_run / "prior" / "samples" / "samples_00000006.png").is_file()
+    assert prior.config.text_encoder == "transformer" and prior.config.caption_dropout == 0.1
+    assert (shapes_run / "prior" / "samples" / "samples_00000020.png").is_file()
     code = main(["--codes", str(shapes_run / "codes"), "--output-dir", str(tmp_path / "gated"), "--max-steps", "1",
                  "--num-layers", "1", "--no-progress", "--text-encoder", "transformer"])
     assert code == 2 and "arch gated takes no text conditioning" in capsys.readouterr().err
