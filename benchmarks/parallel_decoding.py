@@ -11,6 +11,26 @@ method "jacobi" in batches of the largest `--batches`, giving each sample's pass
 sampler needs); every Jacobi draw is checked against the cached sampler's. Then the wall time of one
 batch of each size, cached and Jacobi (fastest of `--repeats`). With `--windows`, windowed Jacobi for
 each window size on priors whose arch has a windowed step: passes and wall time at batch 1.
+
+The trained priors of docs/benchmarks.md (COMMON: --dropout 0.25 --warmup-steps 50):
+
+    python -m pipelines.quickstart --output-dir runs/quickstart          # runs/quickstart/prior, codes
+    python -m stage2_prior.train --codes runs/quickstart/codes --output-dir runs/bench/pixelsnail8 --arch pixelsnail \
+        --num-layers 12 --attention-every 4 --max-steps 800 COMMON
+    python -m stage2_prior.train --codes runs/quickstart/codes --output-dir runs/bench/transformer8 --arch transformer \
+        --num-layers 6 --num-heads 4 --max-steps 800 COMMON
+    python -m stage1_vqvae.train --output-dir runs/bench/tokenizer64 --image-size 64 --codebook-size 256 --max-steps 1000
+    python -m stage1_vqvae.export --tokenizer runs/bench/tokenizer64 --output runs/bench/codes16
+    python -m stage2_prior.train --codes runs/bench/codes16 --output-dir runs/bench/gated16 --num-layers 12 \
+        --max-steps 600 COMMON
+    python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+        from natural_photos import write_crops; write_crops(Path('runs/bench/crops'))"
+    python -m stage1_vqvae.export --tokenizer pixels:256 --dataset runs/bench/crops --image-size 32 \
+        --output runs/bench/pixels_train
+    python -m stage2_prior.train --codes runs/bench/pixels_train --output-dir runs/bench/pixels32 \
+        --hidden-channels 48 --num-layers 8 --max-steps 600 --eval-every 200 --save-every 200 --batch-size 32 COMMON
+    # the measured pixel prior is that run's step-400 model (runs/bench/pixels32/best/step_00000400): the run was
+    # stopped after it for time
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`Prior`: the arch contract, and what every prior shares whatever its network.
 
 p(codes) = prod over positions p in raster order, then over the stack d = 0..D-1 at p, of
-p(code[p, d] | codes before (p, d), label, condition map).
+p(code[p, d] | codes before (p, d), label, condition map, caption).
 
 An arch is a subclass of `Prior` with a registry entry (`register_arch(ArchSpec(...))` at the end of
 its file in `stage2_prior/archs/`; see `stage2_prior.registry`). It supplies:
