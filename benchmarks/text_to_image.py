@@ -3,6 +3,7 @@ held-out compositions, for each text encoder and guidance scale, at equal traini
 
     python benchmarks/text_to_image.py --output-dir runs/text --cpu-seconds 300
     python benchmarks/text_to_image.py --output-dir runs/text --archs transformer maskgit --guidance 0 1 3
+    (an existing <output>/tokenizer and <output>/codes are reused: e.g. the text quickstart's)
 
 One VQ-VAE tokenizer on shapes (32x32 RGB, 256 codes, 8x8 grid) and its captioned export of the train
 split; then for each arch (and text encoder), a prior trained for `--cpu-seconds` of CPU time (two short
@@ -27,7 +28,7 @@ from pipelines import Pipeline  # noqa: E402
 from pipelines.captions import caption_accuracy, save_prompt_grid  # noqa: E402
 from shared.data.shapes import shapes_split  # noqa: E402
 from stage1_vqvae import load_tokenizer  # noqa: E402
-from stage2_prior import Prior  # noqa: E402
+from stage2_prior import ARCHS, Prior  # noqa: E402
 from stage2_prior.registry import recipe_flags  # noqa: E402
 
 TOKENIZER = ["--dataset", "shapes", "--codebook-size", "256", "--max-steps", "1000"]
@@ -40,7 +41,8 @@ def main() -> None:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--cpu-seconds", type=float, default=300.0, help="training CPU time of each prior")
     parser.add_argument("--archs", nargs="+", default=["transformer"], help="text-conditioned archs to compare")
-    parser.add_argument("--text-encoders", nargs="+", default=["transformer"])
+    parser.add_argument("--text-encoders", nargs="+", default=["transformer", "bpe"],
+                        help="each arch runs with those of these it takes")
     parser.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     parser.add_argument("--prompts", type=int, default=100, help="prompts from each of test and heldout")
     parser.add_argument("--samples", type=int, default=2, help="images per prompt")
@@ -62,30 +64,31 @@ def main() -> None:
     prompts = [prompt for prompt in prompts for _ in range(args.samples)]
     results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")},
                "cpu_seconds": args.cpu_seconds, "prompts": len(prompts), "runs": []}
-    for arch in args.archs:
-        for encoder in args.text_encoders:
-            name = f"{arch}_{encoder}"
-            flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON]
-            steps = steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}", args.cpu_seconds)
-            metrics, seconds = run_module("stage2_prior.train", *flags, "--output-dir", str(output / name),
-                                          "--overwrite", "--max-steps", str(steps), "--eval-every",
-                                          str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
-            pipeline = Pipeline(load_tokenizer(tokenizer), Prior.from_pretrained(output / name), check_provenance=True)
-            for guidance in args.guidance:
-                samples = pipeline.generate(len(prompts), prompt=prompts, seed=0, guidance_scale=guidance,
-                                            output_type="pt", progress=False)
-                images = samples.images.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
-                accuracy = caption_accuracy(images, prompts)
-                picked = [index for index in range(0, len(prompts), len(prompts) // 8 // args.samples * args.samples)][:8]
-                rows = [index + offset for index in picked for offset in range(args.samples)]
-                save_prompt_grid(samples.images[rows], [prompts[index] for index in rows], args.samples,
-                                 output / f"{name}_guidance{guidance:g}.png")
-                results["runs"].append({"arch": arch, "text_encoder": encoder, "steps": steps, "train_cpu_seconds":
-                                        seconds, "bits_per_code": metrics.get("bits_per_code",
-                                                                              metrics.get("masked_bits_per_code")),
-                                        "guidance": guidance, "accuracy": accuracy})
-                print(f"{name} guidance {guidance:g}: {accuracy}", file=sys.stderr)
-            (output / "results.json").write_text(json.dumps(results, indent=2))
+    pairs = [(arch, encoder) for arch in args.archs for encoder in args.text_encoders
+             if encoder in ARCHS[arch].text_encoders]  # MaskGIT and VAR read captions by cross-attention only
+    for arch, encoder in pairs:
+        name = f"{arch}_{encoder}"
+        flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON]
+        steps = steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}", args.cpu_seconds)
+        metrics, seconds = run_module("stage2_prior.train", *flags, "--output-dir", str(output / name),
+                                      "--overwrite", "--max-steps", str(steps), "--eval-every",
+                                      str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
+        pipeline = Pipeline(load_tokenizer(tokenizer), Prior.from_pretrained(output / name), check_provenance=True)
+        for guidance in args.guidance:
+            samples = pipeline.generate(len(prompts), prompt=prompts, seed=0, guidance_scale=guidance,
+                                        output_type="pt", progress=False)
+            images = samples.images.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+            accuracy = caption_accuracy(images, prompts)
+            picked = [index for index in range(0, len(prompts), len(prompts) // 8 // args.samples * args.samples)][:8]
+            rows = [index + offset for index in picked for offset in range(args.samples)]
+            save_prompt_grid(samples.images[rows], [prompts[index] for index in rows], args.samples,
+                             output / f"{name}_guidance{guidance:g}.png")
+            results["runs"].append({"arch": arch, "text_encoder": encoder, "steps": steps, "train_cpu_seconds":
+                                    seconds, "bits_per_code": metrics.get("bits_per_code",
+                                                                          metrics.get("masked_bits_per_code")),
+                                    "guidance": guidance, "accuracy": accuracy})
+            print(f"{name} guidance {guidance:g}: {accuracy}", file=sys.stderr)
+        (output / "results.json").write_text(json.dumps(results, indent=2))
     print("| arch | text encoder | steps (CPU s) | bits/code | guidance | all | one object | relation | one object, "
           "held out | relation, held out |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
