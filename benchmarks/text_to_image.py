@@ -79,7 +79,7 @@ def main() -> None:
                                         output_type="pt", progress=False)
             images = samples.images.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
             accuracy = caption_accuracy(images, prompts)
-            picked = [index for index in range(0, len(prompts), len(prompts) // 8 // args.samples * args.samples)][:8]
+            picked = [index for index in range(0, len(prompts), max(1, len(prompts) // 8 // args.samples) * args.samples)][:8]
             rows = [index + offset for index in picked for offset in range(args.samples)]
             save_prompt_grid(samples.images[rows], [prompts[index] for index in rows], args.samples,
                              output / f"{name}_guidance{guidance:g}.png")

@@ -129,10 +129,17 @@ def check_prompt(config, prompt: str | list[str] | torch.Tensor | None, batch_si
         raise UserError("this prior is text-conditioned: pass a prompt (prompt= one string or one per sample; "
                         "--prompt or --prompts-file on the command line)")
     if isinstance(prompt, torch.Tensor):
-        if prompt.shape != (batch_size, config.text_length) or prompt.dtype.is_floating_point:
+        if (prompt.shape != (batch_size, config.text_length) or prompt.dtype.is_floating_point
+                or prompt.dtype == torch.bool):
             raise UserError(f"prompt token ids must be integers of shape ({batch_size}, {config.text_length}), got "
                             f"{prompt.dtype} {tuple(prompt.shape)}")
-        return prompt.to(device)
+        low, high = (-1, None) if config.text_encoder_path is not None else (0, config.text_vocab_size)
+        if prompt.numel() and (int(prompt.min()) < low or (high is not None and int(prompt.max()) >= high)):
+            raise UserError(f"prompt token ids must lie in [{low}, {high if high is not None else 'the vocabulary'}), "
+                            f"got values in [{int(prompt.min())}, {int(prompt.max())}]; pass the prompts as text")
+        return prompt.long().to(device)
+    if not isinstance(prompt, (str, list, tuple)):
+        raise UserError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
     if len(prompts) != batch_size or not all(isinstance(text, str) for text in prompts):
         raise UserError(f"prompt must be one string or {batch_size} strings, got {len(prompts)} "

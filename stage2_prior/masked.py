@@ -71,7 +71,7 @@ class MaskedPrior(Prior):
         return self.head(self.masked_features(stacked, hidden, conditioning), stacked)[..., 0, :]
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-                condition: torch.Tensor | None = None, prompt=None, hidden: torch.Tensor | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None, hidden: torch.Tensor | None = None, prompt=None) -> torch.Tensor:
         """Codes (B, h, w) -> logits (B, V, h, w) of every position given the codes not `hidden` ((B, h, w)
         bool; default: every position hidden, the first round of sampling)."""
         self.check_codes(codes)
@@ -83,7 +83,7 @@ class MaskedPrior(Prior):
         return rearrange(self.masked_logits(stacked, hidden, self.conditioning(context)), "b h w v -> b v h w")
 
     def nll(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,
-            condition: torch.Tensor | None = None, prompt=None, generator: torch.Generator | None = None
+            condition: torch.Tensor | None = None, generator: torch.Generator | None = None, prompt=None
             ) -> torch.Tensor:
         """The masked-token loss (nats per hidden code): cosine-schedule masks, cross-entropy at hidden positions."""
         self.check_codes(codes)
@@ -103,7 +103,7 @@ class MaskedPrior(Prior):
         batch, height, width = codes.shape
         hidden = torch.cat([random_masks(1, height * width, codes.device, torch.Generator(codes.device).manual_seed(
             VALIDATION_MASK_SEED + int(row))) for row in rows]).view(batch, height, width)
-        return self(codes, labels, condition, prompt, hidden=hidden), hidden
+        return self(codes, labels, condition, hidden=hidden, prompt=prompt), hidden
 
     def log_prob(self, *args, **kwargs) -> torch.Tensor:
         raise UserError(f"arch {self.config.arch!r} is a masked prior: it defines no exact likelihood of a grid (no "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -29,7 +30,8 @@ from stage2_prior.text import TextMemory
 ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
                    "clip_text_model": "CLIPTextModel", "clip": "CLIPTextModel", "siglip_text_model": "SiglipTextModel",
                    "bert": "BertModel"}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# one file, or the index of a sharded checkpoint (save_pretrained shards anything over 5 GB: T5-XL, T5-XXL)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 ENCODER_FOLDER = "text_encoder"  # its copy inside a prior's folder
 
 
@@ -64,8 +66,11 @@ def check_encoder_folder(path: str | Path) -> str:
 
 
 def encoder_sha256(path: str | Path) -> str:
-    path = Path(path)
-    return file_sha256(next(path / name for name in WEIGHT_FILES if (path / name).is_file()))
+    """One sha256 over every file of the folder (weights, config, tokenizer), by name and content."""
+    digest = hashlib.sha256()
+    for file in sorted(file for file in Path(path).iterdir() if file.is_file()):
+        digest.update(file.name.encode() + b"\0" + file_sha256(file).encode())
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,8 +92,11 @@ def encode_with(path: str, captions: list[str | None], length: int, warn_truncat
         print(f"warning: {len(cut)} caption(s) are longer than the prior's {length} text tokens and were cut to it "
               f"(e.g. {texts[cut[0]]!r})", file=sys.stderr)
     ids = torch.full((len(texts), length), -1, dtype=torch.long)
+    # a caption must keep a visible token (cross-attention over none is undefined): a tokenizer that adds no
+    # special tokens encodes the null caption "" as nothing, which becomes its end (or padding) token
+    fallback = next((value for value in (tokenizer.eos_token_id, tokenizer.pad_token_id) if value is not None), 0)
     for row, tokens in enumerate(full):
-        tokens = tokens[:length]
+        tokens = tokens[:length] or [fallback]
         ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return ids
 
@@ -97,14 +105,20 @@ class PretrainedTextEncoder(nn.Module):
     """Token ids (B, L) (-1: padding) -> TextMemory: the frozen encoder's last hidden states, projected to
     `channels` and normalised (the projection is trained with the prior)."""
 
-    def __init__(self, path: str | Path, channels: int) -> None:
+    def __init__(self, path: str | Path, channels: int, length: int) -> None:
         super().__init__()
         transformers = _transformers()
         encoder_class = getattr(transformers, check_encoder_folder(path))
-        # kept out of the module tree: frozen, saved as its own folder, never in the prior's state dict
-        self.__dict__["encoder"] = encoder_class.from_pretrained(str(path), local_files_only=True).eval()
+        # kept out of the module tree: frozen, saved as its own folder, never in the prior's state dict; in
+        # float32 whatever its folder was saved in (the prior's dtype follows with .to())
+        self.__dict__["encoder"] = encoder_class.from_pretrained(str(path), local_files_only=True,
+                                                                 dtype=torch.float32).float().eval()
         self.encoder.requires_grad_(False)
         config = self.encoder.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and length > limit:
+            raise UserError(f"--text-length {length} is longer than the text encoder in {path} reads ({limit} "
+                            f"tokens); pass --text-length {limit} or less")
         width = getattr(config, "hidden_size", None) or getattr(config, "d_model")
         self.projection = nn.Linear(width, channels)
         self.norm = nn.LayerNorm(channels)

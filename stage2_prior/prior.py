@@ -109,7 +109,7 @@ class Prior(PretrainedModel):
         self.head = build_head(config)
         self.text_encoder = None
         if config.text_encoder_path is not None:  # frozen, pretrained: kept as its own folder (text_encoder/)
-            self.text_encoder = PretrainedTextEncoder(config.text_encoder_path, channels)
+            self.text_encoder = PretrainedTextEncoder(config.text_encoder_path, channels, config.text_length)
         elif config.text_encoder == "transformer":
             self.text_encoder = TextEncoder(config.text_vocab_size, config.text_length, channels, text_heads(channels),
                                             config.text_layers, config.dropout)
@@ -280,20 +280,29 @@ class Prior(PretrainedModel):
         self.check_codes(codes)
         context = self.context(labels, condition, codes.shape[0], prompt)
         stacked = self.stacked(codes)
-        conditioning = self.conditioning(context)
+        features = rearrange(self.features(stacked, self.conditioning(context)), "b c h w -> b h w c")
+        return self.head.nll(features, stacked).mean() / self.config.depth
+
+    def training_loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
+                      condition: torch.Tensor | None = None, prompt: Prompt = None) -> torch.Tensor:
+        """What training minimises: `nll`, and for an arch that models the caption's tokens too (text encoder
+        "bpe"), their NLL, weighted as DALL-E weights the two kinds of token (Ramesh et al. 2021, sec. 2.2:
+        1/8 text, 7/8 image; `text_loss_weight`)."""
+        if self.config.text_encoder != "bpe":
+            return self.nll(codes, labels, condition, prompt=prompt)
+        self.check_codes(codes)
+        stacked = self.stacked(codes)
+        conditioning = self.conditioning(self.context(labels, condition, codes.shape[0], prompt))
         features = rearrange(self.features(stacked, conditioning), "b c h w -> b h w c")
         loss = self.head.nll(features, stacked).mean() / self.config.depth
-        text_loss = self.text_nll(conditioning)
-        if text_loss is None:
-            return loss
-        # DALL-E's weighting of the two kinds of token (Ramesh et al. 2021, sec. 2.2: 1/8 text, 7/8 image)
-        return (1 - self.config.text_loss_weight) * loss + self.config.text_loss_weight * text_loss
+        weight = self.config.text_loss_weight
+        return (1 - weight) * loss + weight * self.text_nll(conditioning)
 
     def validation_scores(self, codes: torch.Tensor, labels: torch.Tensor | None, condition: torch.Tensor | None,
                           rows: torch.Tensor, prompt=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, V, *code_shape), weights (B, *code_shape)): what validation scores, at which positions, of
         the split's rows `rows` (B,) (an autoregressive prior: every code given the codes before it, everywhere)."""
-        return self(codes, labels, condition, prompt), torch.ones(codes.shape[:1] + self.code_shape, dtype=torch.bool,
+        return self(codes, labels, condition, prompt=prompt), torch.ones(codes.shape[:1] + self.code_shape, dtype=torch.bool,
                                                           device=codes.device)
 
     def log_prob(self, codes: torch.Tensor, labels: torch.Tensor | int | None = None,

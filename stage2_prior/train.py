@@ -193,7 +193,7 @@ class TrainingObjective(torch.nn.Module):
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
-        return self.prior.nll(codes, labels, condition, text)
+        return self.prior.training_loss(codes, labels, condition, prompt=text)
 
     def save_pretrained(self, directory) -> None:
         self.prior.save_pretrained(directory)
@@ -284,10 +284,10 @@ def prior_metrics(model: Prior, codes: CodesDataset, conditional: bool, device: 
         labels = labels.to(device) if conditional else None
         targets = grids.long()
         if mixture:
-            totals[1] += model.nll(grids, labels, condition, text).double() * targets.numel()  # the mean per code
+            totals[1] += model.nll(grids, labels, condition, prompt=text).double() * targets.numel()  # mean per code
             totals[0] += targets.numel()
         else:  # masked priors score their hidden positions, at masks seeded by each row's index
-            logits, weights = model.validation_scores(grids, labels, condition, indices, text)
+            logits, weights = model.validation_scores(grids, labels, condition, indices, prompt=text)
             logits = logits.float()
             totals[1] += (F.cross_entropy(logits, targets, reduction="none") * weights).sum().double()
             totals[2] += ((logits.argmax(1) == targets) & weights).sum().double()

@@ -47,18 +47,18 @@ def text_prior(arch: str, tokenizer, caption_dropout: float = 0.1, dtype=torch.f
 # ------------------------------------------------------------------------------------------------
 
 def test_shapes_checker_accepts_real_images_and_refuses_wrong_captions():
-    images, captions = shapes_split("heldout", 250)
+    images, captions = shapes_split("heldout")
     small = [resize_and_centre_crop(Image.fromarray(image), 32).transpose(1, 2, 0) for image in images]
     for pictures in (images, small):  # 64x64 as generated, and 32x32 as the quickstart reads them
         assert np.mean([caption_matches(image, caption) for image, caption in zip(pictures, captions)]) > 0.98
     shifted = captions[1:] + captions[:1]  # each image with another image's caption
-    assert np.mean([caption_matches(image, caption) for image, caption in zip(small, shifted)]) < 0.1
+    assert np.mean([caption_matches(image, caption) for image, caption in zip(small, shifted)]) < 0.04  # 3.5%
     # a relation reversed, on two-object images, is refused
     swapped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     two = [(image, caption) for image, caption in zip(small, captions) if parse_caption(caption)[1]]
     for old, new in swapped.items():
         refused = [not caption_matches(image, caption.replace(old, new)) for image, caption in two if old in caption]
-        assert np.mean(refused) > 0.9, old
+        assert np.mean(refused) > 0.9, old  # 94.8% over the four relations: two alike fit either way
 
 
 def test_shapes_splits_are_deterministic_and_held_out_compositions_never_train():
@@ -149,14 +149,14 @@ def test_text_samples_are_exact_for_every_method_batch_and_guidance(arch, encode
         reference = model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance)
         # the compiled step once (compiling costs seconds); a CUDA graph needs a GPU
         methods = [m for m in model.sampling_methods if m != "graph" and (m != "compiled" or not guidance)]
-        for method in methods:
-            assert torch.equal(model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance, method=method),
-                               reference), (method, guidance)
+        windowed = model.state_class() is not None and model.state_class().has_window()
+        for method, window in [(m, None) for m in methods] + ([("jacobi", 5)] if windowed else []):
+            for precision in ("float64", "float32"):
+                assert torch.equal(model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance, method=method,
+                                                window=window, precision=precision), reference), (method, guidance)
         # a prompt's sample does not depend on the other prompts of its batch
         alone = model.sample(1, prompt=PROMPTS[1], seed=5, sample_offset=1, guidance_scale=guidance)
         assert torch.equal(alone, reference[1:2])
-        assert torch.equal(model.sample(3, prompt=PROMPTS, seed=5, guidance_scale=guidance, precision="float32"),
-                           reference)
 
 
 @pytest.mark.parametrize("arch, encoder", TEXT_CASES)
@@ -184,6 +184,14 @@ def test_prompt_errors(caption_tokenizer):
         model.sample(2, prompt=PROMPTS, seed=0)
     with pytest.raises(UserError, match="a prompt is empty"):
         model.sample(1, prompt="  ", seed=0)
+    with pytest.raises(UserError, match=r"prompt token ids must lie in \[0, 48\), got values in \[1, 999\]"):
+        model.sample(1, prompt=torch.tensor([[1] + [999] * 11]), seed=0)
+    with pytest.raises(UserError, match="prompt must be a string or a list of strings, got int"):
+        model.sample(1, prompt=5, seed=0)
+    codes = model.sample(2, prompt=PROMPTS[:2], seed=0)  # the other entry points take prompts too
+    assert model.log_prob(codes, prompt=PROMPTS[:2]).shape == (2,)
+    beams = model.beam_search(2, prompt=PROMPTS[:2], num_beams=2)
+    assert torch.allclose(beams.log_prob, model.log_prob(beams.codes, prompt=PROMPTS[:2]))
     with pytest.raises(UserError, match="trained without caption dropout.*--caption-dropout 0.1"):
         model.sample(1, prompt=PROMPTS[0], seed=0, guidance_scale=2.0)
     plain = Prior.from_config(PriorConfig.build(arch="transformer", **ARCHS["transformer"].tiny, vocab_size=9,
@@ -280,7 +288,8 @@ def test_pipeline_prompts(shapes_run, tmp_path, capsys):
 
 def test_bpe_caption_prefix_with_labels_and_a_code_map(caption_tokenizer):
     """DALL-E's arrangement with every other condition: exact over methods and batches, the caption tokens' loss
-    weighted 1/8 against the codes' 7/8, and the caption's cached keys equal to the full forward's."""
+    weighted 1/8 against the codes' 7/8 in training (validation scores the codes alone), and the caption's cached
+    keys (first block) those of the joint forward."""
     model = text_prior("transformer", caption_tokenizer, encoder="bpe", num_classes=3, label_dropout=0.1,
                        condition_vocab_size=4, condition_shape=(3, 2))
     labels, condition = torch.tensor([0, 2, 1]), torch.randint(0, 4, (3, 3, 2), generator=torch.Generator().manual_seed(3))
@@ -297,7 +306,12 @@ def test_bpe_caption_prefix_with_labels_and_a_code_map(caption_tokenizer):
     image = model.head.nll(model.features(model.stacked(codes), conditioning).permute(0, 2, 3, 1),
                            model.stacked(codes)).mean()
     expected = 0.875 * image + 0.125 * model.text_nll(conditioning)
-    assert torch.allclose(model.nll(codes, labels, condition, PROMPTS), expected)
+    assert torch.allclose(model.training_loss(codes, labels, condition, prompt=PROMPTS), expected)
+    assert torch.allclose(model.nll(codes, labels, condition, prompt=PROMPTS), image)  # per code, as validation reads it
+    state = model.start(3, conditioning)  # the caption's cached keys and values are the joint forward's
+    tokens = model.caption_tokens(conditioning.text_ids)
+    _, _, keys, _ = model.blocks[0].queries_keys_values(tokens, tokens.new_zeros(tokens.shape))
+    assert torch.allclose(state.keys[0][:, :, :conditioning.text_ids.shape[1]], keys)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,6 +369,12 @@ def test_pretrained_text_encoder_from_a_local_folder(kind, caption_tokenizer, tm
 
 def test_bad_text_encoder_folders(tmp_path, caption_tokenizer):
     from stage2_prior.pretrained_text import check_encoder_folder
+
+    folder = tiny_encoder_folder(tmp_path / "clip", "clip", caption_tokenizer)
+    with pytest.raises(UserError, match="--text-length 40 is longer than the text encoder .* reads \\(16 tokens\\)"):
+        Prior.from_config(PriorConfig.build(arch="transformer", **ARCHS["transformer"].tiny, vocab_size=9,
+                                            latent_shape=(2, 2), text_encoder="transformer",
+                                            text_encoder_path=str(folder), text_length=40))
 
     with pytest.raises(UserError, match="is not a transformers model folder"):
         check_encoder_folder(tmp_path)

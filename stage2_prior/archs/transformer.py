@@ -211,7 +211,8 @@ class KVCache(IncrementalState):
         self.pending: tuple[int | None, list] = (None, [])  # the last window's start and keys and values
         self.condition = None  # (B, N, C): the condition network's features in raster order
         text = conditioning.text
-        self.text_states, self.text_mask = (None, None) if text is None else (text.states, text.mask)  # (B, L, C), (B, L)
+        # (B, L, C), (B, L): copies, which `reorder` permutes in place
+        self.text_states, self.text_mask = (None, None) if text is None else (text.states.clone(), text.mask.clone())
         if conditioning.code_map is not None:
             self.condition = rearrange(conditioning.code_map, "b c h w -> b (h w) c")
         if self.offset:  # the caption's keys and values, once: it reads only itself, causally
@@ -272,8 +273,9 @@ class KVCache(IncrementalState):
             tensor.copy_(tensor[index])  # in place: CUDA graphs read the caches at fixed addresses
         self.prefix = self.prefix[index]
         self.condition = None if self.condition is None else self.condition[index]
-        if self.text_states is not None:
-            self.text_states, self.text_mask = self.text_states[index], self.text_mask[index]
+        if self.text_states is not None:  # in place too
+            self.text_states.copy_(self.text_states[index])
+            self.text_mask.copy_(self.text_mask[index])
 
 
 register_arch(ArchSpec(
