@@ -33,7 +33,6 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from shared.codes import SINGLE_LEVEL, scale_level_name
 from shared.config import read_json
 from shared.errors import UserError
 from shared.pretrained import CONFIG_NAME, PretrainedModel
@@ -45,11 +44,12 @@ from stage2_prior.decoding import (PRECISIONS, BeamSearchOutput, Sampler, Sampli
                                    sampling_options)
 from stage2_prior.heads import build_head, upgrade_format1_weights
 from stage2_prior.incremental import IncrementalState
+from stage2_prior.levels import TokenizerLevels
 from stage2_prior.pretrained_text import PretrainedTextEncoder, resolve_encoder_path, save_with_encoder
 from stage2_prior.text import TextEncoder, text_heads
 
 
-class Prior(PretrainedModel):
+class Prior(TokenizerLevels, PretrainedModel):
     """Base of every prior arch (see the module docstring); `Prior.from_config(config)` builds the arch's class."""
 
     config_class = PriorConfig
@@ -157,33 +157,6 @@ class Prior(PretrainedModel):
         so that one network pass gives them all and their codes can be drawn at once (VAR's scales); None:
         every position reads the one before it."""
         return None
-
-    # ------------------------------------------------------------------------------------------
-    # The tokenizer levels it generates
-    # ------------------------------------------------------------------------------------------
-
-    @property
-    def level_names(self) -> tuple[str, ...]:
-        """The levels of the tokenizer's codes this prior generates: its one level, or every scale of a pyramid."""
-        if self.config.scales is not None:
-            return tuple(scale_level_name(side) for side in self.config.scales)
-        return (self.config.level or SINGLE_LEVEL,)
-
-    def split_levels(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Public codes -> {level: grid}, as the tokenizer decodes them (a pyramid: (B, s, s) per scale)."""
-        if self.config.scales is None:
-            return {self.level_names[0]: codes}
-        grids, start = {}, 0
-        for name, side in zip(self.level_names, self.config.scales):
-            grids[name] = codes[:, start:start + side * side].reshape(len(codes), side, side)
-            start += side * side
-        return grids
-
-    def join_levels(self, grids: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{level: grid} -> public codes (the inverse of `split_levels`)."""
-        if self.config.scales is None:
-            return grids[self.level_names[0]]
-        return torch.cat([grids[name].flatten(1) for name in self.level_names], dim=1)  # (B, N)
 
     @property
     def device(self) -> torch.device:
