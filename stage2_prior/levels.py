@@ -10,7 +10,6 @@ from shared.codes import SINGLE_LEVEL, scale_level_name
 class TokenizerLevels:
     """`level_names`, `split_levels` and `join_levels` of a prior with a `config` (a PriorConfig)."""
 
-
     @property
     def level_names(self) -> tuple[str, ...]:
         """The levels of the tokenizer's codes this prior generates: its one level, or every scale of a pyramid."""
