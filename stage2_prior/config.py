@@ -128,7 +128,8 @@ class PriorConfig:
             return
         check_text_encoder(self.text_encoder)
         if self.text_encoder not in spec.text_encoders:
-            takers = " or ".join(text_archs(self.text_encoder))
+            names = text_archs(self.text_encoder)
+            takers = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
             what = "no text conditioning" if not spec.text_encoders else f"no text encoder {self.text_encoder!r}"
             raise UserError(f"arch {self.arch} takes {what}: use --arch {takers}, or pass --text-encoder none")
         if self.text_encoder_path is not None:

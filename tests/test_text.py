@@ -168,7 +168,7 @@ def test_text_reaches_every_position_and_trains(arch, encoder, caption_tokenizer
     assert torch.equal(first[0], second[0])  # rows do not mix
     assert (first[1] - second[1]).abs().amax(0).min() > 1e-9  # the caption reaches every position
     model.train()
-    model.nll(codes, prompt=PROMPTS[:2]).backward()
+    model.training_loss(codes, prompt=PROMPTS[:2]).backward()  # with bpe, the caption tokens' loss too
     assert all(parameter.grad is not None for parameter in model.parameters())
     model.eval().save_pretrained(tmp_path / "prior")
     loaded = Prior.from_pretrained(tmp_path / "prior")
@@ -198,9 +198,9 @@ def test_prompt_errors(caption_tokenizer):
                                                 latent_shape=(2, 2)))
     with pytest.raises(UserError, match="this prior has no text conditioning: drop the prompt"):
         plain.sample(1, prompt=PROMPTS[0], seed=0)
-    with pytest.raises(UserError, match="arch gated takes no text conditioning: use --arch maskgit or transformer, or pass --text-encoder none"):
+    with pytest.raises(UserError, match="arch gated takes no text conditioning: use --arch maskgit, transformer or var, or pass --text-encoder none"):
         PriorConfig.build(arch="gated", text_encoder="transformer", text_tokenizer=caption_tokenizer)
-    with pytest.raises(UserError, match="caption dropout .* needs a text-conditioned prior"):
+    with pytest.raises(UserError, match="caption dropout and --text-encoder-path need a text-conditioned prior"):
         PriorConfig.build(arch="transformer", caption_dropout=0.1)
 
 
