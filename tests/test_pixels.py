@@ -57,6 +57,9 @@ def test_validation_scores_the_mixture_by_its_own_likelihood():
         def __getitem__(self, index):
             return grids[index], torch.zeros(len(index), dtype=torch.long)
 
+        def parts(self, item):  # (codes, labels, condition map, caption ids)
+            return (*item, None, None)
+
     metrics = prior_metrics(model, Rows(), conditional=False, device=torch.device("cpu"))
     with torch.no_grad():
         chain = torch.nn.functional.cross_entropy(model(grids), grids.long()).item() / math.log(2)
