@@ -2,6 +2,7 @@
 log-probabilities and images that release gave for the same seeds."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save
 
 from pipelines import Pipeline
 from shared.codes import open_codes
@@ -20,14 +22,31 @@ FIXTURES = Path(__file__).parent / "fixtures" / "release1"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """The release's folders as it saved them: a copy of the fixture tree with each model.safetensors written
+    back from its weights.json (the fixture keeps weights as text, no binary data), byte for byte: the sha256
+    the release recorded is checked, since priors and pipelines name their tokenizer by it."""
+    root = tmp_path_factory.mktemp("release1") / "release1"
+    shutil.copytree(FIXTURES, root)
+    for text in root.rglob("weights.json"):
+        values = json.loads(text.read_text())
+        arrays = {name: np.array(entry["values"].split(), dtype=entry["dtype"]).reshape(entry["shape"])
+                  for name, entry in values["tensors"].items()}
+        weights = save(arrays, metadata=values["metadata"])
+        assert hashlib.sha256(weights).hexdigest() == values["sha256"], text
+        (text.parent / "model.safetensors").write_bytes(weights)
+    return root
+
+
 def tensor(values) -> torch.Tensor | None:
     return None if values is None else torch.tensor(values)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["priors"]))
-def test_every_saved_prior_samples_the_same_codes(name):
+def test_every_saved_prior_samples_the_same_codes(name, saved):
     expected = EXPECTED["priors"][name]
-    prior = Prior.from_pretrained(FIXTURES / "priors" / name)
+    prior = Prior.from_pretrained(saved / "priors" / name)
     labels, condition = tensor(expected["labels"]), tensor(expected["condition"])
     codes = prior.sample(3, labels=labels, seed=11, condition=condition)
     assert codes.tolist() == expected["codes"]
@@ -39,15 +58,15 @@ def test_every_saved_prior_samples_the_same_codes(name):
         assert prior.sample(3, labels=labels, seed=11, guidance_scale=2.0).tolist() == expected["guided_codes"]
 
 
-def test_a_saved_pixelsnail_keeps_the_network_it_was_trained_with():
-    prior = Prior.from_pretrained(FIXTURES / "priors" / "pixelsnail_stack")
+def test_a_saved_pixelsnail_keeps_the_network_it_was_trained_with(saved):
+    prior = Prior.from_pretrained(saved / "priors" / "pixelsnail_stack")
     assert prior.config.options.full_context is False and prior.previous_codes is None
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["tokenizers"]))
-def test_every_saved_tokenizer_encodes_and_decodes_the_same(name):
+def test_every_saved_tokenizer_encodes_and_decodes_the_same(name, saved):
     expected = EXPECTED["tokenizers"][name]
-    tokenizer = load_tokenizer(FIXTURES / "tokenizers" / name)
+    tokenizer = load_tokenizer(saved / "tokenizers" / name)
     torch.manual_seed(expected["images_seed"])
     images = torch.rand(2, 1, 8, 8) * 2 - 1
     codes = tokenizer.encode(images)  # every quantizer: vq (one and two levels), fsq, rvq, lfq, simvq
@@ -57,18 +76,18 @@ def test_every_saved_tokenizer_encodes_and_decodes_the_same(name):
         assert tokenizer.decode(codes).double().sum().item() == pytest.approx(expected["decoded_sum"], abs=1e-4)
 
 
-def test_saved_pixel_tokenizer_encodes_and_decodes_the_same():
+def test_saved_pixel_tokenizer_encodes_and_decodes_the_same(saved):
     expected = EXPECTED["pixels"]
-    tokenizer = load_tokenizer(FIXTURES / "tokenizers" / "pixels")
+    tokenizer = load_tokenizer(saved / "tokenizers" / "pixels")
     torch.manual_seed(expected["images_seed"])
     images = torch.rand(2, 3, 3, 3) * 2 - 1
     codes = tokenizer.encode(images)
     assert codes.tolist() == expected["codes"] and tokenizer.decode(codes).tolist() == expected["decoded"]
 
 
-def test_saved_pipeline_generates_the_same_images():
+def test_saved_pipeline_generates_the_same_images(saved):
     expected = EXPECTED["pipelines"]["pipeline"]
-    pipeline = Pipeline.from_pretrained(FIXTURES / "pipeline", device="cpu")
+    pipeline = Pipeline.from_pretrained(saved / "pipeline", device="cpu")
     out = pipeline.generate(4, labels=expected["labels"], seed=expected["seed"], output_type="pt", progress=False)
     assert out.codes.tolist() == expected["codes"]
     assert out.images.double().sum().item() == pytest.approx(expected["images_sum"], abs=1e-4)
