@@ -71,13 +71,6 @@ def encode_captions(tokenizer_json: dict[str, Any], captions: Sequence[str | Non
     return ids
 
 
-def null_captions(count: int, length: int, device: torch.device | None = None) -> torch.Tensor:
-    """The null caption ([BOS], then padding) `count` times: (count, length) int64."""
-    ids = torch.full((count, length), PAD_ID, dtype=torch.long, device=device)
-    ids[:, 0] = BOS_ID
-    return ids
-
-
 @dataclasses.dataclass(frozen=True)
 class TextMemory:
     """What cross-attention reads: the encoded caption (B, L, C) and which of its tokens are real (B, L) bool."""
@@ -124,8 +117,8 @@ class TextEncoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """x + nothing: the update attention(LN(x) -> memory) (B, n, C), queries from the tokens, keys and values
-    from the memory's real tokens."""
+    """The update (B, n, C) that attention from LN(x) over the memory adds to x: queries from the tokens, keys
+    and values from the memory's real (unmasked) tokens."""
 
     def __init__(self, channels: int, heads: int, dropout: float) -> None:
         super().__init__()

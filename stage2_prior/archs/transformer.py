@@ -165,7 +165,8 @@ class TransformerPrior(Prior):
 
     def text_nll(self, conditioning: Conditioning) -> torch.Tensor | None:
         """The caption tokens' mean NLL (nats), each predicted from those before it, padding not scored. The caption
-        reads nothing after it, so its own causal pass gives the same features as the joint one."""
+        reads nothing after it, so its own causal pass gives the joint pass's features (in training up to
+        dropout, drawn anew in this pass)."""
         if not self.text_prefix:
             return None
         ids = conditioning.text_ids
