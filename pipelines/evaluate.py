@@ -38,7 +38,7 @@ from shared.config import parse_args, write_json_atomic
 from shared.data import (ImageDataset, first_image_channels, load_split, open_source, resolve_num_workers,
                          sequential_batches)
 from shared.errors import UserError, run_cli
-from shared.pretrained import WEIGHTS_NAME, file_sha256
+from shared.files import WEIGHTS_NAME, file_sha256
 from stage1_vqvae.evaluate import add_fid_arguments, add_source_arguments, data_config_for
 
 NEIGHBOURHOOD = 3  # k of precision and recall (Kynkaanniemi et al. 2019, sec. 3)

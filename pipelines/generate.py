@@ -36,7 +36,9 @@ GRID_IMAGES = 64
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Sample images from a saved pipeline.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--pipeline", required=True, help="a pipeline folder (Pipeline.save_pretrained)")
+    parser.add_argument("--pipeline", required=True,
+                        help="a pipeline folder (Pipeline.save_pretrained), or a Hub repo id (org/name)")
+    parser.add_argument("--revision", default=None, help="a branch, tag or commit of a Hub --pipeline")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--labels", type=int, nargs="+", default=None,
@@ -70,7 +72,7 @@ def generate(argv: Sequence[str] | None = None) -> dict:
     prompts = read_prompts(args)
     num_images = args.num_images * (len(prompts) if args.prompts_file else 1)
     accelerator = make_accelerator()
-    pipeline = Pipeline.from_pretrained(args.pipeline, device=accelerator.device)
+    pipeline = Pipeline.from_pretrained(args.pipeline, device=accelerator.device, revision=args.revision)
     labels = args.labels[0] if args.labels and len(args.labels) == 1 else args.labels
     all_labels = pipeline.resolve_labels(num_images, labels, args.seed)  # checks labels on every process
     all_prompts = pipeline.resolve_prompts(num_images, None if prompts is None else

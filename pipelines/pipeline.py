@@ -25,6 +25,7 @@ from pipelines.parts import (check_chain, known_cells, check_provenance_of, conc
 from shared.codes import SINGLE_LEVEL
 from shared.config import read_json, write_json_atomic
 from shared.errors import UserError
+from shared.hub import contained, push_folder, resolve_folder
 from shared.pretrained import staged_folder
 from stage1_vqvae.tokenizer import load_tokenizer
 from stage2_prior import Prior, Sampler, SamplingOptions
@@ -70,8 +71,12 @@ class Pipeline:
     # Saving and loading
     # ------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write pipeline.json + tokenizer/ + prior/ (a chain: prior_<level>/ each) into a new folder."""
+    def save_pretrained(self, directory: str | os.PathLike, push_to_hub: bool = False, repo_id: str | None = None,
+                        **hub_options: Any) -> Path:
+        """Write pipeline.json + tokenizer/ + prior/ (a chain: prior_<level>/ each) into a new folder; with
+        `push_to_hub`, then upload it and a model card to the Hub repo `repo_id` (`shared.hub.push_folder`)."""
+        if push_to_hub and not repo_id:
+            raise UserError("push_to_hub=True needs repo_id='your-name/model-name'")
         directory = Path(directory)
         if directory.exists():
             raise UserError(f"{directory} already exists; remove it or choose another folder")
@@ -86,13 +91,16 @@ class Pipeline:
                     member.save_pretrained(staging / name)
                 values = {"format_version": CHAIN_FORMAT_VERSION, "tokenizer": "tokenizer", "priors": names}
             write_json_atomic(staging / PIPELINE_NAME, {"_class_name": "Pipeline", **values})
+        if push_to_hub:
+            push_folder(directory, repo_id, **hub_options)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
-                        check_provenance: bool = True) -> "Pipeline":
-        """Load a pipeline folder onto `device` (default: the Accelerate device, a GPU when present)."""
-        directory = Path(directory)
+                        check_provenance: bool = True, revision: str | None = None) -> "Pipeline":
+        """Load a pipeline folder, or a Hub repo id (at `revision`) through the Hub cache, onto `device`
+        (default: the Accelerate device, a GPU when present)."""
+        directory = resolve_folder(directory, revision)
         if not directory.is_dir():
             raise UserError(f"pipeline folder {directory} does not exist; pass a folder written by Pipeline.save_pretrained")
         if not (directory / PIPELINE_NAME).is_file():
@@ -104,7 +112,8 @@ class Pipeline:
             raise UserError(f"{directory / PIPELINE_NAME} is not a version-1 or -2 pipeline file")
         names = [values.get("prior")] if version == PIPELINE_FORMAT_VERSION else list(values.get("priors") or [])
         parts = [values.get("tokenizer"), *names]
-        missing = [str(part) for part in parts if not isinstance(part, str) or not (directory / part).exists()]
+        missing = [str(part) for part in parts  # a shared folder holds its parts: none may lie outside it
+                   if not isinstance(part, str) or not contained(directory, part, "a part").exists()]
         if missing:
             raise UserError(f"pipeline folder {directory} is incomplete: {', '.join(missing)} missing; "
                             "re-save it with Pipeline.save_pretrained")

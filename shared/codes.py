@@ -30,7 +30,7 @@ from shared.codes_format import (CAPTION_COLUMN, CAPTIONS_NAME, CODES_FORMAT_VER
                                  scale_level_name)
 from shared.config import read_json
 from shared.errors import UserError
-from shared.pretrained import WEIGHTS_NAME, file_sha256
+from shared.files import WEIGHTS_NAME, file_sha256
 
 __all__ = ["CAPTIONS_NAME", "CODES_FORMAT_VERSION", "CODES_META_NAME", "FORMAT1_TOKENIZER_CLASS", "SINGLE_LEVEL",
            "CodeGrids", "CodesDataset", "CodesMetadata", "LevelInfo", "check_tokenizer_matches", "codes_dtype",

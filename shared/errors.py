@@ -16,11 +16,16 @@ class TrainingStopped(RuntimeError):
     """Training stopped for a reason that is not a bug (a non-finite loss, say); the message says why."""
 
 
+class UploadFailed(RuntimeError):
+    """An upload to the Hub failed after the model was saved locally; the message says where it is and how
+    to retry."""
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a command's `main`, turning UserError into `error: ...` on stderr and exit code 2.
 
-    TrainingStopped gives exit code 1 with its one-line message. Anything else is a bug and keeps
-    its traceback.
+    TrainingStopped and UploadFailed give exit code 1 with their one-line message. Anything else is a
+    bug and keeps its traceback.
     """
     try:
         main(argv)
@@ -29,6 +34,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         return 2
     except TrainingStopped as error:
         print(f"stopped: {one_line(str(error))}", file=sys.stderr)
+        return 1
+    except UploadFailed as error:
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         return 1
     return 0
 

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save, save_file
 
 from shared.config import config_from_dict, config_to_dict, read_json, write_json_atomic
 from shared.errors import UserError
+from shared.files import CONFIG_NAME, WEIGHTS_NAME, fsync_file
+from shared.hub import push_folder, resolve_folder
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 ModelT = TypeVar("ModelT", bound="PretrainedModel")
@@ -61,9 +61,20 @@ class PretrainedModel(torch.nn.Module):
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` + `model.safetensors` into `directory` (created if needed)."""
-        directory = Path(directory)
+    def save_pretrained(self, directory: str | os.PathLike, push_to_hub: bool = False, repo_id: str | None = None,
+                        **hub_options: Any) -> Path:
+        """Write `config.json` + `model.safetensors` (and the model's own parts) into `directory` (created if
+        needed); with `push_to_hub`, then upload the folder and a model card to the Hub repo `repo_id`
+        (`hub_options`: revision, private, token; see `shared.hub.push_folder`)."""
+        if push_to_hub and not repo_id:
+            raise UserError("push_to_hub=True needs repo_id='your-name/model-name'")
+        saved = self.write_folder(Path(directory))
+        if push_to_hub:
+            push_folder(saved, repo_id, **hub_options)
+        return saved
+
+    def write_folder(self, directory: Path) -> Path:
+        """Write the folder `save_pretrained` saves (a subclass with parts of its own adds them here)."""
         config_values = {"_class_name": type(self).__name__, "format_version": self.format_version,
                          **config_to_dict(self.config)}
         weights = self.weights_for_saving()
@@ -85,8 +96,11 @@ class PretrainedModel(torch.nn.Module):
         return hashlib.sha256(save(self.weights_for_saving(), metadata={"format": "pt"})).hexdigest()
 
     @classmethod
-    def from_pretrained(cls: type[ModelT], directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ModelT:
-        """Rebuild a model from a folder written by `save_pretrained`, in eval mode."""
+    def from_pretrained(cls: type[ModelT], directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        revision: str | None = None) -> ModelT:
+        """Rebuild a model from a folder written by `save_pretrained`, in eval mode: a local folder, or a Hub
+        repo id ("org/name", at `revision`) downloaded through the Hub cache."""
+        directory = resolve_folder(directory, revision)
         config, version = load_pretrained_config(cls, directory)
         model = cls(cls.resolve_config(config, Path(directory)))
         weights = load_weights(Path(directory) / WEIGHTS_NAME, map_location)
@@ -151,12 +165,6 @@ def write_weights_atomic(path: Path, weights: dict[str, torch.Tensor]) -> None:
     os.replace(temporary, path)
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file to disk, so that a rename after it never publishes an empty file."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file, with a one-line error naming the file when it is truncated or corrupt."""
     try:
@@ -166,12 +174,3 @@ def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[s
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} is corrupt or truncated ({str(error).splitlines()[0]}); "
                         "restore it from a checkpoint or re-run training") from None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-

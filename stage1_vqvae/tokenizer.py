@@ -28,7 +28,9 @@ import torch
 from shared.codes import CodesMetadata, LevelInfo
 from shared.config import read_json
 from shared.errors import UserError
-from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedModel, file_sha256
+from shared.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256
+from shared.hub import resolve_folder
+from shared.pretrained import PretrainedModel
 
 Codes = torch.Tensor | dict[str, torch.Tensor]
 
@@ -115,12 +117,13 @@ def shortcut_class(spec: str | os.PathLike) -> type[Tokenizer] | None:
 
 
 def load_tokenizer(spec: str | os.PathLike, channels: int | None = None, image_size: int | None = None,
-                   map_location: str | torch.device = "cpu") -> Tokenizer:
-    """A tokenizer folder (its class from config.json), or a shortcut "NAME:ARG" such as "pixels:256"
-    (then `channels` and `image_size` say the rest)."""
+                   map_location: str | torch.device = "cpu", revision: str | None = None) -> Tokenizer:
+    """A tokenizer folder (its class from config.json) or Hub repo id (at `revision`), or a shortcut
+    "NAME:ARG" such as "pixels:256" (then `channels` and `image_size` say the rest)."""
     shortcut = shortcut_class(spec)
     if shortcut is not None:
         return shortcut.from_shortcut(str(spec).split(":", 1)[1], channels, image_size)
+    spec = resolve_folder(spec, revision)
     config_path = Path(spec) / CONFIG_NAME
     name = read_json(config_path).get("_class_name") if config_path.is_file() else None
     if name is not None and name not in Tokenizer.registry:

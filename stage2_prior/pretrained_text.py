@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from shared.errors import UserError, first_line
-from shared.pretrained import file_sha256
+from shared.files import file_sha256
+from shared.hub import contained
 from stage2_prior.text import TextMemory
 
 # The encoder classes read, by the model type of a folder's config.json (a full T5 folder gives its encoder)
@@ -137,9 +138,9 @@ class PretrainedTextEncoder(nn.Module):
 def resolve_encoder_path(config: Any, directory: Path) -> Any:
     """A saved prior's config with its pretrained encoder's folder (relative to the prior's folder) made absolute,
     after checking the encoder is the one it was trained with."""
-    if config.text_encoder_path is None or Path(config.text_encoder_path).is_absolute():
+    if config.text_encoder_path is None:
         return config
-    path = (directory / config.text_encoder_path).resolve()
+    path = contained(directory, config.text_encoder_path, "its text encoder").resolve()  # a self-contained folder
     check_encoder_folder(path)
     if config.text_encoder_sha256 is not None and encoder_sha256(path) != config.text_encoder_sha256:
         raise UserError(f"the text encoder in {path} is not the one this prior was trained with (sha256 differs); "

@@ -35,6 +35,7 @@ from torch import nn
 
 from shared.config import read_json
 from shared.errors import UserError
+from shared.hub import resolve_folder
 from shared.pretrained import CONFIG_NAME, PretrainedModel
 from stage2_prior.conditioning import (ConditionNetwork, Conditioning, Context, Prompt, check_context,
                                        dropped_labels, dropped_text, label_rows)
@@ -68,10 +69,10 @@ class Prior(TokenizerLevels, PretrainedModel):
         return config.spec.model(config)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu") -> "Prior":
-        """Load any saved prior: the class comes from config.json (`Prior.from_pretrained`), or must be
-        `cls` or a subclass of it (`GatedPixelCNN.from_pretrained`)."""
-        config_path = Path(directory) / CONFIG_NAME
+    def from_pretrained(cls, directory, map_location="cpu", revision: str | None = None) -> "Prior":
+        """A saved prior (a folder, or a Hub repo id at `revision`) as the class its config.json names, a `cls`."""
+        directory = resolve_folder(directory, revision)
+        config_path = directory / CONFIG_NAME
         name = read_json(config_path).get("_class_name") if config_path.is_file() else None
         target = Prior.classes.get(name) if name else None
         if target is not None and issubclass(target, cls):
@@ -83,9 +84,9 @@ class Prior(TokenizerLevels, PretrainedModel):
         """A saved prior's pretrained text encoder is its own copy, `text_encoder/` in its folder."""
         return resolve_encoder_path(config, directory)
 
-    def save_pretrained(self, directory) -> Path:
+    def write_folder(self, directory: Path) -> Path:
         """config.json + model.safetensors, and a pretrained text encoder's folder beside them (`text_encoder/`)."""
-        return save_with_encoder(self, directory, super().save_pretrained)
+        return save_with_encoder(self, directory, super().write_folder)
 
     @classmethod
     def upgrade_config(cls, values: dict[str, Any], version: int, source: str) -> dict[str, Any]:

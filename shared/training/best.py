@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from shared.pretrained import WEIGHTS_NAME, file_sha256
+from shared.files import WEIGHTS_NAME, file_sha256
 from shared.training.config import BEST
 
 

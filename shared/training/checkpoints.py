@@ -15,7 +15,7 @@ from typing import Any
 
 from shared.config import write_json_atomic
 from shared.errors import UserError, first_line
-from shared.pretrained import file_sha256, fsync_file
+from shared.files import file_sha256, fsync_file
 from shared.training.config import CHECKPOINTS, TRAINER_STATE_NAME
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from shared.config import config_to_dict, option
 from shared.data import check_num_workers
 from shared.errors import UserError
+from shared.hub import check_repo_id
 from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 CHECKPOINTS = "checkpoints"
@@ -23,7 +24,7 @@ RUN_FILES = (CHECKPOINTS, WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, TRAIN_CONFIG_
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "tokenizer", "max_steps", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
     "log_every", "report_to", "skip_nonfinite", "sample_every", "progress", "num_workers", "cache_images",
-    "strict_images", "keep_best"})
+    "strict_images", "keep_best", "push_to_hub"})
 # Corrupt-image paths kept in trainer_state.json (the count is always exact).
 MAX_LISTED_PROBLEMS = 1000
 
@@ -56,6 +57,8 @@ class LoopConfig:
     keep_best: bool = option(True, "the output model is the one of the best validation step (metrics.json says "
                                    "which); --no-keep-best keeps the last")
     progress: bool = option(True, "show a progress bar")
+    push_to_hub: str | None = option(None, "at the end, upload the trained model and a model card to this Hub "
+                                           "repo (org/name); it is saved locally first")
 
     def check(self) -> None:
         """UserError for settings no run can use."""
@@ -71,6 +74,8 @@ class LoopConfig:
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("--warmup-steps must be >= 0 and --min-lr-ratio in [0, 1]")
         check_num_workers(self.num_workers)
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -25,12 +26,14 @@ from typing import Any
 
 import psutil
 import torch
+from accelerate import PartialState
 from accelerate.utils import ProjectConfiguration, broadcast, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from shared.config import read_json, write_json_atomic
 from shared.errors import TrainingStopped, UserError, one_line
-from shared.pretrained import CONFIG_NAME, WEIGHTS_NAME, file_sha256, fsync_file
+from shared.hub import push_folder, upload_warning
+from shared.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256, fsync_file
 from shared.runtime import make_accelerator
 from shared.training.best import BestModel
 from shared.training.checkpoints import list_checkpoints, load_newest_checkpoint, read_trainer_state, write_checkpoint
@@ -59,6 +62,10 @@ class TrainingSession:
         unless `higher_is_better`); None keeps the last model."""
         config.check()
         check_output_dir(config, run_settings)
+        if config.push_to_hub is not None and PartialState().is_main_process:
+            warning = upload_warning()
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         self.config = config
         self.run_settings = run_settings
         self.project_name = project_name
@@ -369,10 +376,14 @@ class TrainingSession:
 
     def finish_run(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """`finish` with the metrics in metrics.json, and the run's summary as one JSON line on stdout (main
-        process): what every training command ends with."""
+        process): what every training command ends with. With --push-to-hub, then the upload (UploadFailed
+        says how to retry; the saved model stays)."""
         self.finish({METRICS_NAME: metrics})
         if self.is_main:
-            print(json.dumps({"output_dir": str(self.output_dir), **metrics}))
+            print(json.dumps({"output_dir": str(self.output_dir), **metrics}), flush=True)
+            if self.config.push_to_hub is not None:
+                url = push_folder(self.output_dir, self.config.push_to_hub, command=shlex.join(sys.orig_argv))
+                self.print(f"uploaded {self.output_dir} to {url}")
         return metrics
 
 
