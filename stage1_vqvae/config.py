@@ -6,6 +6,7 @@ from typing import Literal
 
 from shared.config import option
 from shared.data import DataConfig
+from shared.data.streaming import StreamingConfig
 from shared.errors import UserError
 from shared.training import LoopConfig
 from shared.codes import default_scales
@@ -145,7 +146,7 @@ class VQVAEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage1TrainConfig(LoopConfig, DataConfig):
+class Stage1TrainConfig(LoopConfig, DataConfig, StreamingConfig):
     """A tokenizer training run (train_config.json): data, loop and loss settings."""
 
     perceptual_weight: float = option(0.0, "weight of the LPIPS loss (0 turns it off)")
@@ -171,6 +172,7 @@ class Stage1TrainConfig(LoopConfig, DataConfig):
     def check(self) -> None:
         """UserError for settings no run can use: the loop's checks, then the discriminator's."""
         super().check()
+        self.check_streaming_flags(self)
         if self.discriminator_weight < 0 or self.discriminator_start < 0:
             raise UserError("--discriminator-weight and --discriminator-start must be >= 0")
         if self.discriminator_learning_rate is not None and not self.discriminator_learning_rate > 0:

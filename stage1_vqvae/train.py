@@ -20,6 +20,7 @@ from shared.config import build_parser, config_from_args, parse_args, values_fro
 from shared.data import (Augmentation, CachedImages, StepOrder, first_image_channels, load_train_and_validation,
                          open_source, resolve_num_workers, save_image_grid, sequential_batches, should_cache,
                          training_batches)
+from shared.data.streaming import Stream
 from shared.errors import run_cli
 from shared.runtime import local_process_count
 from shared.training import TrainingSession, check_output_dir, run_settings
@@ -65,8 +66,10 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     train_config.check()
     train_config.check_data_flags()
     check_output_dir(train_config)
-    source = open_source(train_config)
-    channels = first_image_channels(source, train_config.split, train_config.channels)
+    stream = Stream(train_config, train_config) if train_config.streaming else None
+    source = open_source(train_config) if stream is None else None
+    channels = (first_image_channels(source, train_config.split, train_config.channels) if stream is None
+                else stream.first_channels(train_config.channels))
     model_values = values_from_args(VQVAEConfig, args, exclude=DATA_DERIVED)
     model_config = VQVAEConfig(in_channels=channels, image_size=train_config.image_size, **model_values)
     perceptual = PerceptualLoss(train_config.perceptual_net) if train_config.perceptual_weight > 0 else None
@@ -78,11 +81,14 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     accelerator = session.accelerator
 
     augmentation = Augmentation(train_config.seed, train_config.random_flip, train_config.random_crop)
-    train_set, validation_set = load_train_and_validation(train_config, source, channels, augmentation)
+    if stream is None:
+        train_set, validation_set = load_train_and_validation(train_config, source, channels, augmentation)
+    else:  # the training split is never listed; validation reads the held-out split's first examples
+        train_set, validation_set = None, stream.validation_set(channels)
     num_workers = resolve_num_workers(train_config.num_workers, local_process_count())
     show = session.is_main and train_config.progress
     train_data = (CachedImages(train_set, num_workers, progress=show)
-                  if should_cache(train_set, train_config.cache_images) else train_set)
+                  if train_set is not None and should_cache(train_set, train_config.cache_images) else train_set)
     validation_data = (CachedImages(validation_set, num_workers, progress=show)
                        if should_cache(validation_set, train_config.cache_images) else validation_set)
     for data in (train_data, validation_data):
@@ -105,10 +111,16 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     if perceptual is not None:
         perceptual.to(session.device)
     start_step = session.restore()
-    order = StepOrder(len(train_set), train_config.batch_size, train_config.seed, accelerator.process_index,
-                      accelerator.num_processes)
-    batches = training_batches(train_data, order, start_step * train_config.gradient_accumulation_steps,
-                               num_workers, pin_memory=session.device.type == "cuda")
+    first_micro_batch = start_step * train_config.gradient_accumulation_steps
+    if stream is None:
+        order = StepOrder(len(train_set), train_config.batch_size, train_config.seed, accelerator.process_index,
+                          accelerator.num_processes)
+        batches = training_batches(train_data, order, first_micro_batch, num_workers,
+                                   pin_memory=session.device.type == "cuda")
+    else:
+        batches = stream.training_batches(channels, augmentation, train_config.batch_size, accelerator.process_index,
+                                          accelerator.num_processes, first_micro_batch, num_workers,
+                                          pin_memory=session.device.type == "cuda")
 
     last_batch: dict[str, torch.Tensor] = {}  # the step's last micro-batch, for the discriminator
 

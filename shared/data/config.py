@@ -80,6 +80,11 @@ class DataConfig:
         return self.caption_column is not None and self.caption_column.lower() == "none"
 
 
+def is_shard_pattern(dataset: str) -> bool:
+    """True for WebDataset-style tar shards (`shards/train-{000000..000099}.tar`, `shards/*.tar`)."""
+    return ".tar" in os.path.basename(dataset)
+
+
 def resolve_num_workers(requested: int | None, local_processes: int = 1) -> int:
     """Loader workers per process: `requested` (--num-workers) when given, else the CPUs this process
     may use, shared with its siblings, at most 8."""

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from shared.data.config import (CAPTION_COLUMN, DIGITS, DIGITS_TEST_FRACTION, FOLDER_METADATA, HUB_NAME,
-                                IMAGE_SUFFIXES, NO_LABEL, SPLIT_FOLDERS, VALIDATION_SEED, DataConfig)
+                                IMAGE_SUFFIXES, NO_LABEL, SPLIT_FOLDERS, VALIDATION_SEED, DataConfig, is_shard_pattern)
 from shared.data.captions import checked_caption_column, clean_caption, folder_captions
 from shared.data.shapes import SHAPES, SPLIT_SIZES, shapes_split
 from shared.errors import UserError, first_line
@@ -127,14 +127,17 @@ def open_source(config: DataConfig) -> Source:
             raise UserError(f"{hub_only[0]} applies to Hub datasets only, not to --dataset digits; drop it")
         if config.caption_column is not None and not config.captions_off:
             raise UserError("--dataset digits has no captions; drop --caption-column, or use --dataset shapes")
-        return _wrap_datasets(DIGITS, _digits_splits(), "image", "none" if config.labels_off else "label")
+        return wrap_datasets(DIGITS, _digits_splits(), "image", "none" if config.labels_off else "label")
     if dataset == SHAPES:
         if config.image_column or (config.label_column and not config.labels_off) or hub_only:
             raise UserError("--image-column, --label-column, --dataset-config and --revision do not apply to "
                             "--dataset shapes; drop them")
         if config.caption_column not in (None, CAPTION_COLUMN) and not config.captions_off:
             raise UserError(f"--dataset shapes has one caption column, {CAPTION_COLUMN!r}; fix --caption-column")
-        return _wrap_datasets(SHAPES, _shapes_splits(), "image", "none", config.caption_column)
+        return wrap_datasets(SHAPES, _shapes_splits(), "image", "none", config.caption_column)
+    if is_shard_pattern(dataset):
+        raise UserError(f"--dataset {dataset} names tar shards, which only stage-1 training reads (as a stream, with "
+                        "--streaming); convert them to a folder or a save_to_disk dataset for this command")
     path = Path(dataset).expanduser()
     if path.is_file():
         raise UserError(f"--dataset {dataset} is a file; pass a folder of images, a save_to_disk folder or 'digits'")
@@ -163,7 +166,7 @@ def _open_saved(path: Path, config: DataConfig) -> Source:
     except Exception as error:  # datasets raises several types for a broken folder
         raise UserError(f"cannot open save_to_disk folder {path} ({first_line(error)}); re-create it") from None
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    return _wrap_datasets(str(path), splits, config.image_column, config.label_column, config.caption_column)
+    return wrap_datasets(str(path), splits, config.image_column, config.label_column, config.caption_column)
 
 
 def _open_hub(name: str, config: DataConfig) -> Source:
@@ -176,10 +179,10 @@ def _open_hub(name: str, config: DataConfig) -> Source:
         raise UserError(f"cannot load dataset {name!r}: it is not a local folder and the Hub gave "
                         f"'{first_line(error)}'; pass 'digits', an image folder or a save_to_disk folder") from None
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    return _wrap_datasets(name, splits, config.image_column, config.label_column, config.caption_column)
+    return wrap_datasets(name, splits, config.image_column, config.label_column, config.caption_column)
 
 
-def _wrap_datasets(description: str, splits: dict[str, Any], image_column: str | None,
+def wrap_datasets(description: str, splits: dict[str, Any], image_column: str | None,
                    label_column: str | None, caption_column: str | None = None) -> Source:
     """A Source over `datasets.Dataset` splits, after checking the image and label columns."""
     import datasets
