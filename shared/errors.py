@@ -49,3 +49,13 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for allocation failures on any device, also when a loader worker hit one or was killed for it."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("can't allocate memory", "out of memory", "not enough memory",
+                                      "killed by signal: Killed", "Cannot allocate memory"))

@@ -107,7 +107,6 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         # the unwrapped modules: DDP wrappers have no .decoder, and the tokenizer step calls the
         # discriminator frozen, outside DDP, since it computes no discriminator gradients
         discriminator_module = accelerator.unwrap_model(discriminator)
-        last_layer = session.unwrapped_model.decoder.conv_out.weight
     if perceptual is not None:
         perceptual.to(session.device)
     start_step = session.restore()
@@ -136,12 +135,15 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         step = micro_batch // train_config.gradient_accumulation_steps
         if adversarial and step >= train_config.discriminator_start:
             last_batch.update(real=images, fake=output.reconstruction.detach())
-            discriminator_module.requires_grad_(False)  # the tokenizer's step leaves the discriminator alone
+            # The tokenizer's step leaves the discriminator alone. (With --fsdp its gradients are computed and
+            # dropped before its own step instead: FSDP's gathered weights keep requires_grad from their first use.)
+            discriminator_module.requires_grad_(train_config.fsdp)
             try:
                 adversarial_loss = generator_adversarial_loss(discriminator_module(output.reconstruction))
             finally:
                 discriminator_module.requires_grad_(True)
-            weight = adaptive_weight(loss, adversarial_loss, last_layer)
+            # read after the forward: with --fsdp the attribute is the gathered weight the forward used
+            weight = adaptive_weight(loss, adversarial_loss, session.unwrapped_model.decoder.conv_out.weight)
             loss = loss + train_config.discriminator_weight * weight * adversarial_loss
             logs.update(g_adv=adversarial_loss.item(), adaptive_weight=weight.item())
         return loss + output.quantizer_loss, logs
@@ -149,6 +151,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     def discriminator_step(step: int) -> dict[str, float]:
         """One update of the discriminator on the step's last micro-batch: its real images and
         (detached) reconstructions, in one forward (GroupNorm keeps the images apart)."""
+        discriminator_optimizer.zero_grad(set_to_none=True)  # with --fsdp: what the tokenizer's step left
         if step < train_config.discriminator_start:
             return {}
         real, fake = last_batch.pop("real"), last_batch.pop("fake")

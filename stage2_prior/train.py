@@ -249,9 +249,11 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
         return metrics
 
     def save_samples(step: int) -> None:
-        if tokenizer is None or not (session.is_main and session.due(step, train_config.sample_every)):
+        if tokenizer is None or not session.due(step, train_config.sample_every):
             return
-        grid = sample_grid(session.unwrapped_model.prior, tokenizer, SAMPLES_PER_ROW, validation_codes)
+        with session.model_to_save() as model:  # every process enters: with --fsdp it gathers the weights
+            grid = (sample_grid(model.prior, tokenizer, SAMPLES_PER_ROW, validation_codes) if session.is_main
+                    else None)
         if grid is not None:
             save_image_grid(grid, session.output_dir / "samples" / f"samples_{step:08d}.png", nrow=SAMPLES_PER_ROW)
 

@@ -8,7 +8,8 @@ from shared.training.checkpoints import list_checkpoints, verify_checkpoint
 from shared.training.config import (BEST, CHECKPOINTS, METRICS_NAME, RESUMABLE_CHANGES, TRAIN_CONFIG_NAME,
                                     TRAINER_STATE_NAME, LoopConfig, ScheduleExtension, learning_rate_at, run_settings)
 from shared.training.folder import check_output_dir
-from shared.training.session import TrainingSession, is_out_of_memory
+from shared.errors import is_out_of_memory
+from shared.training.session import TrainingSession
 
 __all__ = ["BEST", "BestModel", "CHECKPOINTS", "LoopConfig", "METRICS_NAME", "RESUMABLE_CHANGES", "ScheduleExtension",
            "TRAINER_STATE_NAME", "TRAIN_CONFIG_NAME", "TrainingSession", "check_output_dir", "is_out_of_memory",

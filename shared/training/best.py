@@ -10,11 +10,13 @@ Folders that no checkpoint still refers to are removed as checkpoints rotate.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from shared.files import WEIGHTS_NAME, file_sha256
+from shared.errors import UserError
+from shared.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256, fsync_file
 from shared.training.config import BEST
 
 
@@ -47,6 +49,25 @@ class BestModel:
         shutil.rmtree(folder, ignore_errors=True)
         model.save_pretrained(folder)
         self.record = {"step": step, "metrics": dict(metrics), "sha256": file_sha256(folder / WEIGHTS_NAME)}
+
+    def copy_into(self, output_dir: Path, record: dict[str, Any]) -> None:
+        """Make the best step's folder of `record` the output model of `output_dir`, checked against its sha256;
+        weights first, so a reader never sees a config without them; then the model's own parts (subfolders)."""
+        best = self.folder(record["step"])
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            temporary = output_dir / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(best / name, temporary)
+            fsync_file(temporary)
+            if name == WEIGHTS_NAME and file_sha256(temporary) != record["sha256"]:
+                temporary.unlink()
+                raise UserError(f"{best / WEIGHTS_NAME} changed after step {record['step']} recorded it; "
+                                "restore it, or pass --no-keep-best to keep the last model")
+            os.replace(temporary, output_dir / name)
+        for folder in sorted(path for path in best.iterdir() if path.is_dir()):
+            staging = output_dir / f".{folder.name}.tmp-{os.getpid()}"
+            shutil.copytree(folder, staging, dirs_exist_ok=True)
+            shutil.rmtree(output_dir / folder.name, ignore_errors=True)
+            os.replace(staging, output_dir / folder.name)
 
     def restore(self, record: dict[str, Any] | None, resumed_step: int) -> str | None:
         """Take the record of the checkpoint of `resumed_step` (main process: also delete the folders of

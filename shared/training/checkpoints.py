@@ -53,16 +53,19 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def write_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Save the full training state as checkpoints/step_N (every process writes its RNG state, so every
-    process calls this) with `trainer_state` and the files' hashes, then rename it into place and drop
-    all but the newest `keep` checkpoints."""
+def write_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict[str, Any], keep: int,
+                     sharding=None) -> Path:
+    """Save the full training state as checkpoints/step_N (every process writes its RNG state, and with
+    `sharding` (--fsdp) its shards, so every process calls this) with `trainer_state` and the files'
+    hashes, then rename it into place and drop all but the newest `keep` checkpoints."""
     final = output_dir / CHECKPOINTS / f"step_{step:08d}"
     staging = output_dir / CHECKPOINTS / f".step_{step:08d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if sharding is not None:
+        sharding.save(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         hashes = {file.name: file_sha256(file) for file in sorted(staging.iterdir()) if file.is_file()}
@@ -78,7 +81,7 @@ def write_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: di
     return final
 
 
-def load_newest_checkpoint(accelerator, output_dir: Path, report: Callable[[str], None]
+def load_newest_checkpoint(accelerator, output_dir: Path, report: Callable[[str], None], sharding=None
                            ) -> tuple[int | None, dict[str, Any]]:
     """Load the newest good checkpoint into the accelerator's objects: (its step, its trainer state), or
     (None, {}) when there is none. Checkpoints that are incomplete or corrupt are reported and renamed
@@ -91,12 +94,16 @@ def load_newest_checkpoint(accelerator, output_dir: Path, report: Callable[[str]
             state = read_trainer_state(path)
             written_by = int(state.get("num_processes", 1))
             if written_by != accelerator.num_processes:
+                convert = (" (its shards convert to one file for other uses with python -m "
+                           "torch.distributed.checkpoint.format_utils dcp_to_torch_save)") if sharding else ""
                 raise UserError(f"{path} was written by {written_by} process(es), this run has "
                                 f"{accelerator.num_processes}: the data order and RNG streams would differ; "
-                                f"resume with {written_by} process(es)")
+                                f"resume with {written_by} process(es){convert}")
             attempted_load = True
             try:
                 accelerator.load_state(str(path))
+                if sharding is not None:
+                    sharding.load(path)
             except Exception as error:  # verified but does not load: try the previous one
                 problem = f"it does not load ({first_line(error)})"
         if problem is None:

@@ -57,6 +57,8 @@ class LoopConfig:
     keep_best: bool = option(True, "the output model is the one of the best validation step (metrics.json says "
                                    "which); --no-keep-best keeps the last")
     progress: bool = option(True, "show a progress bar")
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state across the processes (PyTorch "
+                               "FSDP2); checkpoints become sharded; launch with torchrun or accelerate launch")
     push_to_hub: str | None = option(None, "at the end, upload the trained model and a model card to this Hub "
                                            "repo (org/name); it is saved locally first")
 
@@ -76,6 +78,9 @@ class LoopConfig:
         check_num_workers(self.num_workers)
         if self.push_to_hub is not None:
             check_repo_id(self.push_to_hub)
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise UserError("--fsdp trains in float32 or bf16 (fp16 would need a sharded gradient scaler): pass "
+                            "--mixed-precision bf16 or no")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -31,25 +29,15 @@ from accelerate.utils import ProjectConfiguration, broadcast, broadcast_object_l
 from tqdm.auto import tqdm
 
 from shared.config import read_json, write_json_atomic
-from shared.errors import TrainingStopped, UserError, one_line
+from shared.errors import TrainingStopped, UserError, is_out_of_memory, one_line
 from shared.hub import push_folder, upload_warning
-from shared.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256, fsync_file
 from shared.runtime import make_accelerator
 from shared.training.best import BestModel
 from shared.training.checkpoints import list_checkpoints, load_newest_checkpoint, read_trainer_state, write_checkpoint
 from shared.training.config import (CHECKPOINTS, MAX_LISTED_PROBLEMS, METRICS_NAME, TRAIN_CONFIG_NAME, LoopConfig, ScheduleExtension,
                                     learning_rate_at)
 from shared.training.folder import RunFolder, check_output_dir
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for allocation failures on any device, also when a loader worker hit one or was killed for it."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("can't allocate memory", "out of memory", "not enough memory",
-                                      "killed by signal: Killed", "Cannot allocate memory"))
+from shared.training.sharding import Sharding
 
 
 class TrainingSession:
@@ -81,6 +69,8 @@ class TrainingSession:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")))
         set_seed(config.seed)  # the same on every process, so every replica starts identical
+        self.sharding = (Sharding(self.device, self.accelerator.num_processes, config.mixed_precision, self.is_main)
+                         if config.fsdp else None)
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.auxiliary: tuple[torch.nn.Module, torch.optim.Optimizer, float] | None = None
@@ -105,9 +95,14 @@ class TrainingSession:
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Wrap `model` for the current device and processes, and build its AdamW optimizer."""
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.learning_rate,
-                                      weight_decay=self.config.weight_decay, betas=(0.9, 0.99))
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        def adamw(parameters):
+            return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay,
+                                     betas=(0.9, 0.99))
+
+        if self.sharding is not None:
+            self.model, self.optimizer = self.sharding.prepare(model, adamw)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, adamw(model.parameters()))
         return self.model, self.optimizer
 
     def prepare_auxiliary(self, model: torch.nn.Module, learning_rate: float,
@@ -115,9 +110,13 @@ class TrainingSession:
         """Wrap a second trained model (a discriminator, say) and build its AdamW optimizer. Both are
         in every checkpoint, so exact resume covers them; call before `restore()`. Train it from the
         `auxiliary_step` callback of `run()`; its rate follows the main schedule scaled to `learning_rate`."""
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=self.config.weight_decay,
-                                      betas=betas)
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        def adamw(parameters):
+            return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=self.config.weight_decay, betas=betas)
+
+        if self.sharding is not None:
+            model, optimizer = self.sharding.prepare(model, adamw)
+        else:
+            model, optimizer = self.accelerator.prepare(model, adamw(model.parameters()))
         self.auxiliary = (model, optimizer, learning_rate)
         return model, optimizer
 
@@ -150,7 +149,7 @@ class TrainingSession:
         """With --resume: load the newest good checkpoint and return its step; else 0."""
         if not self.config.resume:
             return 0
-        step, state = load_newest_checkpoint(self.accelerator, self.output_dir, self.print)
+        step, state = load_newest_checkpoint(self.accelerator, self.output_dir, self.print, self.sharding)
         if step is None:
             self.print(f"no usable checkpoint in {self.output_dir / CHECKPOINTS}; starting from step 0")
             return 0
@@ -185,7 +184,8 @@ class TrainingSession:
                  "corrupt_image_count": max(len(problems), self.problem_count),
                  "best": self.best.record if self.best is not None else None,
                  "corrupt_images": problems[:MAX_LISTED_PROBLEMS], "num_processes": self.accelerator.num_processes}
-        final = write_checkpoint(self.accelerator, self.output_dir, step, state, self.config.keep_checkpoints)
+        final = write_checkpoint(self.accelerator, self.output_dir, step, state, self.config.keep_checkpoints,
+                                 self.sharding)
         if self.is_main and self.best is not None:  # best models no kept checkpoint refers to can go
             self.best.prune({(read_trainer_state(path).get("best") or {}).get("step")
                              for _, path in list_checkpoints(self.output_dir)})
@@ -195,11 +195,22 @@ class TrainingSession:
         """Keep the model of the best validation so far (for --keep-best)."""
         if self.best is None or not self.best.improves(metrics):
             return
-        if self.is_main:
-            self.best.save(step, metrics, self.unwrapped_model)
-        else:
-            self.best.record = {"step": step, "metrics": dict(metrics)}
+        with self.model_to_save() as model:
+            if self.is_main:
+                self.best.save(step, metrics, model)
+            else:
+                self.best.record = {"step": step, "metrics": dict(metrics)}
         self.accelerator.wait_for_everyone()
+
+    def model_to_save(self) -> contextlib.AbstractContextManager:
+        """The trained model whole, for save_pretrained (with --fsdp: gathered to the main process, None on the
+        others). Every process must enter it together."""
+        return self.sharding.saving() if self.sharding is not None else contextlib.nullcontext(self.unwrapped_model)
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """With --fsdp, the models gathered whole on every process (validation and samples call more than
+        forward); else nothing to do."""
+        return self.sharding.gathered() if self.sharding is not None else contextlib.nullcontext()
 
     def _reported(self, last: dict[str, float]) -> dict[str, float]:
         """The metrics of the saved model: the best validation step's with --keep-best, else the last."""
@@ -305,7 +316,8 @@ class TrainingSession:
                                  "train/corrupt_images": self.problem_count,
                                  **{f"train/{k}": v for k, v in logs.items()}}, step=done)
             if self.due(done, config.eval_every):
-                metrics = evaluate(done)
+                with self.gathered():
+                    metrics = evaluate(done)
                 accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=done)
                 if self.is_main:
                     bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -315,7 +327,7 @@ class TrainingSession:
                 self.save_checkpoint(done)
             if after_step is not None:
                 # after the checkpoint, so a resumed run skips it: it must leave the RNG streams as it found them
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self.gathered():
                     try:
                         after_step(done)
                     except Exception as error:  # a sample grid must never cost the run
@@ -323,7 +335,8 @@ class TrainingSession:
                 self.model.train()
         bar.close()
         if start_step >= config.max_steps:
-            metrics = evaluate(config.max_steps)
+            with self.gathered():
+                metrics = evaluate(config.max_steps)
         metrics = self._reported(metrics)
         metrics["train_seconds"] = time.perf_counter() - started
         if seconds_to_first_step is not None:
@@ -339,7 +352,9 @@ class TrainingSession:
     def replica_difference(self) -> float:
         """Largest absolute difference between this run's replicas, over every parameter and buffer
         (the EMA codebook included); 0.0 when the processes hold identical models."""
-        state = [tensor.detach().float().flatten() for tensor in self.unwrapped_model.state_dict().values()]
+        tensors = (self.unwrapped_model.state_dict().values() if self.sharding is None
+                   else self.unwrapped_model.buffers())  # sharded parameters are not replicas
+        state = [tensor.detach().float().flatten() for tensor in tensors]
         mine = torch.cat(state) if state else torch.zeros(1, device=self.device)
         reference = broadcast(mine.clone(), from_process=0)
         difference = (mine - reference).abs().max()
@@ -349,30 +364,23 @@ class TrainingSession:
         """Save the trained model as a pretrained folder in --output-dir (main process): the best
         validation step's with --keep-best (checked against its record), else the last."""
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            record = self.best.record if self.best is not None else None
-            if self.config.keep_best and record is not None:
-                best = self.best.folder(record["step"])
-                for name in (WEIGHTS_NAME, CONFIG_NAME):  # weights first: a reader never sees a config without them
-                    temporary = self.output_dir / f".{name}.tmp-{os.getpid()}"
-                    shutil.copyfile(best / name, temporary)
-                    fsync_file(temporary)
-                    if name == WEIGHTS_NAME and file_sha256(temporary) != record["sha256"]:
-                        temporary.unlink()
-                        raise UserError(f"{best / WEIGHTS_NAME} changed after step {record['step']} recorded it; "
-                                        "restore it, or pass --no-keep-best to keep the last model")
-                    os.replace(temporary, self.output_dir / name)
-                for folder in sorted(path for path in best.iterdir() if path.is_dir()):  # a model's own parts
-                    staging = self.output_dir / f".{folder.name}.tmp-{os.getpid()}"
-                    shutil.copytree(folder, staging, dirs_exist_ok=True)
-                    shutil.rmtree(self.output_dir / folder.name, ignore_errors=True)
-                    os.replace(staging, self.output_dir / folder.name)
-            else:
-                self.unwrapped_model.save_pretrained(self.output_dir)
-            for name, values in (extra_files or {}).items():
-                write_json_atomic(self.output_dir / name, values)
+        record = self.best.record if self.best is not None else None
+        keep_best = self.config.keep_best and record is not None
+        with contextlib.nullcontext() if keep_best else self.model_to_save() as last:
+            if self.is_main:
+                self._write_output(record if keep_best else None, last, extra_files)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+    def _write_output(self, record: dict[str, Any] | None, last: torch.nn.Module | None,
+                      extra_files: dict[str, dict] | None) -> None:
+        """The output folder's model: the best step's folder of `record`, else `last`; then `extra_files`."""
+        if record is not None:
+            self.best.copy_into(self.output_dir, record)
+        else:
+            last.save_pretrained(self.output_dir)
+        for name, values in (extra_files or {}).items():
+            write_json_atomic(self.output_dir / name, values)
 
     def finish_run(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """`finish` with the metrics in metrics.json, and the run's summary as one JSON line on stdout (main
