@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from shared.errors import UserError
+
 
 def launched_rank() -> int:
     """This process's rank under torchrun / accelerate launch (0 when launched alone)."""
@@ -32,6 +34,9 @@ def make_accelerator(**kwargs):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1"):
+        raise UserError("vqprior shards the model itself (FSDP2) with its --fsdp flag: launch without --use_fsdp "
+                        "(or an FSDP accelerate config) and pass --fsdp to the training command")
     if launched_world_size() > 1 and not torch.cuda.is_available():
         kwargs.setdefault("cpu", True)
     # Accelerate keeps one state per process and refuses new settings (another --mixed-precision, say)

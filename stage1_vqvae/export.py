@@ -26,6 +26,7 @@ from shared.codes_format import CAPTION_COLUMN
 from shared.config import config_to_dict, parse_args, write_json_atomic
 from shared.data import (DataConfig, ImageDataset, check_captions, first_image_channels, load_split, open_source,
                          resolve_num_workers, sequential_batches)
+from shared.data.streaming import Stream, StreamingConfig
 from shared.errors import UserError, run_cli
 from shared.runtime import local_process_count, make_accelerator
 from stage1_vqvae.evaluate import add_source_arguments, data_config_for
@@ -43,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="arrow", choices=["arrow", "npy"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--chunk-rows", type=int, default=4096, help="rows per staged chunk (bounds memory)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="read --dataset as a stream (tar shards, a Hub set, local data files): chunks are encoded "
+                             "as they arrive, nothing is listed or loaded whole (captions are not carried)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
@@ -63,6 +67,8 @@ def export(argv: Sequence[str] | None = None) -> dict:
     tokenizer = tokenizer_for(args)
     # An export never substitutes an unreadable image: its row of codes would silently be another image's.
     data_config = data_config_for(args, tokenizer, strict=True)
+    if args.streaming:
+        return _export_stream(args, tokenizer, data_config, output)
     image_size = data_config.image_size
     source = open_source(data_config)
     channels = first_image_channels(source, args.split, data_config.channels,
@@ -76,23 +82,13 @@ def export(argv: Sequence[str] | None = None) -> dict:
     accelerator = make_accelerator()
     tokenizer.to(accelerator.device)
     staging = output.with_name(f".{output.name}.partial")
-    levels = tokenizer.code_layout(image_size)
     captions = dataset.captions
-    metadata = CodesMetadata(
-        format_version=1 if tokenizer.first_codes_format and len(levels) == 1 and levels[0].depth == 1
-        and captions is None else CODES_FORMAT_VERSION,  # the first release's format where it fits, as that release wrote it
-        format=args.format, levels=levels,
-        num_rows=len(dataset), has_labels=dataset.has_labels, label_names=dataset.source.label_names,
-        tokenizer_class=type(tokenizer).__name__, tokenizer_config=config_to_dict(tokenizer.config),
-        tokenizer_sha256=tokenizer.weights_sha256(), tokenizer_path=tokenizer_path(args.tokenizer),
-        scales=tokenizer.scales, has_captions=captions is not None,
-        source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
-                "channels": tokenizer.config.in_channels, "image_column": dataset.source.image_column,
-                "label_column": dataset.source.label_column, "caption_column": dataset.source.caption_column})
-    job = {"metadata": metadata.to_json(), "chunk_rows": args.chunk_rows}
+    metadata = codes_metadata(args, tokenizer, image_size, len(dataset), dataset.has_labels, dataset.source.label_names,
+                              captions is not None, dataset.source.image_column, dataset.source.label_column,
+                              dataset.source.caption_column)
     created_staging = not staging.exists()
     if accelerator.is_main_process:
-        _prepare_staging(staging, job)
+        _prepare_staging(staging, {"metadata": metadata.to_json(), "chunk_rows": args.chunk_rows})
     accelerator.wait_for_everyone()
 
     chunks = [range(start, min(start + args.chunk_rows, len(dataset))) for start in range(0, len(dataset), args.chunk_rows)]
@@ -112,24 +108,76 @@ def export(argv: Sequence[str] | None = None) -> dict:
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        missing = [chunk for chunk in chunks if not _chunk_is_complete(staging, chunk)]
-        if missing:
-            raise UserError(f"{len(missing)} chunk(s) are missing in {staging}; run the export again to finish")
-        assembled = staging / "assembled"
-        shutil.rmtree(assembled, ignore_errors=True)
-        if args.format == "arrow":
-            _assemble_arrow(staging, chunks, assembled, metadata, captions)
-        else:
-            _assemble_npy(staging, chunks, assembled, metadata)
-            if captions is not None:
-                write_json_atomic(assembled / CAPTIONS_NAME, captions.tolist())
-        write_json_atomic(assembled / CODES_META_NAME, metadata.to_json())
-        _move_into_place(assembled, output)
-        shutil.rmtree(staging, ignore_errors=True)
+        _finish(staging, chunks, metadata, args.format, captions, output)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     summary = {"output": str(output), "num_rows": len(dataset), "seconds": seconds,
                "images_per_second": len(dataset) / max(seconds, 1e-9)}
+    if accelerator.is_main_process:
+        print(json.dumps(summary))
+    return summary
+
+
+def codes_metadata(args: argparse.Namespace, tokenizer, image_size: int, num_rows: int, has_labels: bool,
+                   label_names: list[str] | None, has_captions: bool, image_column: str | None,
+                   label_column: str | None, caption_column: str | None) -> CodesMetadata:
+    """What codes.json says of this export."""
+    levels = tokenizer.code_layout(image_size)
+    return CodesMetadata(
+        format_version=1 if tokenizer.first_codes_format and len(levels) == 1 and levels[0].depth == 1
+        and not has_captions else CODES_FORMAT_VERSION,  # the first release's format where it fits, as it wrote it
+        format=args.format, levels=levels, num_rows=num_rows, has_labels=has_labels, label_names=label_names,
+        tokenizer_class=type(tokenizer).__name__, tokenizer_config=config_to_dict(tokenizer.config),
+        tokenizer_sha256=tokenizer.weights_sha256(), tokenizer_path=tokenizer_path(args.tokenizer),
+        scales=tokenizer.scales, has_captions=has_captions,
+        source={"dataset": args.dataset, "split": args.split, "image_size": image_size,
+                "channels": tokenizer.config.in_channels, "image_column": image_column,
+                "label_column": label_column, "caption_column": caption_column})
+
+
+def _export_stream(args: argparse.Namespace, tokenizer, data_config: DataConfig, output: Path) -> dict:
+    """--streaming: the split read once in order, `--chunk-rows` records at a time (memory stays bounded by
+    one chunk); process r encodes chunks r, r + N, ... (every process reads the stream, decoding only its
+    own); a killed export re-reads the stream and encodes only the chunks it had not staged."""
+    stream = Stream(data_config, StreamingConfig(streaming=True), held_out=False)
+    channels = stream.first_channels(tokenizer.config.in_channels,
+                                     fix=f"this tokenizer takes {tokenizer.config.in_channels}-channel images")
+    accelerator = make_accelerator()
+    tokenizer.to(accelerator.device)
+    num_workers = resolve_num_workers(args.num_workers, local_process_count())
+    staging = output.with_name(f".{output.name}.partial")
+    job = {"streamed": codes_metadata(args, tokenizer, data_config.image_size, 0, False, stream.label_names, False,
+                                      stream.image_column, stream.label_column, None).to_json(),
+           "chunk_rows": args.chunk_rows}
+    if accelerator.is_main_process:
+        _prepare_staging(staging, job)
+    accelerator.wait_for_everyone()
+    levels = tokenizer.code_layout(data_config.image_size)
+    started, chunks = time.perf_counter(), []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="img", desc="exporting (streamed)", disable=not (args.progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    for index, (rows, records) in enumerate(stream.chunks(args.chunk_rows)):
+        chunks.append(rows)
+        if index % accelerator.num_processes == accelerator.process_index and not _chunk_is_complete(staging, rows):
+            batches = stream.decoded_batches(channels, rows, records, args.batch_size, num_workers)
+            _encode_chunk(tokenizer, batches, rows, staging, levels, accelerator.device)
+        bar.update(len(rows))
+    bar.close()
+    accelerator.wait_for_everyone()
+    num_rows = chunks[-1].stop if chunks else 0
+    if num_rows == 0:
+        raise UserError(f"{stream.description} [{args.split}] is empty; point --dataset at a source with images")
+    if accelerator.is_main_process:
+        has_labels = any(bool((_read_chunk(staging, rows)[1] >= 0).any()) for rows in chunks)
+        metadata = codes_metadata(args, tokenizer, data_config.image_size, num_rows, has_labels, stream.label_names,
+                                  False, stream.image_column, stream.label_column, None)
+        _finish(staging, chunks, metadata, args.format, None, output)
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    summary = {"output": str(output), "num_rows": num_rows, "seconds": seconds,
+               "images_per_second": num_rows / max(seconds, 1e-9)}
     if accelerator.is_main_process:
         print(json.dumps(summary))
     return summary
@@ -142,8 +190,28 @@ def tokenizer_for(args: argparse.Namespace):
     probe = DataConfig(dataset=args.dataset, split=args.split, image_size=args.image_size or 32,
                        image_column=args.image_column, label_column=args.label_column,
                        dataset_config=args.dataset_config, revision=args.revision)
-    channels = first_image_channels(open_source(probe), args.split, None)
+    channels = (Stream(probe, StreamingConfig(streaming=True), held_out=False).first_channels(None) if args.streaming
+                else first_image_channels(open_source(probe), args.split, None))
     return load_tokenizer(args.tokenizer, channels=channels, image_size=probe.image_size)
+
+
+def _finish(staging: Path, chunks: list[range], metadata: CodesMetadata, format: str, captions: np.ndarray | None,
+            output: Path) -> None:
+    """Assemble the staged chunks in source order into --output (main process)."""
+    missing = [chunk for chunk in chunks if not _chunk_is_complete(staging, chunk)]
+    if missing:
+        raise UserError(f"{len(missing)} chunk(s) are missing in {staging}; run the export again to finish")
+    assembled = staging / "assembled"
+    shutil.rmtree(assembled, ignore_errors=True)
+    if format == "arrow":
+        _assemble_arrow(staging, chunks, assembled, metadata, captions)
+    else:
+        _assemble_npy(staging, chunks, assembled, metadata)
+        if captions is not None:
+            write_json_atomic(assembled / CAPTIONS_NAME, captions.tolist())
+    write_json_atomic(assembled / CODES_META_NAME, metadata.to_json())
+    _move_into_place(assembled, output)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _prepare_staging(staging: Path, job: dict) -> None:
@@ -185,25 +253,31 @@ def _encode_chunks(tokenizer, dataset: ImageDataset, chunks: list[range], stagin
     bar = tqdm(total=total * num_processes, initial=done * num_processes, unit="img", desc="exporting",
                disable=not progress, dynamic_ncols=True)
     for rows in chunks:
-        parts: dict[str, list[np.ndarray]] = {level.column: [] for level in metadata.levels}
-        labels = []
-        for batch in sequential_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda"):
-            with torch.inference_mode():
-                codes = tokenizer.encode(batch.images(device))  # (B, h, w[, D]), or a dict per level
-            for level in metadata.levels:
-                grid = codes[level.name] if isinstance(codes, dict) else codes
-                parts[level.column].append(grid.cpu().numpy().astype(level.dtype))
-            labels.extend(batch.labels.tolist())
-            bar.update(len(batch.labels) * num_processes)  # the other processes advance at the same pace
-        path = _chunk_path(staging, rows)
-        temporary = path.with_name(f".{path.stem}.tmp.npz")
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **{column: np.concatenate(arrays) for column, arrays in parts.items()},
-                     labels=np.asarray(labels, dtype=np.int64))
-            handle.flush()
-            os.fsync(handle.fileno())  # the rename must never publish a chunk that is not on disk
-        os.replace(temporary, path)
+        batches = sequential_batches(dataset, rows, batch_size, num_workers, pin_memory=device.type == "cuda")
+        _encode_chunk(tokenizer, batches, rows, staging, metadata.levels, device)
+        bar.update(len(rows) * num_processes)  # the other processes advance at the same pace
     bar.close()
+
+
+def _encode_chunk(tokenizer, batches: Iterator, rows: range, staging: Path, levels, device: torch.device) -> None:
+    """Encode one chunk's batches and stage its codes and labels as one file, written atomically."""
+    parts: dict[str, list[np.ndarray]] = {level.column: [] for level in levels}
+    labels = []
+    for batch in batches:
+        with torch.inference_mode():
+            codes = tokenizer.encode(batch.images(device))  # (B, h, w[, D]), or a dict per level
+        for level in levels:
+            grid = codes[level.name] if isinstance(codes, dict) else codes
+            parts[level.column].append(grid.cpu().numpy().astype(level.dtype))
+        labels.extend(batch.labels.tolist())
+    path = _chunk_path(staging, rows)
+    temporary = path.with_name(f".{path.stem}.tmp.npz")
+    with open(temporary, "wb") as handle:
+        np.savez(handle, **{column: np.concatenate(arrays) for column, arrays in parts.items()},
+                 labels=np.asarray(labels, dtype=np.int64))
+        handle.flush()
+        os.fsync(handle.fileno())  # the rename must never publish a chunk that is not on disk
+    os.replace(temporary, path)
 
 
 def _read_chunk(staging: Path, rows: range) -> tuple[dict[str, np.ndarray], np.ndarray]:

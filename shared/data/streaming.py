@@ -136,12 +136,15 @@ def _open_iterable(dataset: str, config: DataConfig, split: str | None) -> tuple
 class Stream:
     """A streamed source: the training split as records with undecoded images, and its held-out split."""
 
-    def __init__(self, config: DataConfig, settings: StreamingConfig) -> None:
+    def __init__(self, config: DataConfig, settings: StreamingConfig, held_out: bool = True) -> None:
+        """`held_out`: find the held-out split validation reads (training), or not (export)."""
         self.config, self.settings = config, settings
         splits, self.description = _open_iterable(config.dataset, config, None)
         if config.split not in splits:
             raise UserError(f"{self.description} has no split {config.split!r} (splits: {', '.join(splits)}); fix --split")
         self.stream, self.image_column, self.label_column = _prepared(splits[config.split], config, self.description)
+        if not held_out:
+            return
         held_out_name = next((name for name in HELD_OUT_SPLITS if name in splits and name != config.split), None)
         if settings.validation_dataset is not None:
             self.held_out_description = settings.validation_dataset
@@ -157,15 +160,15 @@ class Stream:
                             "--validation-dataset")
         self.held_out = _prepared(held_out, config, self.held_out_description)
 
-    def first_channels(self, channels: int | None) -> int:
-        """`channels`, checked against the first image, or the first image's own."""
+    def first_channels(self, channels: int | None, fix: str | None = None) -> int:
+        """`channels`, checked against the first image (`fix`: the advice when it differs), or the first image's own."""
         record = next(iter(self.stream), None)
         if record is None:
             raise UserError(f"{self.description} [{self.config.split}] is empty; point --dataset at a source with images")
         found = channels_of(decode_image(record[self.image_column], f"the first image of {self.description}"))
         if channels is not None and found != channels:
             raise UserError(f"the first image of {self.description} has {found} channel(s), expected {channels}; "
-                            f"pass --channels {found}")
+                            f"{fix or f'pass --channels {found}'}")
         return channels or found
 
     def validation_set(self, channels: int) -> ImageDataset:
@@ -183,6 +186,29 @@ class Stream:
         description = f"{self.held_out_description}, first {len(records)}"
         source = wrap_datasets(description, {"validation": table}, image_column, label_column or "none", "none")
         return make_dataset(source, "validation", source.rows("validation"), self.config, channels)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        import datasets
+
+        feature = (self.stream.features or {}).get(self.label_column) if self.label_column else None
+        return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+    def chunks(self, chunk_rows: int) -> Iterator[tuple[range, list[dict[str, Any]]]]:
+        """The split in source order, `chunk_rows` records at a time, with their row numbers."""
+        records, start = iter(self.stream), 0
+        while chunk := list(itertools.islice(records, chunk_rows)):
+            yield range(start, start + len(chunk)), chunk
+            start += len(chunk)
+
+    def decoded_batches(self, channels: int, rows: range, records: list[dict[str, Any]], batch_size: int,
+                        num_workers: int) -> Iterator[Batch]:
+        """`records` (rows `rows` of the split) decoded in order, in batches of `batch_size`, no augmentation."""
+        keys = [[(rows.start + index, 0, records[index]) for index in range(first, min(first + batch_size, len(records)))]
+                for first in range(0, len(records), batch_size)]
+        loader = _loader(StreamDecoder(self, channels, Augmentation()), keys, min(num_workers, len(keys)), False,
+                         persistent=False)
+        return (_raise_problem(item) for item in loader)
 
     def records(self, seed: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
         """This process's endless stream of records: epoch after epoch of its shuffled part."""
