@@ -43,7 +43,8 @@ def resolve_folder(name: str | os.PathLike, revision: str | None = None) -> Path
     """A local folder as it is; else a Hub repo id ("org/name") as its downloaded snapshot (from the Hub
     cache when offline). `revision`: a branch, tag or commit of the repo (not for local folders)."""
     path = Path(name)
-    if path.exists() or not REPO_ID.fullmatch(str(name)):
+    # a path that exists, or whose first folder does (runs/typo), is local; org/name is a repo id
+    if path.exists() or Path(path.parts[0]).is_dir() or not REPO_ID.fullmatch(str(name)):
         if revision is not None:
             raise UserError(f"revision={revision!r} applies to Hub repos, and {name} is a local path; drop it")
         return path

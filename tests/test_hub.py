@@ -81,6 +81,20 @@ def test_pipeline_prior_and_tokenizer_load_from_the_hub_cache(pipeline_dir, offl
     assert resolve_folder("someone/prior").is_relative_to(offline_hub)
 
 
+def test_generate_command_reads_a_hub_repo(pipeline_dir, tmp_path):
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "someone/digits", pipeline_dir)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    for name, source in (("hub", "someone/digits"), ("local", str(pipeline_dir))):
+        result = run_module("pipelines.generate", "--pipeline", source, "--num-images", "4", "--labels", "2",
+                            "--output-dir", str(tmp_path / f"out_{name}"), "--no-progress", env=env)
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out_hub" / "codes.npy").read_bytes() == (tmp_path / "out_local" / "codes.npy").read_bytes()
+    missing = run_module("pipelines.generate", "--pipeline", "someone/absent", "--num-images", "4",
+                         "--output-dir", str(tmp_path / "none"), env=env)
+    assert missing.returncode == 2 and "Hub cache" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
 def test_revisions_and_missing_repos(pipeline_dir, offline_hub, tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(pipeline_dir / "prior", changed)
