@@ -73,6 +73,11 @@ class Conditioning:
     text: TextMemory | None = None
     text_ids: torch.Tensor | None = None
 
+    def select(self, rows: torch.Tensor) -> "Conditioning":
+        """The conditioning of rows `rows` of the batch (a decoder that drops finished samples computes it once)."""
+        return Conditioning(*(None if value is None else value.select(rows) if isinstance(value, TextMemory)
+                              else value[rows] for value in (self.labels, self.code_map, self.text, self.text_ids)))
+
 
 def check_labels(config, labels: torch.Tensor | int | None, batch_size: int,
                  device: torch.device) -> torch.Tensor | None:

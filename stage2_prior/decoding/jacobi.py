@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from stage2_prior.conditioning import Context
+from stage2_prior.conditioning import Conditioning, Context
 from stage2_prior.decoding.guard import decide, guided_rows
 from stage2_prior.decoding.sampler import Sampler, SamplingStats
 
@@ -54,12 +54,13 @@ def head_ordered(config) -> bool:
     return config.depth > 1 and config.channel_groups == 1
 
 
-def draw_positions(sampler: Sampler, features: torch.Tensor | None, codes: torch.Tensor, context: Context,
+def draw_positions(sampler: Sampler, features: torch.Tensor | None, codes: torch.Tensor, conditioning: Conditioning | None,
                    uniforms: torch.Tensor, fixed: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One pass over positions: new codes and flags (B, n, D) for the codes (B, n, D) of n positions from
     raster position `first` (a grid flattened, or a window), known ones (`fixed`) kept. `features` (B or
     2B, n, C) are the network's features there (head-ordered archs: the head then decides the entries in
-    turn); None: the whole grid's logits come from one full forward (channel groups, or one code per position)."""
+    turn); None: the whole grid's logits come from one full forward (channel groups, or one code per position)
+    on `conditioning` (the network's, for the B or 2B rows)."""
     model, options = sampler.compute, sampler.options
     count = codes.shape[1]
     scales = sampler.scale_at(slice(first, first + count))  # (n,) at each position, or None
@@ -67,9 +68,8 @@ def draw_positions(sampler: Sampler, features: torch.Tensor | None, codes: torch
     if features is None:
         height, width = model.config.latent_shape
         grid = codes.view(len(codes), height, width, -1)
-        net_context = context.guided(model.config) if options.guided else context
         net_grid = torch.cat([grid, grid]) if options.guided else grid
-        logits = model.stack_logits(net_grid, model.conditioning(net_context)).flatten(1, 2)  # (B or 2B, n, D, V)
+        logits = model.stack_logits(net_grid, conditioning).flatten(1, 2)  # (B or 2B, n, D, V)
         drawn, flags = decide_all(sampler, guided_rows(logits, scales), uniforms)
         return torch.where(fixed, codes, drawn), flags
     new = codes.clone()
@@ -153,15 +153,17 @@ def run(sampler: Sampler, context: Context, uniforms: torch.Tensor, known: torch
     passes = torch.zeros_like(settled)
     active = torch.arange(batch, device=known.device)
     recomputed_before = sampler.recomputed
+    # the network's conditioning (a caption's encoding, say) once per run; each pass takes its samples' rows
+    conditioning = model.conditioning(context.guided(model.config) if options.guided else context)
     while len(active):
         current, sample_context = flat[active], context.select(active)
-        features = None
+        rows = torch.cat([active, active + batch]) if options.guided else active  # the unconditioned half after
+        features, pass_conditioning = None, conditioning.select(rows)
         if head_ordered(model.config):
-            net_context = sample_context.guided(model.config) if options.guided else sample_context
             grid = codes[active]
             net_grid = torch.cat([grid, grid]) if options.guided else grid
-            features = model.features(net_grid, model.conditioning(net_context)).flatten(2).transpose(1, 2)
-        new, flags = draw_positions(sampler, features, current, sample_context, uniforms[active], fixed[active])
+            features = model.features(net_grid, pass_conditioning).flatten(2).transpose(1, 2)
+        new, flags = draw_positions(sampler, features, current, pass_conditioning, uniforms[active], fixed[active])
         after = new.view(-1, height, width, depth)
         new, old = new.flatten(1), current.flatten(1)
         settled[active] = settle(sampler, after, sample_context, uniforms[active], old, new,
@@ -196,7 +198,7 @@ def run_windowed(sampler: Sampler, context: Context, uniforms: torch.Tensor, kno
         net_codes = torch.cat([codes, codes]) if options.guided else codes
         features = state.window(net_codes, start, count)  # (B or 2B, n, C)
         current = flat[:, window]
-        new, flags = draw_positions(sampler, features, current, context, uniforms[:, window], fixed[:, window],
+        new, flags = draw_positions(sampler, features, current, None, uniforms[:, window], fixed[:, window],
                                     first=start)
         after = codes.clone()
         after.view(batch, positions, depth)[:, window] = new
