@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ from shared.errors import UploadFailed, UserError, first_line
 from shared.files import CONFIG_NAME, WEIGHTS_NAME, file_sha256
 
 MODEL_CARD_NAME = "README.md"
-# What a training run's output folder holds beside its model: never uploaded.
-RUN_ONLY = frozenset({"checkpoints", "logs", "samples", "best", ".replaced"})
+PIPELINE_NAME = "pipeline.json"
+ENCODER_FOLDER = "text_encoder"  # a prior's copy of its pretrained text encoder
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, PIPELINE_NAME, "metrics.json", "train_config.json")  # what is uploaded
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name; a local path that exists wins
 LOAD_SNIPPETS = {  # how a reader loads each kind of folder
     "pipeline": "from pipelines import Pipeline\npipe = Pipeline.from_pretrained({repo!r})\nimages = pipe.generate(16, seed=0).images",
@@ -86,31 +89,42 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def upload_plan(folder: str | os.PathLike) -> dict[str, Path]:
-    """What `push_folder` uploads, path in the repo -> local file: the model's files, none of a run's
-    checkpoints, logs, samples or hidden files, and no README.md (the model card replaces it)."""
+    """What `push_folder` uploads, path in the repo -> local file: the model's own files and nothing else
+    (its config and weights, a run's metrics.json and train_config.json, a prior's text_encoder/ folder, a
+    pipeline's parts), never a run's checkpoints, logs or samples, or anything else the folder holds."""
     folder = Path(folder)
-    plan = {}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_dir() or relative.parts[0] in RUN_ONLY or any(part.startswith(".") for part in relative.parts):
-            continue
-        if relative.as_posix() != MODEL_CARD_NAME:
-            plan[relative.as_posix()] = path
+    plan = _model_files(folder, folder)
     check_self_contained(folder, plan)
     return plan
 
 
+def _model_files(root: Path, folder: Path) -> dict[str, Path]:
+    plan = {path.relative_to(root).as_posix(): path for path in (folder / name for name in MODEL_FILES)
+            if path.is_file()}
+    encoder = folder / ENCODER_FOLDER
+    if encoder.is_dir():  # a pretrained text encoder's own files, as transformers saved them
+        plan.update({path.relative_to(root).as_posix(): path for path in sorted(encoder.iterdir()) if path.is_file()})
+    if (folder / PIPELINE_NAME).is_file():
+        values = json.loads((folder / PIPELINE_NAME).read_text())
+        for part in [values.get("tokenizer"), values.get("prior"), *(values.get("priors") or [])]:
+            if part is not None and contained(folder, part, "a part").is_dir():
+                plan.update(_model_files(root, folder / part))
+    return plan
+
+
 def check_self_contained(folder: Path, plan: dict[str, Path]) -> None:
-    """Refuse a folder whose config names a part outside it, or a part it does not hold."""
+    """Refuse a folder whose vqprior configs name a part outside it, or a part it does not hold."""
     if not plan:
         raise UserError(f"{folder} holds no model files; pass a tokenizer, prior or pipeline folder")
     for name, path in plan.items():
-        if Path(name).name not in (CONFIG_NAME, "pipeline.json"):
+        if Path(name).name not in (CONFIG_NAME, PIPELINE_NAME):
             continue
         values = json.loads(path.read_text())
+        if Path(name).name == CONFIG_NAME and "format_version" not in values:
+            continue  # not a vqprior config (a transformers text encoder's, say)
         parent = Path(name).parent
         named = {key: value for key, value in values.items() if key.endswith("_path") and value is not None}
-        if Path(name).name == "pipeline.json":
+        if Path(name).name == PIPELINE_NAME:
             named = {"part": [values.get("tokenizer"), values.get("prior"), *(values.get("priors") or [])]}
         for key, value in named.items():
             for part in value if isinstance(value, list) else [value]:
@@ -122,8 +136,13 @@ def check_self_contained(folder: Path, plan: dict[str, Path]) -> None:
                                     "re-save it with save_pretrained")
 
 
+def training_command() -> str:
+    """The command line of this process, as a reader would type it (the interpreter as `python`)."""
+    return shlex.join(["python", *sys.orig_argv[1:]])
+
+
 def folder_kind(folder: Path) -> str:
-    if (folder / "pipeline.json").is_file():
+    if (folder / PIPELINE_NAME).is_file():
         return "pipeline"
     values = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
     if "vocab_size" in values and "latent_shape" in values:
@@ -137,7 +156,7 @@ def model_card(folder: str | os.PathLike, repo_id: str, command: str | None = No
     folder = Path(folder)
     plan = upload_plan(folder)
     kind = folder_kind(folder)
-    config_file = folder / ("pipeline.json" if kind == "pipeline" else CONFIG_NAME)
+    config_file = folder / (PIPELINE_NAME if kind == "pipeline" else CONFIG_NAME)
     config = json.loads(config_file.read_text())
     what = config.get("_class_name", kind)
     if kind == "prior":
@@ -175,11 +194,18 @@ def upload_warning() -> str | None:
 def push_folder(folder: str | os.PathLike, repo_id: str, command: str | None = None, revision: str | None = None,
                 private: bool | None = None, token: str | None = None) -> str:
     """Upload `upload_plan(folder)` and its model card to the Hub repo `repo_id` (created if needed) as one
-    commit; returns the commit's URL. A failed upload raises UploadFailed, saying how to retry."""
+    commit; returns the commit's URL. A failed upload raises UploadFailed, saying how to retry; so does a
+    folder that cannot be uploaded after a training run (`command` given), whose model stays saved."""
     folder = Path(folder)
+    retry = f"python -m pipelines.push {shlex.quote(str(folder))} {repo_id}"
     check_repo_id(repo_id)
-    plan = upload_plan(folder)
-    card = model_card(folder, repo_id, command)
+    try:
+        plan = upload_plan(folder)
+        card = model_card(folder, repo_id, command)
+    except UserError as error:
+        if command is None:
+            raise
+        raise UploadFailed(f"the trained model is saved in {folder}, but it cannot be uploaded: {error}") from None
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in plan.items()]
     operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=card.encode()))
     api = HfApi(token=token, library_name="vqprior")
@@ -189,5 +215,5 @@ def push_folder(folder: str | os.PathLike, repo_id: str, command: str | None = N
                                    revision=revision)
     except Exception as error:  # offline, no token, no rights, network: the folder stays, the retry is one command
         raise UploadFailed(f"uploading {folder} to the Hub repo {repo_id} failed ({first_line(error)[:200]}); the "
-                           f"model is saved in {folder}; retry with: python -m pipelines.push {folder} {repo_id}") from None
+                           f"model is saved in {folder}; retry with: {retry}") from None
     return commit.commit_url

@@ -174,7 +174,8 @@ def test_guidance_needs_label_dropout():
         tiny_exhaustive_prior(num_classes=2).sample(1, labels=0, guidance_scale=1.0)
 
 
-@pytest.mark.parametrize("config", [dict(num_layers=4), dict(arch="transformer", num_layers=2, num_heads=2),
+@pytest.mark.parametrize("config", [dict(num_layers=4),
+                                    pytest.param(dict(arch="transformer", num_layers=2, num_heads=2), marks=pytest.mark.slow),
                                     dict(arch="pixelsnail", num_layers=4, num_heads=2, attention_every=2)])
 def test_compiled_step_draws_the_same_codes(config, monkeypatch):
     """At trained scale, method="compiled" (torch.compile of the arch's per-position chain) draws the

@@ -88,6 +88,7 @@ def killed_and_resumed(command: list[str], root: Path, kill_after_step: int) -> 
     return root / "straight", output
 
 
+@pytest.mark.slow  # the core suite covers discriminator resume (test_fsdp's GAN resume) more cheaply; run with -m slow
 def test_sigkill_with_discriminator_resumes_bitwise(tmp_path):
     """VQGAN training: the discriminator, its optimizer and the RNG resume with the tokenizer."""
     command = [*STAGE1, "--discriminator-weight", "0.1", "--discriminator-start", "4", "--discriminator-layers", "2"]
@@ -100,6 +101,7 @@ def test_sigkill_with_discriminator_resumes_bitwise(tmp_path):
     assert any(not earlier[k].equal(left[k]) for k in left), "the discriminator kept training"
 
 
+@pytest.mark.slow  # the core suite covers SIGKILL resume (test_sigkill_and_resume_is_bitwise_identical) more cheaply; run with -m slow
 def test_sigkill_with_workers_and_augmentation_resumes_bitwise(tmp_path):
     """Streaming from an image folder through 2 loader workers, with random flips and crops."""
     from conftest import write_image_folder
@@ -174,6 +176,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     assert state["skipped_steps"] >= 1
 
 
+@pytest.mark.slow  # the core suite covers two-process resume (test_fsdp, test_resume_with_another_process_count_is_refused) more cheaply; run with -m slow
 def test_two_process_run_killed_resumes_to_completion(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     port = 29700 + os.getpid() % 200

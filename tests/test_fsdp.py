@@ -13,9 +13,10 @@ from conftest import TINY_TOKENIZER_FLAGS, run_module, run_torchrun
 from stage1_vqvae import VQVAE
 from stage2_prior import Prior
 
-# A VQGAN (discriminator from step 2) with the EMA codebook, validated and checkpointed at steps 3 and 6.
+# A VQGAN with the EMA codebook, validated and checkpointed at steps 3 and 6; its discriminator starts at step 4,
+# after the first checkpoint (whose optimizer for it has no state yet).
 GAN_FLAGS = [*TINY_TOKENIZER_FLAGS, "--batch-size", "16", "--max-steps", "6", "--save-every", "3", "--eval-every", "3",
-             "--num-workers", "0", "--discriminator-weight", "0.5", "--discriminator-start", "2",
+             "--num-workers", "0", "--discriminator-weight", "0.5", "--discriminator-start", "4",
              "--discriminator-layers", "2", "--report-to", "tensorboard", "--log-every", "1"]
 
 
@@ -65,13 +66,14 @@ def test_sharded_run_resumes_bit_for_bit(gan_runs, tmp_path):
     assert (resumed / "model.safetensors").read_bytes() == (gan_runs / "fsdp" / "model.safetensors").read_bytes()
 
 
-def test_sharded_prior_samples_the_data_parallel_codes(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("arch", ["transformer", "pixelcnn"])  # pixelcnn: causal masks are non-persistent buffers
+def test_sharded_prior_samples_the_data_parallel_codes(tiny_tokenizer, tmp_path, arch):
     from stage1_vqvae.export import export
 
     export(["--tokenizer", str(tiny_tokenizer), "--output", str(tmp_path / "codes"), "--no-progress"])
-    flags = ["--codes", str(tmp_path / "codes"), "--arch", "transformer", "--max-steps", "4", "--save-every", "4",
+    flags = ["--codes", str(tmp_path / "codes"), "--arch", arch, "--max-steps", "4", "--save-every", "4",
              "--eval-every", "2", "--sample-every", "4", "--hidden-channels", "16", "--num-layers", "2",
-             "--batch-size", "16", "--no-progress"]
+             "--batch-size", "8", "--gradient-accumulation-steps", "2", "--no-progress"]
     for name, extra in (("fsdp", ["--fsdp"]), ("ddp", [])):
         result = run_torchrun("stage2_prior.train", "--output-dir", str(tmp_path / name), *flags, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -85,6 +87,9 @@ def test_sharded_prior_samples_the_data_parallel_codes(tiny_tokenizer, tmp_path)
 
 
 def test_fsdp_bad_input(gan_runs, tmp_path):
+    plugin = run_module("stage1_vqvae.train", "--output-dir", str(tmp_path / "plugin"), *TINY_TOKENIZER_FLAGS,
+                        env={"ACCELERATE_USE_FSDP": "true"})
+    assert plugin.returncode == 2 and "pass --fsdp" in plugin.stderr
     alone = run_module("stage1_vqvae.train", "--output-dir", str(tmp_path / "alone"), "--fsdp", *TINY_TOKENIZER_FLAGS)
     assert alone.returncode == 2 and "launch it with torchrun" in alone.stderr and not (tmp_path / "alone").exists()
     fp16 = run_module("stage1_vqvae.train", "--output-dir", str(tmp_path / "fp16"), "--fsdp", "--mixed-precision",

@@ -136,6 +136,20 @@ def test_a_shared_folder_names_nothing_outside_itself(pipeline_dir, tmp_path, of
         upload_plan(prior)
 
 
+def test_upload_plan_holds_the_model_files_only(pipeline_dir, tmp_path):
+    prior = tmp_path / "prior"
+    shutil.copytree(pipeline_dir / "prior", prior)
+    (prior / "notes.txt").write_text("private")
+    (prior / "codes").mkdir()
+    (prior / "codes" / "chunk.npz").write_bytes(b"data")
+    encoder = prior / "text_encoder"  # a transformers folder: its own config names where it came from
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"_name_or_path": "/home/someone/t5", "model_type": "t5"}))
+    (encoder / "model.safetensors").write_bytes(b"weights")
+    assert sorted(upload_plan(prior)) == ["config.json", "model.safetensors", "text_encoder/config.json",
+                                          "text_encoder/model.safetensors"]
+
+
 def test_upload_plan_and_model_card_of_a_training_run(tiny_tokenizer):
     plan = upload_plan(tiny_tokenizer)
     assert sorted(plan) == ["config.json", "metrics.json", "model.safetensors", "train_config.json"]

@@ -20,10 +20,10 @@ def prior6() -> Prior:
     return trained_scale_prior(6, num_layers=4)
 
 
-@pytest.mark.parametrize("precision, options", [("float32", dict()), ("float32", dict(top_p=0.9)),
-                                                ("float32", dict(temperature=0.8, top_k=40)),
-                                                ("float64", dict()), ("float64", dict(strategy="greedy"))],
-                         ids=["float32", "float32 top_p", "float32 temperature+top_k", "float64", "float64 greedy"])
+@pytest.mark.parametrize("precision, options", [
+    ("float32", dict()), pytest.param("float32", dict(top_p=0.9), marks=pytest.mark.slow, id="float32 top_p"),
+    pytest.param("float32", dict(temperature=0.8, top_k=40), marks=pytest.mark.slow, id="float32 temperature+top_k"),
+    ("float64", dict()), ("float64", dict(strategy="greedy"))], ids=["float32", None, None, "float64", "float64 greedy"])
 def test_jacobi_draws_the_sequential_codes_at_trained_scale(prior6, precision, options):
     cached, sequential = prior6.sample(12, seed=5, sample_offset=109, precision=precision, return_stats=True, **options)
     codes, stats = prior6.sample(12, seed=5, sample_offset=109, precision=precision, method="jacobi",

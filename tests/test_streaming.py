@@ -122,6 +122,7 @@ def test_streamed_training_resumes_bit_for_bit(shards, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ([], "has no held-out split, and a held-out fraction needs random access"),
     (["--validation-dataset", "VAL", "--cache-images", "always"], "--cache-images always needs the whole split"),
+    (["--validation-dataset", "VAL", "--validation-fraction", "0.3"], "--validation-fraction holds rows out at random"),
 ])
 def test_streaming_bad_input(shards, tmp_path, extra, message):
     train, validation = shards
@@ -165,7 +166,7 @@ def test_a_local_parquet_folder_streams(tmp_path):
     assert batch.pixels.shape == (8, 1, 16, 16)
 
 
-@pytest.mark.parametrize("format", ["arrow", "npy"])
+@pytest.mark.parametrize("format", ["arrow", pytest.param("npy", marks=pytest.mark.slow)])
 def test_streamed_export_equals_the_listed_export(tiny_tokenizer, tmp_path, format):
     from shared.codes import open_codes
 

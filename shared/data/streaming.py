@@ -66,6 +66,10 @@ class StreamingConfig:
             if self.validation_dataset is not None:
                 raise UserError("--validation-dataset applies with --streaming; drop it, or add --streaming")
             return
+        if data.validation_fraction != DataConfig.__dataclass_fields__["validation_fraction"].default:
+            raise UserError("--validation-fraction holds rows out at random, which a stream cannot: with --streaming, "
+                            "validation reads the first --validation-images of the source's held-out split or of "
+                            "--validation-dataset; drop --validation-fraction")
         if self.shuffle_buffer < 0 or self.validation_images < 1:
             raise UserError("--shuffle-buffer must be >= 0 and --validation-images >= 1")
         if data.cache_images == "always":

@@ -94,8 +94,8 @@ def load_newest_checkpoint(accelerator, output_dir: Path, report: Callable[[str]
             state = read_trainer_state(path)
             written_by = int(state.get("num_processes", 1))
             if written_by != accelerator.num_processes:
-                convert = (" (its shards convert to one file for other uses with python -m "
-                           "torch.distributed.checkpoint.format_utils dcp_to_torch_save)") if sharding else ""
+                convert = (f" (its shards convert to one file for other uses with python -m "
+                           f"torch.distributed.checkpoint.format_utils dcp_to_torch_save {path} state.pt)") if sharding else ""
                 raise UserError(f"{path} was written by {written_by} process(es), this run has "
                                 f"{accelerator.num_processes}: the data order and RNG streams would differ; "
                                 f"resume with {written_by} process(es){convert}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from shared.config import read_json, write_json_atomic
 from shared.errors import TrainingStopped, UserError, is_out_of_memory, one_line
-from shared.hub import push_folder, upload_warning
+from shared.hub import push_folder, training_command, upload_warning
 from shared.runtime import make_accelerator
 from shared.training.best import BestModel
 from shared.training.checkpoints import list_checkpoints, load_newest_checkpoint, read_trainer_state, write_checkpoint
@@ -273,7 +272,8 @@ class TrainingSession:
             losses, logs = [], {}
             for micro in range(accumulation):
                 syncing = micro == accumulation - 1
-                with contextlib.nullcontext() if syncing else accelerator.no_sync(self.model):
+                with (self.sharding.accumulating(self.model, syncing) if self.sharding is not None
+                      else contextlib.nullcontext() if syncing else accelerator.no_sync(self.model)):
                     loss, logs = compute_loss(step * accumulation + micro)
                     accelerator.backward(loss / accumulation)
                 losses.append(loss.detach().float())
@@ -390,7 +390,7 @@ class TrainingSession:
         if self.is_main:
             print(json.dumps({"output_dir": str(self.output_dir), **metrics}), flush=True)
             if self.config.push_to_hub is not None:
-                url = push_folder(self.output_dir, self.config.push_to_hub, command=shlex.join(sys.orig_argv))
+                url = push_folder(self.output_dir, self.config.push_to_hub, command=training_command())
                 self.print(f"uploaded {self.output_dir} to {url}")
         return metrics
 

@@ -28,13 +28,15 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from shared.config import read_json, write_json_atomic
 from shared.errors import UserError
 
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
+SHARDED_RECORD = "sharded.json"  # in a sharded checkpoint: which optimizers had state
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, mixed_precision: str) -> torch.nn.Module:
@@ -46,7 +48,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, world_size: int, m
         raise UserError(f"--fsdp trains in float32 or bf16, not {mixed_precision}: pass --mixed-precision bf16 or no")
     mesh = init_device_mesh(device.type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
-    model.to(device)
+    # no model.to(device) first: fully_shard moves each unit to the mesh's device as it shards it, so no
+    # device ever holds the whole model at once
     units = [module for container in model.modules() if isinstance(container, torch.nn.ModuleList)
              for module in container if any(True for _ in module.parameters())]
     outermost = [unit for unit in units if not any(other is not unit and _contains(other, unit) for other in units)]
@@ -87,26 +90,39 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _training_state(pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict[str, Any]:
+def _training_state(pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]], stepped: list[bool]) -> dict[str, Any]:
+    """The state dicts of every model, and of the optimizers that have taken a step (`stepped`): asking torch
+    for the state of an optimizer that has none makes it take a zero step, which would change the run
+    (a discriminator checkpointed before it starts, say)."""
     state = {}
-    for index, (model, optimizer) in enumerate(pairs):
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state[f"model_{index}"], state[f"optimizer_{index}"] = model_state, optimizer_state
+    for index, ((model, optimizer), has_state) in enumerate(zip(pairs, stepped)):
+        if has_state:
+            state[f"model_{index}"], state[f"optimizer_{index}"] = get_state_dict(model, optimizer)
+        else:
+            state[f"model_{index}"] = get_model_state_dict(model)
     return state
 
 
-def save_sharded(pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]], folder: Path) -> None:
-    """Each process writes its shards of every (model, optimizer) into `folder` (torch distributed checkpoint)."""
-    dcp.save(_training_state(pairs), checkpoint_id=str(folder))
+def save_sharded(pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]], folder: Path, is_main: bool) -> None:
+    """Each process writes its shards of every (model, optimizer) into `folder` (torch distributed checkpoint);
+    the main process records which optimizers had state (SHARDED_RECORD)."""
+    stepped = [bool(optimizer.state) for _, optimizer in pairs]
+    dcp.save(_training_state(pairs, stepped), checkpoint_id=str(folder))
+    if is_main:
+        write_json_atomic(folder / SHARDED_RECORD, {"optimizers_with_state": stepped})
 
 
 def load_sharded(pairs: list[tuple[torch.nn.Module, torch.optim.Optimizer]], folder: Path) -> None:
     """Load what `save_sharded` wrote into the (sharded) models and optimizers, in place."""
-    state = _training_state(pairs)
+    stepped = read_json(folder / SHARDED_RECORD)["optimizers_with_state"]
+    state = _training_state(pairs, stepped)
     dcp.load(state, checkpoint_id=str(folder))
-    for index, (model, optimizer) in enumerate(pairs):
-        set_state_dict(model, optimizer, model_state_dict=state[f"model_{index}"],
-                       optim_state_dict=state[f"optimizer_{index}"])
+    for index, ((model, optimizer), has_state) in enumerate(zip(pairs, stepped)):
+        if has_state:
+            set_state_dict(model, optimizer, model_state_dict=state[f"model_{index}"],
+                           optim_state_dict=state[f"optimizer_{index}"])
+        else:
+            set_model_state_dict(model, state[f"model_{index}"])
 
 
 class Sharding:
@@ -132,6 +148,12 @@ class Sharding:
     def gathered(self) -> contextlib.AbstractContextManager:
         return gathered([model for model, _ in self.pairs])
 
+    def accumulating(self, model: torch.nn.Module, syncing: bool) -> contextlib.AbstractContextManager:
+        """A micro-batch's backward that reduce-scatters the gradients only when `syncing` (the last one of
+        the step); the others accumulate them unsharded on each process, as DDP's no_sync does."""
+        model.set_requires_gradient_sync(syncing)
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def saving(self) -> Iterator[torch.nn.Module | None]:
         """The main model, unsharded, with its full weights on the main process (None on the others), for
@@ -142,13 +164,19 @@ class Sharding:
             yield None
             return
         template.load_state_dict(weights, assign=True)
+        live = self.pairs[0][0]
+        for name, buffer in live.named_buffers():  # non-persistent ones (causal masks) are in no state dict
+            owner, _, leaf = name.rpartition(".")
+            module = template.get_submodule(owner)
+            if module._buffers.get(leaf) is not None and module._buffers[leaf].is_meta:
+                module._buffers[leaf] = buffer.detach().to("cpu", copy=True)
         try:
             yield template
         finally:
             template.to("meta")
 
     def save(self, folder: Path) -> None:
-        save_sharded(self.pairs, folder)
+        save_sharded(self.pairs, folder, self.is_main)
 
     def load(self, folder: Path) -> None:
         load_sharded(self.pairs, folder)
