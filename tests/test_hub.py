@@ -175,6 +175,23 @@ def test_push_sends_the_plan_and_the_card(pipeline_dir, monkeypatch):
                                            "tokenizer/model.safetensors"])
 
 
+def test_pipeline_save_pretrained_pushes_and_warnings_come_first(pipeline_dir, tmp_path, monkeypatch):
+    import shared.hub
+
+    sent = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, repo_id, operations, **kw: sent.update(
+        files=sorted(op.path_in_repo for op in operations)) or type("Commit", (), {"commit_url": "url"})())
+    Pipeline.from_pretrained(pipeline_dir, device="cpu").save_pretrained(tmp_path / "copy", push_to_hub=True,
+                                                                          repo_id="someone/copy")
+    assert sent["files"] == sorted([*upload_plan(tmp_path / "copy"), "README.md"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(shared.hub, "get_token", lambda: None)
+    assert "no Hugging Face token" in shared.hub.upload_warning()
+    monkeypatch.setattr(shared.hub, "get_token", lambda: "hf_token")
+    assert shared.hub.upload_warning() is None
+
+
 def test_push_offline_fails_with_the_retry_and_keeps_the_folder(pipeline_dir, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UploadFailed, match=f"retry with: python -m pipelines.push {pipeline_dir} someone/digits"):
