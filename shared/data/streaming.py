@@ -150,9 +150,10 @@ class Stream:
         if not held_out:
             return
         held_out_name = next((name for name in HELD_OUT_SPLITS if name in splits and name != config.split), None)
-        if settings.validation_dataset is not None:
+        if settings.validation_dataset is not None:  # its held-out split if it has one, else its train split
             self.held_out_description = settings.validation_dataset
-            held_out = _open_iterable(settings.validation_dataset, config, "train")[0]
+            others = _open_iterable(settings.validation_dataset, config, None)[0]
+            held_out = others.get(next((name for name in HELD_OUT_SPLITS if name in others), "train"))
         elif held_out_name is not None:
             self.held_out_description, held_out = f"{self.description} [{held_out_name}]", splits[held_out_name]
         else:
@@ -160,8 +161,8 @@ class Stream:
                             "which --streaming does not have: pass --validation-dataset (e.g. "
                             "'shards/val-{000000..000009}.tar' or a folder) or a source with a validation or test split")
         if held_out is None:
-            raise UserError(f"{settings.validation_dataset} has no train split to validate on; pass another "
-                            "--validation-dataset")
+            raise UserError(f"{settings.validation_dataset} has neither a held-out nor a train split to validate on; "
+                            "pass another --validation-dataset")
         self.held_out = _prepared(held_out, config, self.held_out_description)
 
     def first_channels(self, channels: int | None, fix: str | None = None) -> int:
