@@ -149,6 +149,7 @@ def _export_stream(args: argparse.Namespace, tokenizer, data_config: DataConfig,
     job = {"streamed": codes_metadata(args, tokenizer, data_config.image_size, 0, False, stream.label_names, False,
                                       stream.image_column, stream.label_column, None).to_json(),
            "chunk_rows": args.chunk_rows}
+    created_staging = not staging.exists()
     if accelerator.is_main_process:
         _prepare_staging(staging, job)
     accelerator.wait_for_everyone()
@@ -158,12 +159,17 @@ def _export_stream(args: argparse.Namespace, tokenizer, data_config: DataConfig,
 
     bar = tqdm(unit="img", desc="exporting (streamed)", disable=not (args.progress and accelerator.is_main_process),
                dynamic_ncols=True)
-    for index, (rows, records) in enumerate(stream.chunks(args.chunk_rows)):
-        chunks.append(rows)
-        if index % accelerator.num_processes == accelerator.process_index and not _chunk_is_complete(staging, rows):
-            batches = stream.decoded_batches(channels, rows, records, args.batch_size, num_workers)
-            _encode_chunk(tokenizer, batches, rows, staging, levels, accelerator.device)
-        bar.update(len(rows))
+    try:
+        for index, (rows, records) in enumerate(stream.chunks(args.chunk_rows)):
+            chunks.append(rows)
+            if index % accelerator.num_processes == accelerator.process_index and not _chunk_is_complete(staging, rows):
+                batches = stream.decoded_batches(channels, rows, records, args.batch_size, num_workers)
+                _encode_chunk(tokenizer, batches, rows, staging, levels, accelerator.device)
+            bar.update(len(rows))
+    except UserError:  # a bad image: leave the disk as it was, as a listed export does
+        if created_staging and accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     bar.close()
     accelerator.wait_for_everyone()
     num_rows = chunks[-1].stop if chunks else 0

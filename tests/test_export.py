@@ -79,9 +79,10 @@ def test_tokenizer_hash_mismatch(exported, tmp_path):
         open_codes(exported, tmp_path / "other")
 
 
-def test_two_processes_give_the_same_bytes(exported, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["listed", "streamed"])
+def test_two_processes_give_the_same_bytes(exported, tiny_tokenizer, tmp_path, streaming):
     result = run_torchrun("stage1_vqvae.export", "--tokenizer", str(tiny_tokenizer), "--output",
-                          str(tmp_path / "two"), "--no-progress", "--chunk-rows", "500")
+                          str(tmp_path / "two"), "--no-progress", "--chunk-rows", "500", *streaming)
     assert result.returncode == 0, result.stderr[-3000:]
     data_files = sorted(path.name for path in exported.glob("*.arrow"))
     assert data_files and data_files == sorted(path.name for path in (tmp_path / "two").glob("*.arrow"))
@@ -89,10 +90,11 @@ def test_two_processes_give_the_same_bytes(exported, tiny_tokenizer, tmp_path):
         assert (exported / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
-def test_killed_export_leaves_no_output_and_rerun_finishes(tiny_tokenizer, exported, tmp_path):
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["listed", "streamed"])
+def test_killed_export_leaves_no_output_and_rerun_finishes(tiny_tokenizer, exported, tmp_path, streaming):
     output = tmp_path / "codes"
     command = [sys.executable, "-m", "stage1_vqvae.export", "--tokenizer", str(tiny_tokenizer), "--output", str(output),
-               "--no-progress", "--chunk-rows", "100", "--batch-size", "50"]
+               "--no-progress", "--chunk-rows", "100", "--batch-size", "50", *streaming]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = tmp_path / ".codes.partial"
     deadline = time.time() + 120
