@@ -148,7 +148,7 @@ def test_built_in_digits_stream_and_validate_on_their_test_split():
     stream = Stream(DataConfig(dataset="digits", image_size=16), StreamingConfig(streaming=True))
     validation = stream.validation_set(stream.first_channels(None))
     assert len(validation) == 180 and validation.has_labels  # digits' test split, all of it (< 1000)
-    other = Stream(DataConfig(dataset=str(Path("digits")), image_size=16),
+    other = Stream(DataConfig(dataset="digits", image_size=16),
                    StreamingConfig(streaming=True, validation_dataset="digits", validation_images=50))
     chosen = other.validation_set(1)
     assert len(chosen) == 50 and torch.equal(chosen[0][0], validation[0][0])  # its held-out split, not its train split

@@ -24,8 +24,8 @@ def _collate_or_problem(items: list[Example | ImageProblem]) -> Batch | ImagePro
     return problem if problem is not None else collate_examples(items)
 
 
-def _loader(dataset: torch.utils.data.Dataset, batch_sampler: Any, num_workers: int, pin: bool,
-            persistent: bool) -> torch.utils.data.DataLoader:
+def make_loader(dataset: torch.utils.data.Dataset, batch_sampler: Any, num_workers: int, pin: bool,
+                persistent: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_collate_or_problem,
         pin_memory=pin, persistent_workers=persistent and num_workers > 0,
@@ -39,7 +39,7 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _raise_problem(item: Batch | ImageProblem) -> Batch:
+def raise_problem(item: Batch | ImageProblem) -> Batch:
     if isinstance(item, ImageProblem):
         raise UserError(f"{item}; remove or replace that file (or drop --strict-images to skip such images)")
     return item
@@ -148,8 +148,8 @@ def training_batches(data: ImageDataset | CachedImages, order: StepOrder, first_
     sampler = StepBatchSampler(order, first_micro_batch)
     if isinstance(data, CachedImages):
         return (data.batch(keys) for keys in sampler)
-    loader = _loader(Examples(data), sampler, num_workers, pin_memory, persistent=True)
-    return (_raise_problem(item) for item in loader)
+    loader = make_loader(Examples(data), sampler, num_workers, pin_memory, persistent=True)
+    return (raise_problem(item) for item in loader)
 
 
 def code_batches(codes: Any, order: StepOrder, first_micro_batch: int, num_workers: int,
@@ -184,6 +184,6 @@ def sequential_batches(data: ImageDataset | CachedImages, rows: range, batch_siz
         return
     if not keys:
         return
-    loader = _loader(Examples(data), keys, min(num_workers, len(keys)), pin_memory, persistent=False)
+    loader = make_loader(Examples(data), keys, min(num_workers, len(keys)), pin_memory, persistent=False)
     for item in loader:
-        yield _raise_problem(item)
+        yield raise_problem(item)

@@ -37,7 +37,7 @@ from shared.data.config import DIGITS, HELD_OUT_SPLITS, HUB_NAME, DataConfig, is
 from shared.data.datasets import Batch, Example, ImageDataset
 from shared.data.images import (Augmentation, ImageProblem, augment, augmentation_draws, channels_of, decode_image,
                                 resize_and_centre_crop, to_8bit)
-from shared.data.loaders import _loader, _raise_problem
+from shared.data.loaders import make_loader, raise_problem
 from shared.data.shapes import SHAPES
 from shared.data.sources import _digits_splits, _quiet_datasets, _shapes_splits, wrap_datasets
 from shared.data.splits import make_dataset
@@ -211,9 +211,9 @@ class Stream:
         """`records` (rows `rows` of the split) decoded in order, in batches of `batch_size`, no augmentation."""
         keys = [[(rows.start + index, 0, records[index]) for index in range(first, min(first + batch_size, len(records)))]
                 for first in range(0, len(records), batch_size)]
-        loader = _loader(StreamDecoder(self, channels, Augmentation()), keys, min(num_workers, len(keys)), False,
+        loader = make_loader(StreamDecoder(self, channels, Augmentation()), keys, min(num_workers, len(keys)), False,
                          persistent=False)
-        return (_raise_problem(item) for item in loader)
+        return (raise_problem(item) for item in loader)
 
     def records(self, seed: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
         """This process's endless stream of records: epoch after epoch of its shuffled part."""
@@ -247,8 +247,8 @@ class Stream:
                        for offset, record in enumerate(itertools.islice(records, batch_size))]
 
         decoder = StreamDecoder(self, channels, augmentation)
-        loader = _loader(decoder, keys(), num_workers, pin_memory, persistent=True)
-        return (_raise_problem(item) for item in loader)
+        loader = make_loader(decoder, keys(), num_workers, pin_memory, persistent=True)
+        return (raise_problem(item) for item in loader)
 
 
 class StreamDecoder(torch.utils.data.Dataset):

@@ -94,14 +94,7 @@ class TrainingSession:
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Wrap `model` for the current device and processes, and build its AdamW optimizer."""
-        def adamw(parameters):
-            return torch.optim.AdamW(parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay,
-                                     betas=(0.9, 0.99))
-
-        if self.sharding is not None:
-            self.model, self.optimizer = self.sharding.prepare(model, adamw)
-        else:
-            self.model, self.optimizer = self.accelerator.prepare(model, adamw(model.parameters()))
+        self.model, self.optimizer = self._wrap(model, self.config.learning_rate, (0.9, 0.99))
         return self.model, self.optimizer
 
     def prepare_auxiliary(self, model: torch.nn.Module, learning_rate: float,
@@ -109,15 +102,18 @@ class TrainingSession:
         """Wrap a second trained model (a discriminator, say) and build its AdamW optimizer. Both are
         in every checkpoint, so exact resume covers them; call before `restore()`. Train it from the
         `auxiliary_step` callback of `run()`; its rate follows the main schedule scaled to `learning_rate`."""
+        model, optimizer = self._wrap(model, learning_rate, betas)
+        self.auxiliary = (model, optimizer, learning_rate)
+        return model, optimizer
+
+    def _wrap(self, model: torch.nn.Module, learning_rate: float, betas: tuple[float, float]):
+        """`model` sharded (--fsdp) or prepared by Accelerate, with its AdamW built over what it trains."""
         def adamw(parameters):
             return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=self.config.weight_decay, betas=betas)
 
-        if self.sharding is not None:
-            model, optimizer = self.sharding.prepare(model, adamw)
-        else:
-            model, optimizer = self.accelerator.prepare(model, adamw(model.parameters()))
-        self.auxiliary = (model, optimizer, learning_rate)
-        return model, optimizer
+        if self.sharding is not None:  # the optimizer must see the shards, so it is built after sharding
+            return self.sharding.prepare(model, adamw)
+        return self.accelerator.prepare(model, adamw(model.parameters()))
 
     def auxiliary_learning_rate(self, step: int) -> float:
         """The auxiliary optimizer's rate at `step`: the main schedule's shape at its own peak."""

@@ -148,11 +148,15 @@ class Sharding:
     def gathered(self) -> contextlib.AbstractContextManager:
         return gathered([model for model, _ in self.pairs])
 
-    def accumulating(self, model: torch.nn.Module, syncing: bool) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def accumulating(self, model: torch.nn.Module, syncing: bool) -> Iterator[None]:
         """A micro-batch's backward that reduce-scatters the gradients only when `syncing` (the last one of
         the step); the others accumulate them unsharded on each process, as DDP's no_sync does."""
         model.set_requires_gradient_sync(syncing)
-        return contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[torch.nn.Module | None]:
