@@ -3,7 +3,8 @@ held-out compositions, for each text encoder and guidance scale, at equal traini
 
     python benchmarks/text_to_image.py --output-dir runs/text --cpu-seconds 300
     python benchmarks/text_to_image.py --output-dir runs/text --archs transformer maskgit --guidance 0 1 3
-    (an existing <output>/tokenizer and <output>/codes are reused: e.g. the text quickstart's)
+    (an existing <output>/tokenizer and <output>/codes are reused: e.g. the text quickstart's; so is an existing
+    <output>/<arch>_<encoder> prior, which is then only measured)
 
 One VQ-VAE tokenizer on shapes (32x32 RGB, 256 codes, 8x8 grid) and its captioned export of the train
 split; then for each arch (and text encoder), a prior trained for `--cpu-seconds` of CPU time (two short
@@ -11,13 +12,16 @@ runs measure the cost of a step), with caption dropout 0.1 for guidance. Prompts
 first `--prompts` rows of the `test` split (seen compositions) and of the `heldout` split (each names a
 blue triangle or a green circle, which no training caption does), `--samples` images each, at every
 guidance scale. The checker (`shared.data.shapes.caption_matches`) scores each image: one object, or two
-and their relation. Everything goes to <output>/results.json; the table is printed as markdown, and
+and their relation. FID, precision and recall (`pipelines.evaluate`, `--fid-images` samples prompted with the
+test split's captions, against its 600 images) read the features of a classifier trained on shapes' `objects`
+label (`pipelines.features`, <output>/features). Everything goes to <output>/results.json; the table is printed as markdown, and
 <output>/<arch>_guidance<g>.png shows a few prompts with their samples.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -47,6 +51,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100, help="prompts from each of test and heldout")
     parser.add_argument("--samples", type=int, default=2, help="images per prompt")
     parser.add_argument("--tokenizer-steps", type=int, default=None)
+    parser.add_argument("--fid-images", type=int, default=600,
+                        help="samples for FID against the test split, prompted with its captions (0: no FID)")
+    parser.add_argument("--feature-steps", type=int, default=1500, help="training steps of the FID feature network")
+    parser.add_argument("--prior-flags", default="", help='more flags for every prior, e.g. "--hidden-channels 128"')
     args = parser.parse_args()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -60,20 +68,34 @@ def main() -> None:
     if not (codes / "codes.json").exists():
         run_module("stage1_vqvae.export", "--tokenizer", str(tokenizer), "--dataset", "shapes", "--output", str(codes),
                    "--no-progress")
+    features = output / "features"
+    if args.fid_images and not (features / "model.safetensors").exists():
+        run_module("pipelines.features", "--dataset", "shapes", "--label-column", "objects", "--image-size", "32",
+                   "--output-dir", str(features), "--overwrite", "--max-steps", str(args.feature_steps), "--no-progress")
+    earlier = json.loads((output / "results.json").read_text()) if (output / "results.json").exists() else {}
     prompts = [caption for split in ("test", "heldout") for caption in shapes_split(split, args.prompts)[1]]
     prompts = [prompt for prompt in prompts for _ in range(args.samples)]
     results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")},
-               "cpu_seconds": args.cpu_seconds, "prompts": len(prompts), "runs": []}
+               "cpu_seconds": args.cpu_seconds, "prior_flags": args.prior_flags, "prompts": len(prompts), "runs": []}
     pairs = [(arch, encoder) for arch in args.archs for encoder in args.text_encoders
              if encoder in ARCHS[arch].text_encoders]  # MaskGIT and VAR read captions by cross-attention only
     for arch, encoder in pairs:
         name = f"{arch}_{encoder}"
-        flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON]
-        steps = steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}", args.cpu_seconds)
-        metrics, seconds = run_module("stage2_prior.train", *flags, "--output-dir", str(output / name),
-                                      "--overwrite", "--max-steps", str(steps), "--eval-every",
-                                      str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
+        flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON,
+                 *shlex.split(args.prior_flags)]
+        if (output / name / "model.safetensors").exists():  # trained by an earlier run of this benchmark: reused
+            metrics = json.loads((output / name / "metrics.json").read_text())
+            steps = json.loads((output / name / "train_config.json").read_text())["max_steps"]
+            seconds = next((run["train_cpu_seconds"] for run in earlier.get("runs", []) if run["arch"] == arch
+                            and run["text_encoder"] == encoder), float("nan"))
+        else:
+            steps = steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}", args.cpu_seconds)
+            metrics, seconds = run_module("stage2_prior.train", *flags, "--output-dir", str(output / name),
+                                          "--overwrite", "--max-steps", str(steps), "--eval-every",
+                                          str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
         pipeline = Pipeline(load_tokenizer(tokenizer), Prior.from_pretrained(output / name), check_provenance=True)
+        if args.fid_images:
+            pipeline.save_pretrained(output / f"{name}_pipeline")
         for guidance in args.guidance:
             samples = pipeline.generate(len(prompts), prompt=prompts, seed=0, guidance_scale=guidance,
                                         output_type="pt", progress=False)
@@ -83,20 +105,29 @@ def main() -> None:
             rows = [index + offset for index in picked for offset in range(args.samples)]
             save_prompt_grid(samples.images[rows], [prompts[index] for index in rows], args.samples,
                              output / f"{name}_guidance{guidance:g}.png")
+            quality = {}
+            if args.fid_images:  # FID, precision and recall against the test split, prompted with its captions
+                quality, _ = run_module("pipelines.evaluate", "--pipeline", str(output / f"{name}_pipeline"),
+                                        "--dataset", "shapes", "--split", "test", "--features", str(features),
+                                        "--num-images", str(args.fid_images), "--guidance-scale", str(guidance),
+                                        "--no-progress")
             results["runs"].append({"arch": arch, "text_encoder": encoder, "steps": steps, "train_cpu_seconds":
                                     seconds, "bits_per_code": metrics.get("bits_per_code",
                                                                           metrics.get("masked_bits_per_code")),
-                                    "guidance": guidance, "accuracy": accuracy})
+                                    "guidance": guidance, "accuracy": accuracy,
+                                    **{key: quality.get(key) for key in ("fid", "noise_floor_fid", "precision",
+                                                                         "recall")}})
             print(f"{name} guidance {guidance:g}: {accuracy}", file=sys.stderr)
         (output / "results.json").write_text(json.dumps(results, indent=2))
     print("| arch | text encoder | steps (CPU s) | bits/code | guidance | all | one object | relation | one object, "
-          "held out | relation, held out |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "held out | relation, held out | FID (floor) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in results["runs"]:
         scores = run["accuracy"]
         cells = " | ".join(f"{scores[kind]:.1%} ({scores['n_' + kind]})" if kind in scores else "-" for kind in KINDS)
         print(f"| {run['arch']} | {run['text_encoder']} | {run['steps']} ({run['train_cpu_seconds']:.0f}) | "
-              f"{run['bits_per_code']:.2f} | {run['guidance']:g} | {scores['all']:.1%} | {cells} |")
+              f"{run['bits_per_code']:.2f} | {run['guidance']:g} | {scores['all']:.1%} | {cells} | "
+              + (f"{run['fid']:.2f} ({run['noise_floor_fid']:.2f}) |" if run.get("fid") is not None else "- |"))
 
 
 if __name__ == "__main__":

@@ -31,12 +31,14 @@ import torch_fidelity
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
+from pipelines.captions import caption_accuracy
 from pipelines.feature_network import FeatureNetwork, InceptionFeatures
 from pipelines.parts import add_sampling_arguments, sampling_keywords
 from pipelines.pipeline import Pipeline
 from shared.config import parse_args, write_json_atomic
 from shared.data import (ImageDataset, first_image_channels, load_split, open_source, resolve_num_workers,
                          sequential_batches)
+from shared.data.shapes import SHAPES
 from shared.errors import UserError, run_cli
 from shared.files import WEIGHTS_NAME, file_sha256
 from stage1_vqvae.evaluate import add_fid_arguments, add_source_arguments, data_config_for
@@ -98,6 +100,16 @@ def subset(dataset: ImageDataset, indices: np.ndarray) -> ImageDataset:
                         dataset.channels, strict=dataset.strict)
 
 
+def reference_prompts(reference: ImageDataset, num_images: int, dataset: str, split: str) -> list[str]:
+    """A text-conditioned pipeline's prompts: the reference's captions in row order, repeated as needed (the
+    protocol of text-to-image FID: captions of the reference set)."""
+    captions = [caption for caption in (reference.captions if reference.captions is not None else []) if caption]
+    if not captions:
+        raise UserError(f"this pipeline reads prompts and {dataset} [{split}] has no captions to take them from; "
+                        "pass a captioned --split or --caption-column")
+    return [captions[index % len(captions)] for index in range(num_images)]
+
+
 def features_of(network, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return network.features(images).cpu()
@@ -147,6 +159,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
             raise UserError(f"{args.dataset} has {len(reference)} images in [{args.split}] and {len(floor_set)} in "
                             f"[{args.noise_floor_split}]; evaluation needs at least {NEIGHBOURHOOD + 1} and 2: pass "
                             "--split and --noise-floor-split with larger splits")
+    prompts = reference_prompts(reference, args.num_images, args.dataset, args.split) if pipeline.text_conditioned else None
     started = time.perf_counter()
     num_workers = resolve_num_workers(args.num_workers)
     problems: list[str] = []
@@ -160,14 +173,15 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
 
     reference_features = real_features(reference, range(len(reference)))
     generated, predictions, images_uint8 = [], [], []
-    for images, _ in pipeline.iter_generate(args.num_images, labels=all_labels, seed=args.seed,
+    checks_captions = prompts is not None and args.dataset == SHAPES  # the shapes checker reads each sample
+    for images, _ in pipeline.iter_generate(args.num_images, labels=all_labels, seed=args.seed, prompt=prompts,
                                             batch_size=args.batch_size, progress=args.progress, samplers=samplers):
         batch = images.mul(2).sub(1).to(pipeline.device)  # (b, C, H, W) [0, 1] -> [-1, 1]
         generated.append(features_of(network, batch))
         if isinstance(network, FeatureNetwork):
             with torch.no_grad():
                 predictions.append(network(batch).argmax(1).cpu())
-        if args.npz is not None:
+        if args.npz is not None or checks_captions:
             images_uint8.append(images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).expand(-1, -1, -1, 3))
     generated_features = torch.cat(generated)
     prc = prc_features_to_metric(generated_features.float(), reference_features.float(),
@@ -182,6 +196,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
                   noise_floor_images=len(floor_set))
     if predictions and all_labels is not None and network.config.num_classes == pipeline.num_classes:
         result["class_accuracy"] = float((torch.cat(predictions) == all_labels).double().mean())
+    if checks_captions:
+        result["caption_accuracy"] = caption_accuracy(torch.cat(images_uint8).numpy(), prompts)
     if args.npz is not None:
         Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
         temporary = f"{args.npz}.tmp-{os.getpid()}.npz"
@@ -194,6 +210,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
                                                                    "image_size": data_config.image_size},
                             "samples": args.num_images, "seed": args.seed,
                             "labels": None if all_labels is None else (args.labels or "drawn from the seed"),
+                            "prompts": None if prompts is None else "the reference's captions, in row order",
                             "sampling": {name: value for name, value in options.items()},
                             "tokenizer_sha256": tokenizer.weights_sha256(),
                             "prior_sha256": [member.weights_sha256() for member in pipeline.priors],

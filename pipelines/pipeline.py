@@ -139,6 +139,11 @@ class Pipeline:
     def num_classes(self) -> int | None:
         return next((member.config.num_classes for member in self.priors if member.config.num_classes), None)
 
+    @property
+    def text_conditioned(self) -> bool:
+        """Whether a prior of the chain reads a prompt."""
+        return any(member.config.text_encoder is not None for member in self.priors)
+
     def resolve_labels(self, num_images: int, labels: int | list[int] | torch.Tensor | None,
                        seed: int) -> torch.Tensor | None:
         """Labels (num_images,) for a conditional chain, checked against every prior; None for an

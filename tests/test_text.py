@@ -15,7 +15,8 @@ from pipelines.captions import caption_accuracy, prompt_kind
 from shared.codes import open_codes
 from shared.data import DataConfig, load_split, open_source
 from shared.data.images import resize_and_centre_crop
-from shared.data.shapes import HELD_OUT_PAIRS, caption_matches, parse_caption, shapes_split
+from shared.data.shapes import (HELD_OUT_PAIRS, OBJECT_SETS, caption_matches, objects_label, parse_caption,
+                                 shapes_split)
 from shared.errors import UserError
 from stage1_vqvae.export import export
 from stage1_vqvae.export import main as export_main
@@ -71,6 +72,20 @@ def test_shapes_splits_are_deterministic_and_held_out_compositions_never_train()
     held = [{(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} for caption in shapes_split("heldout", 200)[1]]
     assert all(pairs & HELD_OUT_PAIRS for pairs in held)
     assert {prompt_kind(caption) for caption in captions} == {"single", "relation"}
+
+
+def test_the_objects_label_names_colours_and_shapes_whatever_their_order():
+    assert len(OBJECT_SETS) == 90 and len(set(OBJECT_SETS)) == 90  # 12 single pairs, 78 unordered two
+    mixed = objects_label("a small red circle left of a large blue square")
+    assert OBJECT_SETS[mixed] == "red circle and blue square"
+    assert mixed == objects_label("a large blue square right of a small red circle")
+    assert objects_label("a large red circle above a small red circle") != objects_label("a small red circle")
+    source = open_source(DataConfig(dataset="shapes", label_column="objects"))
+    assert source.label_names == OBJECT_SETS
+    assert source.rows("test").labels.tolist() == [objects_label(caption) for caption in shapes_split("test")[1]]
+    assert open_source(DataConfig(dataset="shapes")).label_column is None  # unlabelled unless asked
+    with pytest.raises(UserError, match="one label column, 'objects'"):
+        open_source(DataConfig(dataset="shapes", label_column="label"))
 
 
 def test_caption_accuracy_by_kind():
@@ -285,6 +300,32 @@ def test_pipeline_prompts(shapes_run, tmp_path, capsys):
                      "--no-progress"])
         assert code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_prompts_a_text_pipeline_with_the_reference_captions(shapes_run, tmp_path, capsys):
+    from pipelines.evaluate import evaluate, main as evaluate_main
+    from pipelines.features import train as train_features
+    from pipelines.pipeline import Pipeline
+
+    pipeline = Pipeline.from_pretrained(shapes_run / "pipeline", device="cpu")
+    features = tmp_path / "features"
+    train_features(["--dataset", "shapes", "--label-column", "objects", "--image-size",
+                    str(pipeline.tokenizer.config.image_size), "--width", "8", "--batch-size", "16", "--max-steps", "2",
+                    "--eval-every", "2", "--save-every", "2", "--warmup-steps", "1", "--output-dir", str(features),
+                    "--no-progress"])
+    flags = ["--pipeline", str(shapes_run / "pipeline"), "--dataset", "shapes", "--split", "test", "--features",
+             str(features), "--num-images", "5", "--batch-size", "2", "--num-workers", "0", "--guidance-scale", "2",
+             "--no-progress"]
+    result = evaluate([*flags, "--npz", str(tmp_path / "samples.npz")])
+    captions = shapes_split("test", 5)[1]
+    # the samples are the pipeline's for the test captions in row order, whatever evaluate's batches
+    expected = pipeline.generate(5, prompt=captions, seed=0, guidance_scale=2.0, progress=False, output_type="pt")
+    pixels = expected.images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], pixels)
+    assert np.isfinite(result["fid"]) and result["protocol"]["prompts"] == "the reference's captions, in row order"
+    assert result["caption_accuracy"] == caption_accuracy(pixels, captions)
+    assert evaluate_main([*flags, "--caption-column", "none"]) == 2
+    assert "reads prompts and shapes [test] has no captions" in capsys.readouterr().err
 
 
 def test_bpe_caption_prefix_with_labels_and_a_code_map(caption_tokenizer):

@@ -121,6 +121,21 @@ def generate(rng: np.random.Generator, held_out: bool, side: int = SIDE) -> tupl
     return np.asarray(image), caption_of(things, relation)
 
 
+# `objects`, the label column of the built-in shapes (`--label-column objects`): which (colour, shape) pairs an
+# image holds, regardless of size, place and order: 12 single pairs and 78 unordered two. A classifier of it must
+# see every object's colour and shape, which makes its activations the features for FID on shapes
+# (`python -m pipelines.features --dataset shapes --label-column objects`).
+OBJECTS_COLUMN = "objects"
+_PAIRS = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPE_NAMES]
+OBJECT_SETS = _PAIRS + [f"{first} and {second}" for index, first in enumerate(_PAIRS) for second in _PAIRS[index:]]
+
+
+def objects_label(caption: str) -> int:
+    """The `objects` class of a shapes caption: its index in OBJECT_SETS."""
+    pairs = sorted((_PAIRS.index(f"{thing.colour} {thing.shape}") for thing in parse_caption(caption)[0]))
+    return OBJECT_SETS.index(" and ".join(_PAIRS[index] for index in pairs))
+
+
 def shapes_split(split: str, count: int | None = None, side: int = SIDE) -> tuple[list[np.ndarray], list[str]]:
     """The images and captions of a split ("train", "test", "heldout"), the same on every machine."""
     rng = np.random.default_rng(SPLIT_SEEDS[split])

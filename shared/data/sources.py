@@ -17,7 +17,8 @@ from PIL import Image
 from shared.data.config import (CAPTION_COLUMN, DIGITS, DIGITS_TEST_FRACTION, FOLDER_METADATA, HUB_NAME,
                                 IMAGE_SUFFIXES, NO_LABEL, SPLIT_FOLDERS, VALIDATION_SEED, DataConfig, is_shard_pattern)
 from shared.data.captions import checked_caption_column, clean_caption, folder_captions
-from shared.data.shapes import SHAPES, SPLIT_SIZES, shapes_split
+from shared.data.shapes import (OBJECT_SETS, OBJECTS_COLUMN, SHAPES, SPLIT_SIZES, objects_label,
+                                 shapes_split)
 from shared.errors import UserError, first_line
 
 
@@ -129,12 +130,16 @@ def open_source(config: DataConfig) -> Source:
             raise UserError("--dataset digits has no captions; drop --caption-column, or use --dataset shapes")
         return wrap_datasets(DIGITS, _digits_splits(), "image", "none" if config.labels_off else "label")
     if dataset == SHAPES:
-        if config.image_column or (config.label_column and not config.labels_off) or hub_only:
-            raise UserError("--image-column, --label-column, --dataset-config and --revision do not apply to "
-                            "--dataset shapes; drop them")
+        if config.image_column or hub_only:
+            raise UserError("--image-column, --dataset-config and --revision do not apply to --dataset shapes; drop them")
+        if config.label_column not in (None, OBJECTS_COLUMN) and not config.labels_off:
+            raise UserError(f"--dataset shapes has one label column, {OBJECTS_COLUMN!r} (the colours and shapes an image "
+                            "holds, for a feature network); fix --label-column or drop it")
         if config.caption_column not in (None, CAPTION_COLUMN) and not config.captions_off:
             raise UserError(f"--dataset shapes has one caption column, {CAPTION_COLUMN!r}; fix --caption-column")
-        return wrap_datasets(SHAPES, _shapes_splits(), "image", "none", config.caption_column)
+        # unlabelled unless asked: its captions, not a class, are what a prior conditions on
+        labels = OBJECTS_COLUMN if config.label_column == OBJECTS_COLUMN else "none"
+        return wrap_datasets(SHAPES, _shapes_splits(), "image", labels, config.caption_column)
     if is_shard_pattern(dataset):
         raise UserError(f"--dataset {dataset} names tar shards, which only stage-1 training reads (as a stream, with "
                         "--streaming); convert them to a folder or a save_to_disk dataset for this command")
@@ -342,13 +347,14 @@ def _shapes_splits() -> dict[str, Any]:
     import datasets
 
     _quiet_datasets()
-    features = datasets.Features({"image": datasets.Image(decode=False), CAPTION_COLUMN: datasets.Value("string")})
+    features = datasets.Features({"image": datasets.Image(decode=False), CAPTION_COLUMN: datasets.Value("string"),
+                                  OBJECTS_COLUMN: datasets.ClassLabel(names=OBJECT_SETS)})
     splits = {}
     for split in SPLIT_SIZES:
         images, captions = shapes_split(split)
         splits[split] = datasets.Dataset.from_dict(
-            {"image": [{"bytes": _png_bytes(image), "path": None} for image in images], CAPTION_COLUMN: captions},
-            features=features)
+            {"image": [{"bytes": _png_bytes(image), "path": None} for image in images], CAPTION_COLUMN: captions,
+             OBJECTS_COLUMN: [objects_label(caption) for caption in captions]}, features=features)
     return splits
 
 
