@@ -6,7 +6,9 @@ FID Inception network, pool3, from its local weights file; nothing is downloaded
 FOLDER`, a feature network trained by `python -m pipelines.features` (the usual choice for MNIST-like
 data). From the features: FID (Heusel et al. 2017) and precision and recall (Kynkaanniemi et al. 2019,
 k = 3 nearest neighbours), computed by torch-fidelity; with a feature network and a class-conditional
-pipeline, also the class accuracy of the samples (the network's prediction against the label asked for).
+pipeline, also the class accuracy of the samples (the network's prediction against the label asked for). A
+text-conditioned pipeline is prompted with the reference split's captions in row order; on `shapes` the
+result also holds the checker's caption accuracy of the samples.
 
 FID is biased upwards for small sets and depends on every detail of the protocol, so the JSON records
 the whole protocol (the feature network and its weights' sha256, the reference split and count, the
