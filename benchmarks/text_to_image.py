@@ -75,10 +75,11 @@ def main() -> None:
     earlier = json.loads((output / "results.json").read_text()) if (output / "results.json").exists() else {}
     prompts = [caption for split in ("test", "heldout") for caption in shapes_split(split, args.prompts)[1]]
     prompts = [prompt for prompt in prompts for _ in range(args.samples)]
-    results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")},
-               "cpu_seconds": args.cpu_seconds, "prior_flags": args.prior_flags, "prompts": len(prompts), "runs": []}
     pairs = [(arch, encoder) for arch in args.archs for encoder in args.text_encoders
              if encoder in ARCHS[arch].text_encoders]  # MaskGIT and VAR read captions by cross-attention only
+    kept = [run for run in earlier.get("runs", []) if (run["arch"], run["text_encoder"]) not in pairs]
+    results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")},
+               "prompts": len(prompts), "runs": kept}  # an earlier run's other priors stay in the table
     for arch, encoder in pairs:
         name = f"{arch}_{encoder}"
         flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON,
@@ -111,7 +112,8 @@ def main() -> None:
                                         "--dataset", "shapes", "--split", "test", "--features", str(features),
                                         "--num-images", str(args.fid_images), "--guidance-scale", str(guidance),
                                         "--no-progress")
-            results["runs"].append({"arch": arch, "text_encoder": encoder, "steps": steps, "train_cpu_seconds":
+            results["runs"].append({"arch": arch, "text_encoder": encoder, "cpu_seconds": args.cpu_seconds,
+                                    "prior_flags": args.prior_flags, "steps": steps, "train_cpu_seconds":
                                     seconds, "bits_per_code": metrics.get("bits_per_code",
                                                                           metrics.get("masked_bits_per_code")),
                                     "guidance": guidance, "accuracy": accuracy,
