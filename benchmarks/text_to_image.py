@@ -4,7 +4,9 @@ held-out compositions, for each text encoder and guidance scale, at equal traini
     python benchmarks/text_to_image.py --output-dir runs/text --cpu-seconds 300
     python benchmarks/text_to_image.py --output-dir runs/text --archs transformer maskgit --guidance 0 1 3
     (an existing <output>/tokenizer and <output>/codes are reused: e.g. the text quickstart's; so is an existing
-    <output>/<arch>_<encoder> prior, which is then only measured)
+    <output>/<arch>_<encoder> prior, which is then only measured, and <output>/features)
+    python benchmarks/text_to_image.py --output-dir runs/text_data --train-images 60000 --cpu-seconds 2400
+    (priors trained on 60,000 generated images: the built-in 6,000 and more from the same generator)
 
 One VQ-VAE tokenizer on shapes (32x32 RGB, 256 codes, 8x8 grid) and its captioned export of the train
 split; then for each arch (and text encoder), a prior trained for `--cpu-seconds` of CPU time (two short
@@ -20,10 +22,14 @@ label (`pipelines.features`, <output>/features). Everything goes to <output>/res
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
 import sys
 from pathlib import Path
+
+import datasets
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_module, steps_for_cpu_seconds  # noqa: E402
@@ -40,6 +46,22 @@ COMMON = ["--dropout", "0.1", "--caption-dropout", "0.1", "--warmup-steps", "50"
 KINDS = ("single", "relation", "single_heldout", "relation_heldout")
 
 
+def write_train_images(output: Path, count: int) -> str:
+    """`count` training images and captions of the shapes generator as a save_to_disk dataset; its path."""
+    folder = output / f"shapes_train_{count}"
+    if not (folder / "dataset_dict.json").exists():
+        images, captions = shapes_split("train", count)
+        encoded = []
+        for pixels in images:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            encoded.append({"bytes": buffer.getvalue(), "path": None})
+        features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+        table = datasets.Dataset.from_dict({"image": encoded, "text": captions}, features=features)
+        datasets.DatasetDict({"train": table}).save_to_disk(str(folder))
+    return str(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
@@ -51,6 +73,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100, help="prompts from each of test and heldout")
     parser.add_argument("--samples", type=int, default=2, help="images per prompt")
     parser.add_argument("--tokenizer-steps", type=int, default=None)
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="export this many generated training images instead of the built-in 6,000 (the same "
+                             "generator and seed: the first 6,000 are the built-in ones)")
     parser.add_argument("--fid-images", type=int, default=600,
                         help="samples for FID against the test split, prompted with its captions (0: no FID)")
     parser.add_argument("--feature-steps", type=int, default=1500, help="training steps of the FID feature network")
@@ -66,7 +91,8 @@ def main() -> None:
     else:
         tokenizer_metrics = json.loads((tokenizer / "metrics.json").read_text())
     if not (codes / "codes.json").exists():
-        run_module("stage1_vqvae.export", "--tokenizer", str(tokenizer), "--dataset", "shapes", "--output", str(codes),
+        source = "shapes" if args.train_images is None else write_train_images(output, args.train_images)
+        run_module("stage1_vqvae.export", "--tokenizer", str(tokenizer), "--dataset", source, "--output", str(codes),
                    "--no-progress")
     features = output / "features"
     if args.fid_images and not (features / "model.safetensors").exists():
