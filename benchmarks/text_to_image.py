@@ -49,6 +49,7 @@ KINDS = ("single", "relation", "single_heldout", "relation_heldout")
 def write_train_images(output: Path, count: int) -> str:
     """`count` training images and captions of the shapes generator as a save_to_disk dataset; its path."""
     folder = output / f"shapes_train_{count}"
+    datasets.disable_progress_bars()
     if not (folder / "dataset_dict.json").exists():
         images, captions = shapes_split("train", count)
         encoded = []
