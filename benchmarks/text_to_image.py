@@ -67,6 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--cpu-seconds", type=float, default=300.0, help="training CPU time of each prior")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train each prior this many steps instead (no calibration): to repeat an earlier run's "
+                             "steps when the machine is shared, where CPU time per step is inflated")
     parser.add_argument("--archs", nargs="+", default=["transformer"], help="text-conditioned archs to compare")
     parser.add_argument("--text-encoders", nargs="+", default=["transformer", "bpe"],
                         help="each arch runs with those of these it takes")
@@ -117,7 +120,8 @@ def main() -> None:
             seconds = next((run["train_cpu_seconds"] for run in earlier.get("runs", []) if run["arch"] == arch
                             and run["text_encoder"] == encoder), float("nan"))
         else:
-            steps = steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}", args.cpu_seconds)
+            steps = args.steps or steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}",
+                                                        args.cpu_seconds)
             metrics, seconds = run_module("stage2_prior.train", *flags, "--output-dir", str(output / name),
                                           "--overwrite", "--max-steps", str(steps), "--eval-every",
                                           str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
