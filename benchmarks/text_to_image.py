@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_module, steps_for_cpu_seconds  # noqa: E402
 
 from pipelines import Pipeline  # noqa: E402
-from pipelines.captions import caption_accuracy, save_prompt_grid  # noqa: E402
-from shared.data.shapes import shapes_split  # noqa: E402
+from pipelines.captions import caption_accuracy, refusals, save_prompt_grid  # noqa: E402
+from shared.data.shapes import MISMATCHES, shapes_split  # noqa: E402
 from stage1_vqvae import load_tokenizer  # noqa: E402
 from stage2_prior import ARCHS, Prior  # noqa: E402
 from stage2_prior.registry import recipe_flags  # noqa: E402
@@ -148,6 +148,7 @@ def main() -> None:
                                     seconds, "bits_per_code": metrics.get("bits_per_code",
                                                                           metrics.get("masked_bits_per_code")),
                                     "guidance": guidance, "accuracy": accuracy,
+                                    "refusals": refusals(images, prompts),
                                     **{key: quality.get(key) for key in ("fid", "noise_floor_fid", "precision",
                                                                          "recall")}})
             print(f"{name} guidance {guidance:g}: {accuracy}", file=sys.stderr)
@@ -161,6 +162,14 @@ def main() -> None:
         print(f"| {run['arch']} | {run['text_encoder']} | {run['steps']} ({run['train_cpu_seconds']:.0f}) | "
               f"{run['bits_per_code']:.2f} | {run['guidance']:g} | {scores['all']:.1%} | {cells} | "
               + (f"{run['fid']:.2f} ({run['noise_floor_fid']:.2f}) |" if run.get("fid") is not None else "- |"))
+    print("\nWhy the checker refused the samples of seen relations (the first reason that applies):\n")
+    print(f"| arch | text encoder | guidance | {' | '.join(MISMATCHES)} |")
+    print("| --- | --- | --- |" + " --- |" * len(MISMATCHES))
+    for run in results["runs"]:
+        reasons = run.get("refusals", {}).get("relation")
+        if reasons is not None:
+            print(f"| {run['arch']} | {run['text_encoder']} | {run['guidance']:g} | "
+                  f"{' | '.join(str(reasons[reason]) for reason in MISMATCHES)} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from shared.data.shapes import HELD_OUT_PAIRS, caption_matches, parse_caption
+from shared.data.shapes import HELD_OUT_PAIRS, MISMATCHES, caption_matches, mismatch, parse_caption
 
 
 def prompt_kind(prompt: str) -> str:
@@ -36,6 +36,18 @@ def caption_accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]
     scores = {key: float(np.mean(values)) for key, values in matches.items()}
     scores.update({f"n_{key}": len(values) for key, values in matches.items()})
     return scores
+
+
+def refusals(images: np.ndarray, prompts: list[str]) -> dict[str, dict[str, int]]:
+    """Images (N, H, W, 3) uint8 and their prompts -> per kind of prompt, how many the checker refused for each
+    reason (`shared.data.shapes.MISMATCHES`)."""
+    counts: dict[str, dict[str, int]] = {}
+    for image, prompt in zip(images, prompts):
+        reason = mismatch(image, prompt)
+        if reason is not None:
+            kind = counts.setdefault(prompt_kind(prompt), dict.fromkeys(MISMATCHES, 0))
+            kind[reason] += 1
+    return counts
 
 
 def save_prompt_grid(images: torch.Tensor, prompts: list[str], per_row: int, path: str | os.PathLike,

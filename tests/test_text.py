@@ -3,6 +3,7 @@ tokenizer, text-conditioned priors (exact seeded sampling over every method, gui
 from captioned codes, prompts through the pipeline and the CLI, and the bad input of each."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,12 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import run_module, tree_digest
-from pipelines.captions import caption_accuracy, prompt_kind
+from pipelines.captions import caption_accuracy, prompt_kind, refusals
 from shared.codes import open_codes
 from shared.data import DataConfig, load_split, open_source
 from shared.data.images import resize_and_centre_crop
-from shared.data.shapes import (HELD_OUT_PAIRS, OBJECT_SETS, caption_matches, objects_label, parse_caption,
-                                 shapes_split)
+from shared.data.shapes import (COLOURS, HELD_OUT_PAIRS, MISMATCHES, OBJECT_SETS, caption_matches, caption_of, mismatch,
+                                 objects_label, parse_caption, shapes_split)
 from shared.errors import UserError
 from stage1_vqvae.export import export
 from stage1_vqvae.export import main as export_main
@@ -86,6 +87,32 @@ def test_the_objects_label_names_colours_and_shapes_whatever_their_order():
     assert open_source(DataConfig(dataset="shapes")).label_column is None  # unlabelled unless asked
     with pytest.raises(UserError, match="one label column, 'objects'"):
         open_source(DataConfig(dataset="shapes", label_column="label"))
+
+
+def test_the_checker_says_why_it_refuses():
+    images, captions = shapes_split("test", 100)
+
+    def unlike(caption: str) -> bool:  # two things that differ in size, colour and shape
+        things, relation = parse_caption(caption)
+        return relation is not None and all(getattr(things[0], key) != getattr(things[1], key)
+                                            for key in ("size", "colour", "shape"))
+
+    image, caption = next((image, caption) for image, caption in zip(images, captions) if unlike(caption))
+    (first, second), relation = parse_caption(caption)
+    other = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[relation]
+    cases = {caption: None, caption_of([first], None): "count",
+             caption_of([dataclasses.replace(first, colour=second.colour), dataclasses.replace(second, colour=first.colour)],
+                        relation): "shape",  # the shapes (and sizes) swapped between the colours
+             caption_of([dataclasses.replace(first, size=second.size), second], relation): "size",
+             caption_of([first, second], other): "relation"}
+    spare = next(colour for colour in COLOURS if colour not in (first.colour, second.colour))
+    cases[caption_of([dataclasses.replace(first, colour=spare), second], relation)] = "colour"
+    for text, reason in cases.items():
+        assert mismatch(image, text) == reason, text
+        assert caption_matches(image, text) == (reason is None)
+    counts = refusals(np.stack([image] * len(cases)), list(cases))  # per kind of prompt (a swap may be held out)
+    assert {reason: sum(kind[reason] for kind in counts.values()) for reason in MISMATCHES} == dict.fromkeys(MISMATCHES, 1)
+    assert counts[prompt_kind(caption_of([first], None))]["count"] == 1
 
 
 def test_caption_accuracy_by_kind():

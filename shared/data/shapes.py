@@ -193,16 +193,30 @@ def relation_holds(first: tuple[float, float], second: tuple[float, float], rela
     return {"left of": x1 < x2, "right of": x1 > x2, "above": y1 < y2, "below": y1 > y2}[relation]
 
 
+MISMATCHES = ("count", "colour", "shape", "size", "relation")
+
+
+def mismatch(image: np.ndarray, caption: str) -> str | None:
+    """Why the checker refuses an RGB image (H, W, 3) uint8 for a shapes caption, the first that applies of
+    MISMATCHES: another number of objects, other colours, a colour on another shape, another size, or the
+    right things against the relation; None when it shows exactly what the caption says."""
+    things, relation = parse_caption(caption)
+    found_objects = find_things(image)
+    found_things = [f.thing for f in found_objects]
+    for reason, key in (("count", lambda t: 0), ("colour", lambda t: t.colour),
+                        ("shape", lambda t: (t.colour, t.shape)), ("size", lambda t: t.words())):
+        if sorted(map(key, found_things)) != sorted(map(key, things)):
+            return reason
+    if relation is None:
+        return None
+    # the first thing of the caption against the second; with two alike, either assignment may hold
+    firsts = [f for f in found_objects if f.thing == things[0]]
+    seconds = [f for f in found_objects if f.thing == things[1]]
+    holds = any(relation_holds(a.centre, b.centre, relation) for a in firsts for b in seconds if a is not b)
+    return None if holds else "relation"
+
+
 def caption_matches(image: np.ndarray, caption: str) -> bool:
     """Whether an RGB image (H, W, 3) uint8 shows exactly what a shapes caption says: its things (size,
     colour, shape) and nothing else, and for two things their relation."""
-    things, relation = parse_caption(caption)
-    found = find_things(image)
-    if sorted(f.thing.words() for f in found) != sorted(t.words() for t in things):
-        return False
-    if relation is None:
-        return True
-    # the first thing of the caption against the second; with two alike, either assignment may hold
-    firsts = [f for f in found if f.thing == things[0]]
-    seconds = [f for f in found if f.thing == things[1]]
-    return any(relation_holds(a.centre, b.centre, relation) for a in firsts for b in seconds if a is not b)
+    return mismatch(image, caption) is None
