@@ -16,7 +16,8 @@ blue triangle or a green circle, which no training caption does), `--samples` im
 guidance scale. The checker (`shared.data.shapes.caption_matches`) scores each image: one object, or two
 and their relation. FID, precision and recall (`pipelines.evaluate`, `--fid-images` samples prompted with the
 test split's captions, against its 600 images) read the features of a classifier trained on shapes' `objects`
-label (`pipelines.features`, <output>/features). Everything goes to <output>/results.json; the table is printed as markdown, and
+label (`pipelines.features`, <output>/features). Everything goes to <output>/results.json; the table is printed
+as markdown, and
 <output>/<arch>_guidance<g>.png shows a few prompts with their samples.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import io
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from common import run_module, steps_for_cpu_seconds  # noqa: E402
 
 from pipelines import Pipeline  # noqa: E402
 from pipelines.captions import caption_accuracy, refusals, save_prompt_grid  # noqa: E402
-from shared.data.shapes import MISMATCHES, shapes_split  # noqa: E402
+from shared.data.shapes import MISMATCHES, SPLIT_SIZES, shapes_split  # noqa: E402
 from stage1_vqvae import load_tokenizer  # noqa: E402
 from stage2_prior import ARCHS, Prior  # noqa: E402
 from stage2_prior.registry import recipe_flags  # noqa: E402
@@ -59,7 +61,10 @@ def write_train_images(output: Path, count: int) -> str:
             encoded.append({"bytes": buffer.getvalue(), "path": None})
         features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
         table = datasets.Dataset.from_dict({"image": encoded, "text": captions}, features=features)
-        datasets.DatasetDict({"train": table}).save_to_disk(str(folder))
+        staging = output / f".shapes_train_{count}.partial"  # renamed when whole: a killed run leaves no half set
+        shutil.rmtree(staging, ignore_errors=True)
+        datasets.DatasetDict({"train": table}).save_to_disk(str(staging))
+        staging.rename(folder)
     return str(folder)
 
 
@@ -94,31 +99,43 @@ def main() -> None:
                                           *tokenizer_flags, "--no-progress")
     else:
         tokenizer_metrics = json.loads((tokenizer / "metrics.json").read_text())
-    if not (codes / "codes.json").exists():
+    if (codes / "codes.json").exists():
+        exported = json.loads((codes / "codes.json").read_text())["num_rows"]
+        if exported != (args.train_images or SPLIT_SIZES["train"]):
+            raise SystemExit(f"{codes} holds {exported} training images, not the {args.train_images or 'built-in'} "
+                             "asked for: use another --output-dir, or --train-images as before")
+    else:
         source = "shapes" if args.train_images is None else write_train_images(output, args.train_images)
         run_module("stage1_vqvae.export", "--tokenizer", str(tokenizer), "--dataset", source, "--output", str(codes),
                    "--no-progress")
     features = output / "features"
     if args.fid_images and not (features / "model.safetensors").exists():
         run_module("pipelines.features", "--dataset", "shapes", "--label-column", "objects", "--image-size", "32",
-                   "--output-dir", str(features), "--overwrite", "--max-steps", str(args.feature_steps), "--no-progress")
+                   "--output-dir", str(features), "--overwrite", "--max-steps", str(args.feature_steps),
+                   "--no-progress")
     earlier = json.loads((output / "results.json").read_text()) if (output / "results.json").exists() else {}
     prompts = [caption for split in ("test", "heldout") for caption in shapes_split(split, args.prompts)[1]]
     prompts = [prompt for prompt in prompts for _ in range(args.samples)]
     pairs = [(arch, encoder) for arch in args.archs for encoder in args.text_encoders
              if encoder in ARCHS[arch].text_encoders]  # MaskGIT and VAR read captions by cross-attention only
-    kept = [run for run in earlier.get("runs", []) if (run["arch"], run["text_encoder"]) not in pairs]
-    results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")},
-               "prompts": len(prompts), "runs": kept}  # an earlier run's other priors stay in the table
+    retrained = [pair for pair in pairs if not (output / "_".join(pair) / "model.safetensors").exists()]
+    # earlier rows stay unless this run measures them again (a pair and guidance) or retrains their prior
+    kept = [run for run in earlier.get("runs", []) if (run["arch"], run["text_encoder"]) not in retrained
+            and not ((run["arch"], run["text_encoder"]) in pairs and run["guidance"] in args.guidance)]
+    results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")}, "runs": kept}
     for arch, encoder in pairs:
         name = f"{arch}_{encoder}"
         flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON,
                  *shlex.split(args.prior_flags)]
-        if (output / name / "model.safetensors").exists():  # trained by an earlier run of this benchmark: reused
+        training = {"cpu_seconds": None if args.steps else args.cpu_seconds, "prior_flags": args.prior_flags,
+                    "train_images": args.train_images or SPLIT_SIZES["train"]}
+        if (arch, encoder) not in retrained:  # trained by an earlier run of this benchmark: reused as it was
             metrics = json.loads((output / name / "metrics.json").read_text())
             steps = json.loads((output / name / "train_config.json").read_text())["max_steps"]
-            seconds = next((run["train_cpu_seconds"] for run in earlier.get("runs", []) if run["arch"] == arch
-                            and run["text_encoder"] == encoder), float("nan"))
+            before = next((run for run in earlier.get("runs", [])
+                           if (run["arch"], run["text_encoder"]) == (arch, encoder)), {})
+            seconds = before.get("train_cpu_seconds", float("nan"))
+            training = {key: before.get(key) for key in training}
         else:
             steps = args.steps or steps_for_cpu_seconds("stage2_prior.train", flags, output / f"calibrate_{name}",
                                                         args.cpu_seconds)
@@ -126,7 +143,8 @@ def main() -> None:
                                           "--overwrite", "--max-steps", str(steps), "--eval-every",
                                           str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
         pipeline = Pipeline(load_tokenizer(tokenizer), Prior.from_pretrained(output / name), check_provenance=True)
-        if args.fid_images:
+        if args.fid_images:  # a fresh copy: the prior may have been retrained since the last one
+            shutil.rmtree(output / f"{name}_pipeline", ignore_errors=True)
             pipeline.save_pretrained(output / f"{name}_pipeline")
         for guidance in args.guidance:
             samples = pipeline.generate(len(prompts), prompt=prompts, seed=0, guidance_scale=guidance,
@@ -143,8 +161,8 @@ def main() -> None:
                                         "--dataset", "shapes", "--split", "test", "--features", str(features),
                                         "--num-images", str(args.fid_images), "--guidance-scale", str(guidance),
                                         "--no-progress")
-            results["runs"].append({"arch": arch, "text_encoder": encoder, "cpu_seconds": args.cpu_seconds,
-                                    "prior_flags": args.prior_flags, "steps": steps, "train_cpu_seconds":
+            results["runs"].append({"arch": arch, "text_encoder": encoder, **training, "prompts": len(prompts),
+                                    "steps": steps, "train_cpu_seconds":
                                     seconds, "bits_per_code": metrics.get("bits_per_code",
                                                                           metrics.get("masked_bits_per_code")),
                                     "guidance": guidance, "accuracy": accuracy,
@@ -162,14 +180,15 @@ def main() -> None:
         print(f"| {run['arch']} | {run['text_encoder']} | {run['steps']} ({run['train_cpu_seconds']:.0f}) | "
               f"{run['bits_per_code']:.2f} | {run['guidance']:g} | {scores['all']:.1%} | {cells} | "
               + (f"{run['fid']:.2f} ({run['noise_floor_fid']:.2f}) |" if run.get("fid") is not None else "- |"))
-    print("\nWhy the checker refused the samples of seen relations (the first reason that applies):\n")
-    print(f"| arch | text encoder | guidance | {' | '.join(MISMATCHES)} |")
-    print("| --- | --- | --- |" + " --- |" * len(MISMATCHES))
+    print("\nSamples of seen relations the checker refused, by the first reason that applies:\n")
+    print(f"| arch | text encoder | guidance | samples | {' | '.join(MISMATCHES)} |")
+    print("| --- | --- | --- | --- |" + " --- |" * len(MISMATCHES))
     for run in results["runs"]:
-        reasons = run.get("refusals", {}).get("relation")
-        if reasons is not None:
-            print(f"| {run['arch']} | {run['text_encoder']} | {run['guidance']:g} | "
-                  f"{' | '.join(str(reasons[reason]) for reason in MISMATCHES)} |")
+        if "refusals" in run and "n_relation" in run["accuracy"]:
+            count = run["accuracy"]["n_relation"]
+            reasons = run["refusals"].get("relation", dict.fromkeys(MISMATCHES, 0))
+            print(f"| {run['arch']} | {run['text_encoder']} | {run['guidance']:g} | {count} | "
+                  f"{' | '.join(f'{reasons[reason] / count:.1%}' for reason in MISMATCHES)} |")
 
 
 if __name__ == "__main__":

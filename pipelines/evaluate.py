@@ -40,6 +40,7 @@ from pipelines.pipeline import Pipeline
 from shared.config import parse_args, write_json_atomic
 from shared.data import (ImageDataset, first_image_channels, load_split, open_source, resolve_num_workers,
                          sequential_batches)
+from shared.data.captions import check_captions
 from shared.data.shapes import SHAPES
 from shared.errors import UserError, run_cli
 from shared.files import WEIGHTS_NAME, file_sha256
@@ -102,13 +103,18 @@ def subset(dataset: ImageDataset, indices: np.ndarray) -> ImageDataset:
                         dataset.channels, strict=dataset.strict)
 
 
-def reference_prompts(reference: ImageDataset, num_images: int, dataset: str, split: str) -> list[str]:
-    """A text-conditioned pipeline's prompts: the reference's captions in row order, repeated as needed (the
-    protocol of text-to-image FID: captions of the reference set)."""
-    captions = [caption for caption in (reference.captions if reference.captions is not None else []) if caption]
+def reference_prompts(reference: ImageDataset, num_images: int, where: str, strict: bool) -> list[str]:
+    """A text-conditioned pipeline's prompts: the captions of the reference's rows in row order, repeated as needed
+    (the protocol of text-to-image FID: captions of the reference set). Rows without one are skipped with a
+    warning (refused with `strict`)."""
+    if reference.captions is None:
+        raise UserError(f"this pipeline reads prompts and {where} has no captions to take them from: evaluate it on "
+                        "a captioned split (drop --caption-column none, or name the column with --caption-column)")
+    check_captions(reference.captions, where, strict)
+    captions = [caption for caption in reference.captions if caption is not None]
     if not captions:
-        raise UserError(f"this pipeline reads prompts and {dataset} [{split}] has no captions to take them from; "
-                        "pass a captioned --split or --caption-column")
+        raise UserError(f"no row of {where} has a caption to prompt this pipeline with; evaluate it on a captioned "
+                        "split")
     return [captions[index % len(captions)] for index in range(num_images)]
 
 
@@ -161,7 +167,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
             raise UserError(f"{args.dataset} has {len(reference)} images in [{args.split}] and {len(floor_set)} in "
                             f"[{args.noise_floor_split}]; evaluation needs at least {NEIGHBOURHOOD + 1} and 2: pass "
                             "--split and --noise-floor-split with larger splits")
-    prompts = reference_prompts(reference, args.num_images, args.dataset, args.split) if pipeline.text_conditioned else None
+    prompts = None
+    if pipeline.text_conditioned:
+        prompts = reference_prompts(reference, args.num_images, f"{args.dataset} [{args.split}]",
+                                    args.strict_captions)
     started = time.perf_counter()
     num_workers = resolve_num_workers(args.num_workers)
     problems: list[str] = []
@@ -212,7 +221,8 @@ def evaluate(argv: Sequence[str] | None = None) -> dict:
                                                                    "image_size": data_config.image_size},
                             "samples": args.num_images, "seed": args.seed,
                             "labels": None if all_labels is None else (args.labels or "drawn from the seed"),
-                            "prompts": None if prompts is None else "the reference's captions, in row order",
+                            "prompts": None if prompts is None else "the reference's captions, in row order, "
+                                                                    f"{len(set(prompts))} distinct",
                             "sampling": {name: value for name, value in options.items()},
                             "tokenizer_sha256": tokenizer.weights_sha256(),
                             "prior_sha256": [member.weights_sha256() for member in pipeline.priors],

@@ -63,7 +63,7 @@ def train(argv: Sequence[str] | None = None) -> dict[str, float]:
     source = open_source(config)
     if source.label_names is None and source.label_column is None:
         raise UserError(f"{config.dataset} has no labels, and a feature network is a classifier: pass a labelled "
-                        "dataset (class subfolders, or --label-column)")
+                        "dataset (class subfolders, or --label-column; for shapes, --label-column objects)")
     channels = first_image_channels(source, config.split, config.channels)
     train_set, validation_set = load_train_and_validation(config, source, channels)
     if not train_set.has_labels:

@@ -1,10 +1,10 @@
-"""Text to image: the shapes dataset and its checker, captions through sources and exports, the caption
+"""Text to image (the shapes dataset and its checker: test_shapes.py): captions through sources and exports, the caption
 tokenizer, text-conditioned priors (exact seeded sampling over every method, guidance on text), training
 from captioned codes, prompts through the pipeline and the CLI, and the bad input of each."""
 from __future__ import annotations
 
-import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,12 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import run_module, tree_digest
-from pipelines.captions import caption_accuracy, prompt_kind, refusals
+from pipelines.captions import caption_accuracy
 from shared.codes import open_codes
 from shared.data import DataConfig, load_split, open_source
-from shared.data.images import resize_and_centre_crop
-from shared.data.shapes import (COLOURS, HELD_OUT_PAIRS, MISMATCHES, OBJECT_SETS, caption_matches, caption_of, mismatch,
-                                 objects_label, parse_caption, shapes_split)
+from shared.data.shapes import shapes_split
 from shared.errors import UserError
 from stage1_vqvae.export import export
 from stage1_vqvae.export import main as export_main
@@ -43,83 +41,6 @@ def text_prior(arch: str, tokenizer, caption_dropout: float = 0.1, dtype=torch.f
     for parameter in model.parameters():
         parameter.data.normal_(0, 0.4)
     return model
-
-
-# ------------------------------------------------------------------------------------------------
-# The dataset and its checker
-# ------------------------------------------------------------------------------------------------
-
-def test_shapes_checker_accepts_real_images_and_refuses_wrong_captions():
-    images, captions = shapes_split("heldout")
-    small = [resize_and_centre_crop(Image.fromarray(image), 32).transpose(1, 2, 0) for image in images]
-    for pictures in (images, small):  # 64x64 as generated, and 32x32 as the quickstart reads them
-        assert np.mean([caption_matches(image, caption) for image, caption in zip(pictures, captions)]) > 0.98
-    shifted = captions[1:] + captions[:1]  # each image with another image's caption
-    assert np.mean([caption_matches(image, caption) for image, caption in zip(small, shifted)]) < 0.04  # 3.5%
-    # a relation reversed, on two-object images, is refused
-    swapped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-    two = [(image, caption) for image, caption in zip(small, captions) if parse_caption(caption)[1]]
-    for old, new in swapped.items():
-        refused = [not caption_matches(image, caption.replace(old, new)) for image, caption in two if old in caption]
-        assert np.mean(refused) > 0.9, old  # 94.8% over the four relations: two alike fit either way
-
-
-def test_shapes_splits_are_deterministic_and_held_out_compositions_never_train():
-    images, captions = shapes_split("train", 400)
-    again, _ = shapes_split("train", 400)
-    assert all(np.array_equal(a, b) for a, b in zip(images, again))
-    named = [{(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} for caption in captions]
-    assert not any(pairs & HELD_OUT_PAIRS for pairs in named)
-    held = [{(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} for caption in shapes_split("heldout", 200)[1]]
-    assert all(pairs & HELD_OUT_PAIRS for pairs in held)
-    assert {prompt_kind(caption) for caption in captions} == {"single", "relation"}
-
-
-def test_the_objects_label_names_colours_and_shapes_whatever_their_order():
-    assert len(OBJECT_SETS) == 90 and len(set(OBJECT_SETS)) == 90  # 12 single pairs, 78 unordered two
-    mixed = objects_label("a small red circle left of a large blue square")
-    assert OBJECT_SETS[mixed] == "red circle and blue square"
-    assert mixed == objects_label("a large blue square right of a small red circle")
-    assert objects_label("a large red circle above a small red circle") != objects_label("a small red circle")
-    source = open_source(DataConfig(dataset="shapes", label_column="objects"))
-    assert source.label_names == OBJECT_SETS
-    assert source.rows("test").labels.tolist() == [objects_label(caption) for caption in shapes_split("test")[1]]
-    assert open_source(DataConfig(dataset="shapes")).label_column is None  # unlabelled unless asked
-    with pytest.raises(UserError, match="one label column, 'objects'"):
-        open_source(DataConfig(dataset="shapes", label_column="label"))
-
-
-def test_the_checker_says_why_it_refuses():
-    images, captions = shapes_split("test", 100)
-
-    def unlike(caption: str) -> bool:  # two things that differ in size, colour and shape
-        things, relation = parse_caption(caption)
-        return relation is not None and all(getattr(things[0], key) != getattr(things[1], key)
-                                            for key in ("size", "colour", "shape"))
-
-    image, caption = next((image, caption) for image, caption in zip(images, captions) if unlike(caption))
-    (first, second), relation = parse_caption(caption)
-    other = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[relation]
-    cases = {caption: None, caption_of([first], None): "count",
-             caption_of([dataclasses.replace(first, colour=second.colour), dataclasses.replace(second, colour=first.colour)],
-                        relation): "shape",  # the shapes (and sizes) swapped between the colours
-             caption_of([dataclasses.replace(first, size=second.size), second], relation): "size",
-             caption_of([first, second], other): "relation"}
-    spare = next(colour for colour in COLOURS if colour not in (first.colour, second.colour))
-    cases[caption_of([dataclasses.replace(first, colour=spare), second], relation)] = "colour"
-    for text, reason in cases.items():
-        assert mismatch(image, text) == reason, text
-        assert caption_matches(image, text) == (reason is None)
-    counts = refusals(np.stack([image] * len(cases)), list(cases))  # per kind of prompt (a swap may be held out)
-    assert {reason: sum(kind[reason] for kind in counts.values()) for reason in MISMATCHES} == dict.fromkeys(MISMATCHES, 1)
-    assert counts[prompt_kind(caption_of([first], None))]["count"] == 1
-
-
-def test_caption_accuracy_by_kind():
-    images, captions = shapes_split("heldout", 40)
-    scores = caption_accuracy(np.stack(images), captions)
-    assert scores["all"] == 1.0 and scores["n_all"] == 40
-    assert scores["n_single_heldout"] + scores["n_relation_heldout"] == 40
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +251,7 @@ def test_pipeline_prompts(shapes_run, tmp_path, capsys):
 
 
 def test_evaluate_prompts_a_text_pipeline_with_the_reference_captions(shapes_run, tmp_path, capsys):
-    from pipelines.evaluate import evaluate, main as evaluate_main
+    from pipelines.evaluate import evaluate, main as evaluate_main, reference_prompts
     from pipelines.features import train as train_features
     from pipelines.pipeline import Pipeline
 
@@ -349,10 +270,17 @@ def test_evaluate_prompts_a_text_pipeline_with_the_reference_captions(shapes_run
     expected = pipeline.generate(5, prompt=captions, seed=0, guidance_scale=2.0, progress=False, output_type="pt")
     pixels = expected.images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], pixels)
-    assert np.isfinite(result["fid"]) and result["protocol"]["prompts"] == "the reference's captions, in row order"
+    assert np.isfinite(result["fid"])
+    assert result["protocol"]["prompts"] == "the reference's captions, in row order, 5 distinct"
     assert result["caption_accuracy"] == caption_accuracy(pixels, captions)
     assert evaluate_main([*flags, "--caption-column", "none"]) == 2
     assert "reads prompts and shapes [test] has no captions" in capsys.readouterr().err
+    # a reference row without a caption is skipped with a warning, or refused with --strict-captions
+    reference = SimpleNamespace(captions=np.array(["a small red circle", None, "a large green triangle"], dtype=object))
+    assert reference_prompts(reference, 4, "set", strict=False) == ["a small red circle", "a large green triangle"] * 2
+    assert "1 of the 3 rows of set have an empty or non-string caption" in capsys.readouterr().err
+    with pytest.raises(UserError, match="1 of the 3 rows of set"):
+        reference_prompts(reference, 4, "set", strict=True)
 
 
 def test_bpe_caption_prefix_with_labels_and_a_code_map(caption_tokenizer):

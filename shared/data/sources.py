@@ -131,10 +131,11 @@ def open_source(config: DataConfig) -> Source:
         return wrap_datasets(DIGITS, _digits_splits(), "image", "none" if config.labels_off else "label")
     if dataset == SHAPES:
         if config.image_column or hub_only:
-            raise UserError("--image-column, --dataset-config and --revision do not apply to --dataset shapes; drop them")
+            raise UserError("--image-column, --dataset-config and --revision do not apply to --dataset shapes; "
+                            "drop them")
         if config.label_column not in (None, OBJECTS_COLUMN) and not config.labels_off:
-            raise UserError(f"--dataset shapes has one label column, {OBJECTS_COLUMN!r} (the colours and shapes an image "
-                            "holds, for a feature network); fix --label-column or drop it")
+            raise UserError(f"--dataset shapes has one label column, {OBJECTS_COLUMN!r} (the colours and shapes an "
+                            "image holds, for a feature network); fix --label-column or drop it")
         if config.caption_column not in (None, CAPTION_COLUMN) and not config.captions_off:
             raise UserError(f"--dataset shapes has one caption column, {CAPTION_COLUMN!r}; fix --caption-column")
         # unlabelled unless asked: its captions, not a class, are what a prior conditions on
