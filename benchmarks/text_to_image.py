@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +40,7 @@ from common import run_module, steps_for_cpu_seconds  # noqa: E402
 
 from pipelines import Pipeline  # noqa: E402
 from pipelines.captions import caption_accuracy, refusals, save_prompt_grid  # noqa: E402
+from shared.data.images import resize_and_centre_crop  # noqa: E402
 from shared.data.shapes import MISMATCHES, SPLIT_SIZES, shapes_split  # noqa: E402
 from stage1_vqvae import load_tokenizer  # noqa: E402
 from stage2_prior import ARCHS, Prior  # noqa: E402
@@ -66,6 +69,21 @@ def write_train_images(output: Path, count: int) -> str:
         datasets.DatasetDict({"train": table}).save_to_disk(str(staging))
         staging.rename(folder)
     return str(folder)
+
+
+def reconstruction_accuracy(tokenizer, count: int) -> dict[str, float]:
+    """The checker's accuracy on the tokenizer's reconstructions of the first `count` test and held-out images:
+    what a prior could reach at best through this tokenizer."""
+    images, captions = [], []
+    for split in ("test", "heldout"):
+        pixels, texts = shapes_split(split, count)
+        images += [resize_and_centre_crop(Image.fromarray(image), tokenizer.config.image_size) for image in pixels]
+        captions += texts
+    batch = torch.from_numpy(np.stack(images)).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        decoded = tokenizer.decode(tokenizer.encode(batch))  # (N, 3, H, W) in [-1, 1]
+    pixels = decoded.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return caption_accuracy(pixels, captions)
 
 
 def main() -> None:
@@ -123,6 +141,7 @@ def main() -> None:
     kept = [run for run in earlier.get("runs", []) if (run["arch"], run["text_encoder"]) not in retrained
             and not ((run["arch"], run["text_encoder"]) in pairs and run["guidance"] in args.guidance)]
     results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")}, "runs": kept}
+    results["tokenizer"]["caption_accuracy"] = reconstruction_accuracy(load_tokenizer(tokenizer), args.prompts)
     for arch, encoder in pairs:
         name = f"{arch}_{encoder}"
         flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON,
@@ -171,6 +190,8 @@ def main() -> None:
                                                                          "recall")}})
             print(f"{name} guidance {guidance:g}: {accuracy}", file=sys.stderr)
         (output / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"Tokenizer reconstructions of {args.prompts} test and {args.prompts} held-out images: "
+          f"{results['tokenizer']['caption_accuracy']}\n")
     print("| arch | text encoder | steps (CPU s) | bits/code | guidance | all | one object | relation | one object, "
           "held out | relation, held out | FID (floor) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
