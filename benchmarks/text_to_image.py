@@ -23,7 +23,6 @@ as markdown, and
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shlex
 import shutil
@@ -41,6 +40,7 @@ from common import run_module, steps_for_cpu_seconds  # noqa: E402
 from pipelines import Pipeline  # noqa: E402
 from pipelines.captions import caption_accuracy, refusals, save_prompt_grid  # noqa: E402
 from shared.data.images import resize_and_centre_crop  # noqa: E402
+from shared.data.sources import png_bytes  # noqa: E402
 from shared.data.shapes import MISMATCHES, SPLIT_SIZES, shapes_split  # noqa: E402
 from stage1_vqvae import load_tokenizer  # noqa: E402
 from stage2_prior import ARCHS, Prior  # noqa: E402
@@ -57,11 +57,7 @@ def write_train_images(output: Path, count: int) -> str:
     datasets.disable_progress_bars()
     if not (folder / "dataset_dict.json").exists():
         images, captions = shapes_split("train", count)
-        encoded = []
-        for pixels in images:
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, format="PNG")
-            encoded.append({"bytes": buffer.getvalue(), "path": None})
+        encoded = [{"bytes": png_bytes(pixels), "path": None} for pixels in images]
         features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
         table = datasets.Dataset.from_dict({"image": encoded, "text": captions}, features=features)
         staging = output / f".shapes_train_{count}.partial"  # renamed when whole: a killed run leaves no half set

@@ -337,7 +337,7 @@ def _digits_splits() -> dict[str, Any]:
                                   "label": datasets.ClassLabel(names=[str(digit) for digit in range(10)])})
 
     def build(indices: np.ndarray) -> Any:
-        images = [{"bytes": _png_bytes(pixels[i]), "path": None} for i in indices]
+        images = [{"bytes": png_bytes(pixels[i]), "path": None} for i in indices]
         return datasets.Dataset.from_dict({"image": images, "label": bunch.target[indices].tolist()}, features=features)
 
     return {"train": build(np.sort(order[num_test:])), "test": build(np.sort(order[:num_test]))}
@@ -354,7 +354,7 @@ def _shapes_splits() -> dict[str, Any]:
     for split in SPLIT_SIZES:
         images, captions = shapes_split(split)
         splits[split] = datasets.Dataset.from_dict(
-            {"image": [{"bytes": _png_bytes(image), "path": None} for image in images], CAPTION_COLUMN: captions,
+            {"image": [{"bytes": png_bytes(image), "path": None} for image in images], CAPTION_COLUMN: captions,
              OBJECTS_COLUMN: [objects_label(caption) for caption in captions]}, features=features)
     return splits
 
@@ -366,7 +366,8 @@ def _quiet_datasets() -> None:
     datasets.logging.set_verbosity_error()
 
 
-def _png_bytes(pixels: np.ndarray) -> bytes:
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An image (H, W[, C]) uint8 as PNG bytes, as the built-in datasets store it."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
