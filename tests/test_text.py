@@ -20,7 +20,7 @@ from shared.errors import UserError
 from stage1_vqvae.export import export
 from stage1_vqvae.export import main as export_main
 from stage2_prior import ARCHS, Prior, PriorConfig
-from stage2_prior.text import encode_captions, train_text_tokenizer
+from stage2_prior.text import TextEncoder, encode_captions, text_vocab_size, train_text_tokenizer
 
 TEXT_CASES = [(name, encoder) for name, spec in ARCHS.items() for encoder in spec.text_encoders]
 PROMPTS = ["a small red circle", "a large blue square left of a small yellow triangle", "a large green triangle"]
@@ -104,6 +104,19 @@ def test_caption_tokenizer_pads_truncates_and_warns(caption_tokenizer, capsys):
     assert ids.shape == (3, 8) and (ids[:, 0] == 1).all()
     assert (ids[0, 1:] > 2).sum() >= 4 and (ids[1, 1:] == 0).all() and (ids[2] != 0).all()
     assert "longer than the prior's 7 text tokens" in capsys.readouterr().err
+
+
+def test_text_encoder_reads_word_order_from_the_start(caption_tokenizer):
+    """Words and positions start on one scale: otherwise the encoder reads a bag of words, and "red circle ... blue
+    square" cannot be told from "blue circle ... red square" (the binding shapes' relations need)."""
+    ids = encode_captions(caption_tokenizer, ["a small red circle above a large blue square",
+                                              "a small blue circle above a large red square"], 16)
+    real = (ids != 0)[..., None]  # (2, L, 1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        memory = TextEncoder(text_vocab_size(caption_tokenizer), 16, 64, 1, 2, 0.0).eval()(ids).states  # (2, L, C)
+        pooled = (memory * real).sum(1) / real.sum(1)  # (2, C): the same words, so only their order differs
+        assert (pooled[0] - pooled[1]).norm() > 0.02 * pooled[0].norm()  # 0.003 with nn.Embedding's N(0, 1)
 
 
 @pytest.mark.parametrize("arch, encoder", TEXT_CASES)

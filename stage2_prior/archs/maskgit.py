@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from shared.config import option
-from stage2_prior.attention import TransformerBlock, initialize_gpt
+from stage2_prior.attention import TransformerBlock, initialize_gpt, initialize_tables
 from stage2_prior.conditioning import Conditioning
 from stage2_prior.config import PriorConfig
 from stage2_prior.masked import MaskedPrior
@@ -49,6 +49,8 @@ class MaskGITPrior(MaskedPrior):
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         initialize_gpt(self.blocks)
+        initialize_tables(self.embedding.weight, self.start_token,
+                          None if self.label_embedding is None else self.label_embedding.weight, self.mask_vector)
 
     def network(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         height = x.shape[2]

@@ -39,7 +39,7 @@ from shared.errors import UserError
 from stage2_prior.conditioning import Conditioning
 from stage2_prior.config import PriorConfig
 from stage2_prior.incremental import IncrementalState
-from stage2_prior.attention import TransformerBlock, initialize_gpt
+from stage2_prior.attention import TransformerBlock, initialize_gpt, initialize_tables
 from stage2_prior.prior import Prior
 from stage2_prior.registry import ArchOptions, ArchSpec, check_heads, register_arch
 from stage2_prior.text import PAD_ID, TextMemory
@@ -87,7 +87,7 @@ class TransformerPrior(Prior):
         super().__init__(config)
         channels, options = config.hidden_channels, config.options
         height, width = config.latent_shape
-        # Token 0's input. The prefix has the scale of a code token (nn.Embedding's N(0, 1), like self.embedding).
+        # Token 0's input, on the scale of a code token (initialize_weights).
         self.label_embedding = nn.Embedding(self.label_rows, channels) if self.label_rows else None
         self.start_token = None if self.label_rows else nn.Parameter(torch.randn(channels))
         if options.position_embedding == "2d":
@@ -110,12 +110,15 @@ class TransformerPrior(Prior):
         """The GPT initialisation, as ImageGPT uses it, for this arch's own layers: weights and position
         tables N(0, 0.02), zero biases (GPT, Radford et al. 2018, sec. 4.1), and the projections into the
         residual stream scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth
-        (GPT-2, Radford et al. 2019, sec. 2.3). The base class's embedding, head and condition network
-        keep their own initialisation."""
+        (GPT-2, Radford et al. 2019, sec. 2.3); the code, prefix and caption tables on the positions' scale
+        (`initialize_tables`). The base class's head and condition network keep their own initialisation."""
         initialize_gpt(self.blocks)
         two_d = self.config.options.position_embedding == "2d"
         for table in (self.row_embedding, self.column_embedding) if two_d else (self.position_table,):
             nn.init.normal_(table, std=0.02)
+        initialize_tables(self.embedding.weight, self.start_token,
+                          None if self.label_embedding is None else self.label_embedding.weight,
+                          *((self.text_embedding.weight, self.text_positions) if self.text_prefix else ()))
 
     # ------------------------------------------------------------------------------------------
     # The full forward

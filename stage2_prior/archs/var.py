@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from shared.config import option
-from stage2_prior.attention import TransformerBlock, initialize_gpt
+from stage2_prior.attention import TransformerBlock, initialize_gpt, initialize_tables
 from stage2_prior.conditioning import Conditioning
 from stage2_prior.config import PriorConfig
 from stage2_prior.incremental import IncrementalState
@@ -74,6 +74,8 @@ class VARPrior(Prior):
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         initialize_gpt(self.blocks)
+        initialize_tables(self.embedding.weight, self.start_token,
+                          None if self.label_embedding is None else self.label_embedding.weight)
         sizes = torch.tensor([side * side for side in scales])
         scale_of = torch.repeat_interleave(torch.arange(len(scales)), sizes)  # (N,): each token's scale
         self.register_buffer("scale_of", scale_of, persistent=False)
