@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_module, steps_for_cpu_seconds  # noqa: E402
 
 from pipelines import Pipeline  # noqa: E402
-from pipelines.captions import caption_accuracy, refusals, save_prompt_grid  # noqa: E402
+from pipelines.captions import binding_gains, caption_accuracy, refusals, save_prompt_grid  # noqa: E402
 from shared.data.images import resize_and_centre_crop  # noqa: E402
 from shared.data.sources import png_bytes  # noqa: E402
-from shared.data.shapes import MISMATCHES, SPLIT_SIZES, shapes_split  # noqa: E402
+from shared.data.shapes import MISMATCHES, SPLIT_SIZES, SWAPS, shapes_split, swapped  # noqa: E402
 from stage1_vqvae import load_tokenizer  # noqa: E402
 from stage2_prior import ARCHS, Prior  # noqa: E402
 from stage2_prior.registry import recipe_flags  # noqa: E402
@@ -67,15 +67,28 @@ def write_train_images(output: Path, count: int) -> str:
     return str(folder)
 
 
-def reconstruction_accuracy(tokenizer, count: int) -> dict[str, float]:
-    """The checker's accuracy on the tokenizer's reconstructions of the first `count` test and held-out images:
-    what a prior could reach at best through this tokenizer."""
+def shapes_batch(tokenizer, splits: tuple[str, ...], count: int) -> tuple[torch.Tensor, list[str]]:
+    """The first `count` images of each split at the tokenizer's size (N, 3, H, W) in [-1, 1], and their captions."""
     images, captions = [], []
-    for split in ("test", "heldout"):
+    for split in splits:
         pixels, texts = shapes_split(split, count)
         images += [resize_and_centre_crop(Image.fromarray(image), tokenizer.config.image_size) for image in pixels]
         captions += texts
-    batch = torch.from_numpy(np.stack(images)).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
+    return torch.from_numpy(np.stack(images)).float().div(127.5).sub(1), captions
+
+
+def relation_codes_of_test(tokenizer, count: int) -> tuple[torch.Tensor, list[str]]:
+    """The codes of the two-thing images among the first `count` of `test`, and their captions (binding gains)."""
+    batch, captions = shapes_batch(tokenizer, ("test",), count)
+    rows = [row for row, caption in enumerate(captions) if swapped(caption, "relation") is not None]
+    with torch.no_grad():
+        return tokenizer.encode(batch[rows]), [captions[row] for row in rows]
+
+
+def reconstruction_accuracy(tokenizer, count: int) -> dict[str, float]:
+    """The checker's accuracy on the tokenizer's reconstructions of the first `count` test and held-out images:
+    what a prior could reach at best through this tokenizer."""
+    batch, captions = shapes_batch(tokenizer, ("test", "heldout"), count)  # (N, 3, H, W) in [-1, 1]
     with torch.no_grad():
         decoded = tokenizer.decode(tokenizer.encode(batch))  # (N, 3, H, W) in [-1, 1]
     pixels = decoded.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -138,6 +151,7 @@ def main() -> None:
             and not ((run["arch"], run["text_encoder"]) in pairs and run["guidance"] in args.guidance)]
     results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")}, "runs": kept}
     results["tokenizer"]["caption_accuracy"] = reconstruction_accuracy(load_tokenizer(tokenizer), args.prompts)
+    relation_codes, relation_captions = relation_codes_of_test(load_tokenizer(tokenizer), args.prompts)
     for arch, encoder in pairs:
         name = f"{arch}_{encoder}"
         flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON,
@@ -158,6 +172,8 @@ def main() -> None:
                                           "--overwrite", "--max-steps", str(steps), "--eval-every",
                                           str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
         pipeline = Pipeline(load_tokenizer(tokenizer), Prior.from_pretrained(output / name), check_provenance=True)
+        binding = (binding_gains(pipeline.prior, relation_codes, relation_captions)
+                   if ARCHS[arch].family != "masked" else None)  # a masked prior has no exact log_prob
         if args.fid_images:  # a fresh copy: the prior may have been retrained since the last one
             shutil.rmtree(output / f"{name}_pipeline", ignore_errors=True)
             pipeline.save_pretrained(output / f"{name}_pipeline")
@@ -181,7 +197,7 @@ def main() -> None:
                                     seconds, "bits_per_code": metrics.get("bits_per_code",
                                                                           metrics.get("masked_bits_per_code")),
                                     "guidance": guidance, "accuracy": accuracy,
-                                    "refusals": refusals(images, prompts),
+                                    "refusals": refusals(images, prompts), "binding": binding,
                                     **{key: quality.get(key) for key in ("fid", "noise_floor_fid", "precision",
                                                                          "recall")}})
             print(f"{name} guidance {guidance:g}: {accuracy}", file=sys.stderr)
@@ -206,6 +222,16 @@ def main() -> None:
             reasons = run["refusals"].get("relation", dict.fromkeys(MISMATCHES, 0))
             print(f"| {run['arch']} | {run['text_encoder']} | {run['guidance']:g} | {count} | "
                   f"{' | '.join(f'{reasons[reason] / count:.1%}' for reason in MISMATCHES)} |")
+
+    print("\nBinding: the log-likelihood gain (nats per image) of the test split's two-thing codes under their own "
+          "captions over the same words bound otherwise, and how often the true caption wins:\n")
+    print(f"| arch | text encoder | steps | {' | '.join(SWAPS)} |")
+    print("| --- | --- | --- |" + " --- |" * len(SWAPS))
+    for run in results["runs"]:
+        if run.get("binding") and run["guidance"] == min(args.guidance):
+            gains = run["binding"]
+            print(f"| {run['arch']} | {run['text_encoder']} | {run['steps']} | "
+                  + " | ".join(f"{gains[swap]:.1f} ({gains[swap + '_wins']:.0%})" for swap in SWAPS) + " |")
 
 
 if __name__ == "__main__":

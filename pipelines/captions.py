@@ -3,7 +3,8 @@
 `caption_accuracy` scores images against their prompts with the shapes checker
 (`shared.data.shapes.caption_matches`: colours by palette, shape by fill and taper, relation by
 centroids), split by the prompts' kind: one object or a relation of two, and whether the prompt names a
-held-out (colour, shape) pair that no training caption names.
+held-out (colour, shape) pair that no training caption names. `binding_gains` asks a prior whether it binds
+each caption word to its thing.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from shared.data.shapes import HELD_OUT_PAIRS, MISMATCHES, caption_matches, mismatch, parse_caption
+from shared.data.shapes import HELD_OUT_PAIRS, MISMATCHES, SWAPS, caption_matches, mismatch, parse_caption, swapped
 
 
 def prompt_kind(prompt: str) -> str:
@@ -48,6 +49,24 @@ def refusals(images: np.ndarray, prompts: list[str]) -> dict[str, dict[str, int]
             kind = counts.setdefault(prompt_kind(prompt), dict.fromkeys(MISMATCHES, 0))
             kind[reason] += 1
     return counts
+
+
+def binding_gains(prior, codes: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """How much better a text-conditioned prior explains code grids (B, ...) by their own shapes captions than by the
+    same words bound otherwise (`shared.data.shapes.swapped`: colours, shapes or sizes exchanged between the two
+    things, the relation reversed). Per swap: the mean log-likelihood gain in nats per grid ("<swap>"), the share of
+    grids where the true caption wins ("<swap>_wins"), over the grids the swap changes ("n_<swap>"). A prior that
+    reads its captions as a bag of words gains 0 and wins about half."""
+    true = prior.log_prob(codes, prompt=captions)  # (B,) nats
+    gains: dict[str, float] = {}
+    for swap in SWAPS:
+        rows = [row for row, caption in enumerate(captions) if swapped(caption, swap) is not None]
+        if rows:
+            other = prior.log_prob(codes[rows], prompt=[swapped(captions[row], swap) for row in rows])  # (n,)
+            difference = true[rows] - other
+            gains.update({swap: difference.mean().item(), f"{swap}_wins": (difference > 0).double().mean().item(),
+                          f"n_{swap}": len(rows)})
+    return gains
 
 
 def save_prompt_grid(images: torch.Tensor, prompts: list[str], per_row: int, path: str | os.PathLike,

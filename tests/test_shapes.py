@@ -1,19 +1,22 @@
 """The built-in captioned `shapes`: deterministic splits with held-out compositions, the checker (its accuracy on
-real images, its refusals and their reasons), caption accuracy by kind of prompt, and the `objects` label."""
+real images, its refusals and their reasons), caption accuracy by kind of prompt, the `objects` label, and captions bound otherwise (binding gains)."""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pipelines.captions import caption_accuracy, prompt_kind, refusals
+from pipelines.captions import binding_gains, caption_accuracy, prompt_kind, refusals
 from shared.data import DataConfig, open_source
 from shared.data.images import resize_and_centre_crop
 from shared.data.shapes import (COLOURS, HELD_OUT_PAIRS, MISMATCHES, OBJECT_SETS, caption_matches, caption_of, mismatch,
-                                objects_label, parse_caption, shapes_split)
+                                SWAPS, objects_label, parse_caption, shapes_split, swapped)
 from shared.errors import UserError
+from stage2_prior import ARCHS, Prior, PriorConfig
+from stage2_prior.text import train_text_tokenizer
 
 
 def test_shapes_checker_accepts_real_images_and_refuses_wrong_captions():
@@ -88,3 +91,30 @@ def test_caption_accuracy_by_kind():
     scores = caption_accuracy(np.stack(images), captions)
     assert scores["all"] == 1.0 and scores["n_all"] == 40
     assert scores["n_single_heldout"] + scores["n_relation_heldout"] == 40
+
+
+def test_swapped_captions_bind_the_same_words_otherwise():
+    caption = "a small red circle left of a large blue square"
+    assert [swapped(caption, swap) for swap in SWAPS] == [
+        "a small blue circle left of a large red square", "a small red square left of a large blue circle",
+        "a large red circle left of a small blue square", "a small red circle right of a large blue square"]
+    assert swapped("a small red circle above a large red square", "colour") is None  # nothing to exchange
+    assert swapped("a small red circle", "relation") is None
+
+
+def test_binding_gains_are_zero_for_a_prior_that_reads_a_bag_of_words():
+    captions = [caption for caption in shapes_split("test", 40)[1] if " a " in caption[2:]][:6]
+    torch.manual_seed(0)
+    config = PriorConfig.build(arch="transformer", **{**ARCHS["transformer"].tiny, "vocab_size": 9,
+                               "latent_shape": (3, 4), "dropout": 0.0, "text_encoder": "transformer",
+                               "text_tokenizer": train_text_tokenizer(shapes_split("train", 300)[1], 80),
+                               "text_length": 32, "text_layers": 1})
+    model = Prior.from_config(config).double().eval()
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.4)
+    codes = torch.randint(0, 9, (len(captions), 3, 4), generator=torch.Generator().manual_seed(1))
+    gains = binding_gains(model, codes, captions)
+    assert all(gains[f"n_{swap}"] > 0 and abs(gains[swap]) > 1e-3 for swap in SWAPS)  # word order reaches it
+    model.text_encoder.positions.data.zero_()  # no positions: the caption is a set of words
+    gains = binding_gains(model, codes, captions)
+    assert all(abs(gains[swap]) < 1e-9 for swap in ("colour", "shape", "size")) and abs(gains["relation"]) > 1e-3

@@ -66,6 +66,27 @@ def parse_caption(caption: str) -> tuple[list[Thing], str | None]:
     return things, relation
 
 
+OPPOSITES = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+SWAPS = ("colour", "shape", "size", "relation")
+
+
+def swapped(caption: str, swap: str) -> str | None:
+    """A two-thing caption with the things' `swap` ("colour", "shape" or "size") exchanged, or ("relation") its
+    relation reversed: the same kind of words, bound otherwise. None where that changes nothing (two things alike
+    in it) or the caption names one thing. A prior that reads captions as a bag of words cannot tell them apart
+    (`pipelines.captions.binding_gains`)."""
+    things, relation = parse_caption(caption)
+    if relation is None:
+        return None
+    if swap == "relation":
+        return caption_of(things, OPPOSITES[relation])
+    first, second = things
+    if getattr(first, swap) == getattr(second, swap):
+        return None
+    return caption_of([dataclasses.replace(first, **{swap: getattr(second, swap)}),
+                       dataclasses.replace(second, **{swap: getattr(first, swap)})], relation)
+
+
 def draw_thing(canvas: ImageDraw.ImageDraw, thing: Thing, centre: tuple[float, float], side: int) -> None:
     extent = SIZES[thing.size] * side / 2
     x, y = centre
