@@ -16,8 +16,10 @@ blue triangle or a green circle, which no training caption does), `--samples` im
 guidance scale. The checker (`shared.data.shapes.caption_matches`) scores each image: one object, or two
 and their relation. FID, precision and recall (`pipelines.evaluate`, `--fid-images` samples prompted with the
 test split's captions, against its 600 images) read the features of a classifier trained on shapes' `objects`
-label (`pipelines.features`, <output>/features). Everything goes to <output>/results.json; the table is printed
-as markdown, and
+label (`pipelines.features`, <output>/features). Binding (`pipelines.captions.binding_gains`): how much more likely
+each autoregressive prior finds the codes of test's two-thing images under their own captions than under the same
+words bound otherwise (colours, shapes, sizes exchanged; the relation reversed). Everything goes to
+<output>/results.json; the tables are printed as markdown, and
 <output>/<arch>_guidance<g>.png shows a few prompts with their samples.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pipelines import Pipeline  # noqa: E402
 from pipelines.captions import binding_gains, caption_accuracy, refusals, save_prompt_grid  # noqa: E402
 from shared.data.images import resize_and_centre_crop  # noqa: E402
 from shared.data.sources import png_bytes  # noqa: E402
-from shared.data.shapes import MISMATCHES, SPLIT_SIZES, SWAPS, shapes_split, swapped  # noqa: E402
+from shared.data.shapes import MISMATCHES, SPLIT_SIZES, SWAPS, parse_caption, shapes_split  # noqa: E402
 from stage1_vqvae import load_tokenizer  # noqa: E402
 from stage2_prior import ARCHS, Prior  # noqa: E402
 from stage2_prior.registry import recipe_flags  # noqa: E402
@@ -80,7 +82,7 @@ def shapes_batch(tokenizer, splits: tuple[str, ...], count: int) -> tuple[torch.
 def relation_codes_of_test(tokenizer, count: int) -> tuple[torch.Tensor, list[str]]:
     """The codes of the two-thing images among the first `count` of `test`, and their captions (binding gains)."""
     batch, captions = shapes_batch(tokenizer, ("test",), count)
-    rows = [row for row, caption in enumerate(captions) if swapped(caption, "relation") is not None]
+    rows = [row for row, caption in enumerate(captions) if parse_caption(caption)[1] is not None]
     with torch.no_grad():
         return tokenizer.encode(batch[rows]), [captions[row] for row in rows]
 
@@ -223,16 +225,19 @@ def main() -> None:
             print(f"| {run['arch']} | {run['text_encoder']} | {run['guidance']:g} | {count} | "
                   f"{' | '.join(f'{reasons[reason] / count:.1%}' for reason in MISMATCHES)} |")
 
-    print("\nBinding: the log-likelihood gain (nats per image) of the test split's two-thing codes under their own "
-          "captions over the same words bound otherwise, and how often the true caption wins:\n")
+    print("\nBinding (`pipelines.captions.binding_gains`): the log-likelihood gain in nats of the two-thing codes of "
+          "test under their own captions over the same words bound otherwise, and how often the caption wins:\n")
     print(f"| arch | text encoder | steps | {' | '.join(SWAPS)} |")
     print("| --- | --- | --- |" + " --- |" * len(SWAPS))
+    printed = set()
     for run in results["runs"]:
-        if run.get("binding") and run["guidance"] == min(args.guidance):
+        prior = (run["arch"], run["text_encoder"], run["steps"])
+        if run.get("binding") is not None and prior not in printed:  # one prior's, whatever the guidance
+            printed.add(prior)
             gains = run["binding"]
-            print(f"| {run['arch']} | {run['text_encoder']} | {run['steps']} | "
-                  + " | ".join(f"{gains[swap]:.1f} ({gains[swap + '_wins']:.0%})" for swap in SWAPS) + " |")
-
+            print(f"| {' | '.join(map(str, prior))} | " + " | ".join(
+                f"{gains[swap]:.1f} ({gains[swap + '_wins']:.0%}, {gains['n_' + swap]})" if swap in gains else "-"
+                for swap in SWAPS) + " |")
 
 if __name__ == "__main__":
     main()

@@ -20,10 +20,8 @@ from shared.data.shapes import HELD_OUT_PAIRS, MISMATCHES, SWAPS, caption_matche
 
 def prompt_kind(prompt: str) -> str:
     """"single" or "relation", with "_heldout" when it names a held-out (colour, shape) pair."""
-    things, relation = parse_caption(prompt)
-    kind = "single" if relation is None else "relation"
-    held_out = any((thing.colour, thing.shape) in HELD_OUT_PAIRS for thing in things)
-    return f"{kind}_heldout" if held_out else kind
+    kind = "single" if parse_caption(prompt)[1] is None else "relation"
+    return f"{kind}_heldout" if held_out_pairs(prompt) else kind
 
 
 def caption_accuracy(images: np.ndarray, prompts: list[str]) -> dict[str, float]:
@@ -51,22 +49,34 @@ def refusals(images: np.ndarray, prompts: list[str]) -> dict[str, dict[str, int]
     return counts
 
 
+TIE_NATS = 1e-9  # log-likelihoods closer than this are equal: float64 rounding of one sum in another order
+
+
 def binding_gains(prior, codes: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """How much better a text-conditioned prior explains code grids (B, ...) by their own shapes captions than by the
     same words bound otherwise (`shared.data.shapes.swapped`: colours, shapes or sizes exchanged between the two
-    things, the relation reversed). Per swap: the mean log-likelihood gain in nats per grid ("<swap>"), the share of
-    grids where the true caption wins ("<swap>_wins"), over the grids the swap changes ("n_<swap>"). A prior that
-    reads its captions as a bag of words gains 0 and wins about half."""
+    things, the relation reversed). Per swap, over the grids where it changes the caption and names no held-out pair
+    the caption did not (that would measure an unseen pair, not binding; "n_<swap>"): the mean log-likelihood gain
+    in nats per grid ("<swap>"), and the share of grids the true caption wins, a tie (within float64's
+    rounding, TIE_NATS) counting half ("<swap>_wins"). A prior that reads its captions as a bag of words gains 0
+    and wins half on colour, shape and size."""
     true = prior.log_prob(codes, prompt=captions)  # (B,) nats
     gains: dict[str, float] = {}
     for swap in SWAPS:
-        rows = [row for row, caption in enumerate(captions) if swapped(caption, swap) is not None]
+        others = {row: swapped(caption, swap) for row, caption in enumerate(captions)}
+        rows = [row for row, other in others.items()
+                if other is not None and held_out_pairs(other) <= held_out_pairs(captions[row])]
         if rows:
-            other = prior.log_prob(codes[rows], prompt=[swapped(captions[row], swap) for row in rows])  # (n,)
-            difference = true[rows] - other
-            gains.update({swap: difference.mean().item(), f"{swap}_wins": (difference > 0).double().mean().item(),
-                          f"n_{swap}": len(rows)})
+            difference = true[rows] - prior.log_prob(codes[rows], prompt=[others[row] for row in rows])  # (n,)
+            tie = difference.abs() < TIE_NATS
+            wins = (difference > 0).double().masked_fill(tie, 0.5)
+            gains.update({swap: difference.mean().item(), f"{swap}_wins": wins.mean().item(), f"n_{swap}": len(rows)})
     return gains
+
+
+def held_out_pairs(caption: str) -> set[tuple[str, str]]:
+    """The held-out (colour, shape) pairs a shapes caption names."""
+    return {(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} & HELD_OUT_PAIRS
 
 
 def save_prompt_grid(images: torch.Tensor, prompts: list[str], per_row: int, path: str | os.PathLike,

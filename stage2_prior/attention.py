@@ -144,10 +144,14 @@ def initialize_gpt(blocks: nn.ModuleList) -> None:
 
 
 def initialize_tables(*tables: torch.Tensor | None) -> None:
-    """The GPT initialisation of a sequence arch's input tables (codes, prefix, mask vector, text): N(0, 0.02), the
-    scale of its position tables (ImageGPT's token and position embeddings alike; Chen et al. 2020, sec. 3.2).
-    Left at nn.Embedding's N(0, 1), a position is 1/50 of a code and the blocks barely see where they are: on
-    shapes the transformer prior scored 2.70 bits per code after 1,500 steps, 2.19 with this. None is skipped."""
+    """The GPT initialisation of a sequence arch's input tables (codes, prefix, caption tokens): N(0, 0.02), the
+    scale of its position tables, as ImageGPT's code draws its token and position embeddings (openai/image-gpt,
+    src/model.py: 0.02 and 0.01). Left at nn.Embedding's N(0, 1), a position is 1/50 of a code and the blocks
+    barely see where they are. Measured on a caption-conditioned transformer on shapes (64 channels, 6 layers):
+    1.63 bits per code after 6,297 steps with N(0, 1) tables, 1.27 with these, and two-thing captions drawn right
+    10% -> 52% of the time (docs/benchmarks.md). MaskGIT and VAR take it for the same reason, unmeasured, as is a
+    transformer conditioned on a code map (whose condition is now larger than the codes at the start). None is
+    skipped."""
     for table in tables:
         if table is not None:
             nn.init.normal_(table, std=0.02)

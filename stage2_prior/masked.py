@@ -53,7 +53,8 @@ class MaskedPrior(Prior):
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__(config)
-        self.mask_vector = nn.Parameter(torch.randn(config.hidden_channels))  # the input of a hidden position
+        # the input of a hidden position: one more token, on the scale of the codes (initialize_tables)
+        self.mask_vector = nn.Parameter(torch.randn(config.hidden_channels) * 0.02)
 
     @property
     def sampling_methods(self) -> tuple[str, ...]:

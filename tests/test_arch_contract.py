@@ -317,10 +317,10 @@ def test_masked_rounds_reveal_on_the_cosine_schedule_and_refuse_bad_steps(arch, 
 def test_masked_rounds_in_float32_re_decide_and_equal_float64(arch, option):
     """The float32 guard of rounds: draws near a boundary (of a code's CDF or of the kept set) are re-decided
     from the sample's own float64 forward, so float32 gives float64's codes, and a sample its batch row's.
-    64 samples, vocabulary 16 and seed 1: a batch where the guard fires under every option (1 to 10 draws)."""
+    64 samples, vocabulary 16 and seed 2: a batch where the guard fires under every option (1 or 2 draws)."""
     model = build(arch, LABELLED[arch], vocab_size=16)
     labels, condition = conditions(model, 64)
-    keywords = dict(seed=1, steps=4, **option)
+    keywords = dict(seed=2, steps=4, **option)
     codes, stats = model.sample(64, labels=labels, condition=condition, precision="float32", return_stats=True,
                                 **keywords)
     assert stats.recomputed > 0  # the guard ran; a test where it never fires could not fail

@@ -1,5 +1,6 @@
 """The built-in captioned `shapes`: deterministic splits with held-out compositions, the checker (its accuracy on
-real images, its refusals and their reasons), caption accuracy by kind of prompt, the `objects` label, and captions bound otherwise (binding gains)."""
+real images, its refusals and their reasons), caption accuracy by kind of prompt, the `objects` label, and
+captions bound otherwise (binding gains)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,8 @@ from pipelines.captions import binding_gains, caption_accuracy, prompt_kind, ref
 from shared.data import DataConfig, open_source
 from shared.data.images import resize_and_centre_crop
 from shared.data.shapes import (COLOURS, HELD_OUT_PAIRS, MISMATCHES, OBJECT_SETS, caption_matches, caption_of, mismatch,
-                                SWAPS, objects_label, parse_caption, shapes_split, swapped)
+                                SWAPS, objects_label, parse_caption, shapes_split,
+                                swapped)
 from shared.errors import UserError
 from stage2_prior import ARCHS, Prior, PriorConfig
 from stage2_prior.text import train_text_tokenizer
@@ -99,11 +101,15 @@ def test_swapped_captions_bind_the_same_words_otherwise():
         "a small blue circle left of a large red square", "a small red square left of a large blue circle",
         "a large red circle left of a small blue square", "a small red circle right of a large blue square"]
     assert swapped("a small red circle above a large red square", "colour") is None  # nothing to exchange
+    assert swapped("a small red circle above a small red circle", "relation") is None  # says the same
     assert swapped("a small red circle", "relation") is None
+    with pytest.raises(ValueError, match="swap must be one of colour"):
+        swapped(caption, "color")
 
 
-def test_binding_gains_are_zero_for_a_prior_that_reads_a_bag_of_words():
-    captions = [caption for caption in shapes_split("test", 40)[1] if " a " in caption[2:]][:6]
+def test_binding_gains_against_log_prob_and_for_a_prior_that_reads_a_bag_of_words():
+    captions = [caption for caption in shapes_split("test", 40)[1] if parse_caption(caption)[1] is not None][:6]
+    captions.append("a small blue circle above a large green triangle")  # swapping shapes names held-out pairs
     torch.manual_seed(0)
     config = PriorConfig.build(arch="transformer", **{**ARCHS["transformer"].tiny, "vocab_size": 9,
                                "latent_shape": (3, 4), "dropout": 0.0, "text_encoder": "transformer",
@@ -114,7 +120,13 @@ def test_binding_gains_are_zero_for_a_prior_that_reads_a_bag_of_words():
         parameter.data.normal_(0, 0.4)
     codes = torch.randint(0, 9, (len(captions), 3, 4), generator=torch.Generator().manual_seed(1))
     gains = binding_gains(model, codes, captions)
+    rows = [row for row, caption in enumerate(captions[:-1]) if swapped(caption, "shape") is not None]
+    by_hand = (model.log_prob(codes[rows], prompt=[captions[row] for row in rows])
+               - model.log_prob(codes[rows], prompt=[swapped(captions[row], "shape") for row in rows]))  # (n,)
+    assert gains["n_shape"] == len(rows) and gains["shape"] == pytest.approx(by_hand.mean().item())
+    assert gains["shape_wins"] == pytest.approx((by_hand > 0).double().mean().item())
     assert all(gains[f"n_{swap}"] > 0 and abs(gains[swap]) > 1e-3 for swap in SWAPS)  # word order reaches it
     model.text_encoder.positions.data.zero_()  # no positions: the caption is a set of words
     gains = binding_gains(model, codes, captions)
-    assert all(abs(gains[swap]) < 1e-9 for swap in ("colour", "shape", "size")) and abs(gains["relation"]) > 1e-3
+    assert all(abs(gains[swap]) < 1e-9 and gains[f"{swap}_wins"] == 0.5 for swap in ("colour", "shape", "size"))
+    assert abs(gains["relation"]) > 1e-3  # "left" against "right": other words

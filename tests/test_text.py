@@ -106,17 +106,18 @@ def test_caption_tokenizer_pads_truncates_and_warns(caption_tokenizer, capsys):
     assert "longer than the prior's 7 text tokens" in capsys.readouterr().err
 
 
-def test_text_encoder_reads_word_order_from_the_start(caption_tokenizer):
+def test_text_encoder_reads_word_order_from_the_start(caption_tokenizer, capsys):
     """Words and positions start on one scale: otherwise the encoder reads a bag of words, and "red circle ... blue
     square" cannot be told from "blue circle ... red square" (the binding shapes' relations need)."""
     ids = encode_captions(caption_tokenizer, ["a small red circle above a large blue square",
-                                              "a small blue circle above a large red square"], 16)
+                                              "a small blue circle above a large red square"], 24)
     real = (ids != 0)[..., None]  # (2, L, 1)
     for seed in range(3):
         torch.manual_seed(seed)
-        memory = TextEncoder(text_vocab_size(caption_tokenizer), 16, 64, 1, 2, 0.0).eval()(ids).states  # (2, L, C)
+        memory = TextEncoder(text_vocab_size(caption_tokenizer), 24, 64, 1, 2, 0.0).eval()(ids).states  # (2, L, C)
         pooled = (memory * real).sum(1) / real.sum(1)  # (2, C): the same words, so only their order differs
         assert (pooled[0] - pooled[1]).norm() > 0.02 * pooled[0].norm()  # 0.003 with nn.Embedding's N(0, 1)
+    assert "longer than" not in capsys.readouterr().err  # both whole
 
 
 @pytest.mark.parametrize("arch, encoder", TEXT_CASES)

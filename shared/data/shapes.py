@@ -72,15 +72,17 @@ SWAPS = ("colour", "shape", "size", "relation")
 
 def swapped(caption: str, swap: str) -> str | None:
     """A two-thing caption with the things' `swap` ("colour", "shape" or "size") exchanged, or ("relation") its
-    relation reversed: the same kind of words, bound otherwise. None where that changes nothing (two things alike
-    in it) or the caption names one thing. A prior that reads captions as a bag of words cannot tell them apart
-    (`pipelines.captions.binding_gains`)."""
+    relation reversed: the same kind of words, bound otherwise, saying something else. None where it would say the
+    same (two things alike in it) or the caption names one thing. A prior that reads captions as a bag of words
+    cannot tell a colour, shape or size swap from the caption (`pipelines.captions.binding_gains`)."""
+    if swap not in SWAPS:
+        raise ValueError(f"swap must be one of {', '.join(SWAPS)}, got {swap!r}")
     things, relation = parse_caption(caption)
     if relation is None:
         return None
-    if swap == "relation":
-        return caption_of(things, OPPOSITES[relation])
     first, second = things
+    if swap == "relation":  # "X above X" and "X below X" say the same
+        return None if first == second else caption_of(things, OPPOSITES[relation])
     if getattr(first, swap) == getattr(second, swap):
         return None
     return caption_of([dataclasses.replace(first, **{swap: getattr(second, swap)}),

@@ -50,7 +50,7 @@ class MaskGITPrior(MaskedPrior):
         self.final_norm = nn.LayerNorm(channels)
         initialize_gpt(self.blocks)
         initialize_tables(self.embedding.weight, self.start_token,
-                          None if self.label_embedding is None else self.label_embedding.weight, self.mask_vector)
+                          None if self.label_embedding is None else self.label_embedding.weight)
 
     def network(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         height = x.shape[2]

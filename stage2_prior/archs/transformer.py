@@ -118,7 +118,7 @@ class TransformerPrior(Prior):
             nn.init.normal_(table, std=0.02)
         initialize_tables(self.embedding.weight, self.start_token,
                           None if self.label_embedding is None else self.label_embedding.weight,
-                          *((self.text_embedding.weight, self.text_positions) if self.text_prefix else ()))
+                          self.text_embedding.weight if self.text_prefix else None)
 
     # ------------------------------------------------------------------------------------------
     # The full forward
