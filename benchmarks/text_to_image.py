@@ -152,8 +152,9 @@ def main() -> None:
     kept = [run for run in earlier.get("runs", []) if (run["arch"], run["text_encoder"]) not in retrained
             and not ((run["arch"], run["text_encoder"]) in pairs and run["guidance"] in args.guidance)]
     results = {"tokenizer": {key: tokenizer_metrics.get(key) for key in ("psnr", "codebook_usage")}, "runs": kept}
-    results["tokenizer"]["caption_accuracy"] = reconstruction_accuracy(load_tokenizer(tokenizer), args.prompts)
-    relation_codes, relation_captions = relation_codes_of_test(load_tokenizer(tokenizer), args.prompts)
+    loaded_tokenizer = load_tokenizer(tokenizer)
+    results["tokenizer"]["caption_accuracy"] = reconstruction_accuracy(loaded_tokenizer, args.prompts)
+    relation_codes, relation_captions = relation_codes_of_test(loaded_tokenizer, args.prompts)
     for arch, encoder in pairs:
         name = f"{arch}_{encoder}"
         flags = ["--codes", str(codes), *recipe_flags(arch), "--text-encoder", encoder, *COMMON,
@@ -173,7 +174,7 @@ def main() -> None:
             metrics, seconds = run_module("stage2_prior.train", *flags, "--output-dir", str(output / name),
                                           "--overwrite", "--max-steps", str(steps), "--eval-every",
                                           str(max(1, steps // 4)), "--save-every", str(steps), "--no-progress")
-        pipeline = Pipeline(load_tokenizer(tokenizer), Prior.from_pretrained(output / name), check_provenance=True)
+        pipeline = Pipeline(loaded_tokenizer, Prior.from_pretrained(output / name), check_provenance=True)
         binding = (binding_gains(pipeline.prior, relation_codes, relation_captions)
                    if ARCHS[arch].family != "masked" else None)  # a masked prior has no exact log_prob
         if args.fid_images:  # a fresh copy: the prior may have been retrained since the last one

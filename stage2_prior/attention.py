@@ -143,15 +143,15 @@ def initialize_gpt(blocks: nn.ModuleList) -> None:
             nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * len(blocks)))
 
 
-def initialize_tables(*tables: torch.Tensor | None) -> None:
+def initialize_tables(*tables: nn.Module | torch.Tensor | None) -> None:
     """The GPT initialisation of a sequence arch's input tables (codes, prefix, caption tokens): N(0, 0.02), the
     scale of its position tables, as ImageGPT's code draws its token and position embeddings (openai/image-gpt,
     src/model.py: 0.02 and 0.01). Left at nn.Embedding's N(0, 1), a position is 1/50 of a code and the blocks
     barely see where they are. Measured on a caption-conditioned transformer on shapes (64 channels, 6 layers):
     1.63 bits per code after 6,297 steps with N(0, 1) tables, 1.27 with these, and two-thing captions drawn right
     10% -> 52% of the time (docs/benchmarks.md). MaskGIT and VAR take it for the same reason, unmeasured, as is a
-    transformer conditioned on a code map (whose condition is now larger than the codes at the start). None is
-    skipped."""
+    transformer conditioned on a code map (whose condition is now larger than the codes at the start). A table is
+    a parameter or an nn.Embedding; None (an arch without that table) is skipped."""
     for table in tables:
         if table is not None:
-            nn.init.normal_(table, std=0.02)
+            nn.init.normal_(getattr(table, "weight", table), std=0.02)

@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.captions import binding_gains, caption_accuracy, prompt_kind, refusals
+from pipelines.captions import binding_gains, caption_accuracy, held_out_pairs, prompt_kind, refusals
 from shared.data import DataConfig, open_source
 from shared.data.images import resize_and_centre_crop
-from shared.data.shapes import (COLOURS, HELD_OUT_PAIRS, MISMATCHES, OBJECT_SETS, caption_matches, caption_of, mismatch,
-                                SWAPS, objects_label, parse_caption, shapes_split,
-                                swapped)
+from shared.data.shapes import (COLOURS, MISMATCHES, OBJECT_SETS, OPPOSITES, SWAPS, caption_matches, caption_of,
+                                mismatch, objects_label, parse_caption, shapes_split, swapped)
 from shared.errors import UserError
 from stage2_prior import ARCHS, Prior, PriorConfig
 from stage2_prior.text import train_text_tokenizer
@@ -29,9 +28,8 @@ def test_shapes_checker_accepts_real_images_and_refuses_wrong_captions():
     shifted = captions[1:] + captions[:1]  # each image with another image's caption
     assert np.mean([caption_matches(image, caption) for image, caption in zip(small, shifted)]) < 0.04  # 3.5%
     # a relation reversed, on two-object images, is refused
-    swapped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     two = [(image, caption) for image, caption in zip(small, captions) if parse_caption(caption)[1]]
-    for old, new in swapped.items():
+    for old, new in OPPOSITES.items():
         refused = [not caption_matches(image, caption.replace(old, new)) for image, caption in two if old in caption]
         assert np.mean(refused) > 0.9, old  # 94.8% over the four relations: two alike fit either way
 
@@ -40,10 +38,8 @@ def test_shapes_splits_are_deterministic_and_held_out_compositions_never_train()
     images, captions = shapes_split("train", 400)
     again, _ = shapes_split("train", 400)
     assert all(np.array_equal(a, b) for a, b in zip(images, again))
-    named = [{(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} for caption in captions]
-    assert not any(pairs & HELD_OUT_PAIRS for pairs in named)
-    held = [{(thing.colour, thing.shape) for thing in parse_caption(caption)[0]} for caption in shapes_split("heldout", 200)[1]]
-    assert all(pairs & HELD_OUT_PAIRS for pairs in held)
+    assert not any(held_out_pairs(caption) for caption in captions)
+    assert all(held_out_pairs(caption) for caption in shapes_split("heldout", 200)[1])
     assert {prompt_kind(caption) for caption in captions} == {"single", "relation"}
 
 
@@ -71,12 +67,10 @@ def test_the_checker_says_why_it_refuses():
 
     image, caption = next((image, caption) for image, caption in zip(images, captions) if unlike(caption))
     (first, second), relation = parse_caption(caption)
-    other = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[relation]
     cases = {caption: None, caption_of([first], None): "count",
-             caption_of([dataclasses.replace(first, colour=second.colour),
-                         dataclasses.replace(second, colour=first.colour)], relation): "shape",  # shapes swapped
+             swapped(caption, "colour"): "shape",  # each colour on the other's shape
              caption_of([dataclasses.replace(first, size=second.size), second], relation): "size",
-             caption_of([first, second], other): "relation"}
+             swapped(caption, "relation"): "relation"}
     spare = next(colour for colour in COLOURS if colour not in (first.colour, second.colour))
     cases[caption_of([dataclasses.replace(first, colour=spare), second], relation)] = "colour"
     for text, reason in cases.items():

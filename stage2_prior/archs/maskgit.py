@@ -49,8 +49,7 @@ class MaskGITPrior(MaskedPrior):
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         initialize_gpt(self.blocks)
-        initialize_tables(self.embedding.weight, self.start_token,
-                          None if self.label_embedding is None else self.label_embedding.weight)
+        initialize_tables(self.embedding, self.start_token, self.label_embedding)
 
     def network(self, x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         height = x.shape[2]

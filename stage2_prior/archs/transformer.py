@@ -116,9 +116,8 @@ class TransformerPrior(Prior):
         two_d = self.config.options.position_embedding == "2d"
         for table in (self.row_embedding, self.column_embedding) if two_d else (self.position_table,):
             nn.init.normal_(table, std=0.02)
-        initialize_tables(self.embedding.weight, self.start_token,
-                          None if self.label_embedding is None else self.label_embedding.weight,
-                          self.text_embedding.weight if self.text_prefix else None)
+        initialize_tables(self.embedding, self.start_token, self.label_embedding,
+                          self.text_embedding if self.text_prefix else None)
 
     # ------------------------------------------------------------------------------------------
     # The full forward

@@ -74,8 +74,7 @@ class VARPrior(Prior):
                                     for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(channels)
         initialize_gpt(self.blocks)
-        initialize_tables(self.embedding.weight, self.start_token,
-                          None if self.label_embedding is None else self.label_embedding.weight)
+        initialize_tables(self.embedding, self.start_token, self.label_embedding)
         sizes = torch.tensor([side * side for side in scales])
         scale_of = torch.repeat_interleave(torch.arange(len(scales)), sizes)  # (N,): each token's scale
         self.register_buffer("scale_of", scale_of, persistent=False)
